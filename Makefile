@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev,video,deepspeed
+# Test environment: the Triton interpreter must be on before `import triton`; hub lookups
+# would otherwise retry for minutes before failing; DeepSpeed has no CUDA here.
+TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu \
+            OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: setup.py pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/vipo demo
+
+test: install
+	$(TEST_ENV) $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check engine kernels loaders benchmarks tests configs setup.py
+
+bench: install
+	$(VENV)/bin/python benchmarks/bench_kernel.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache .benchmarks

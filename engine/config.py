@@ -1,0 +1,284 @@
+"""Run configuration: typed dataclasses, loaded from YAML, overridden with dotted keys.
+
+    cfg = load_config("configs/train/demo.yaml", ["optim.lr=1e-8", "loss.alpha=8"])
+
+Every field carries its doc in `metadata["help"]`. A key the dataclasses do not have, or a value
+of the wrong type, raises ConfigError naming the key, where it came from and what is allowed.
+YAML is read with `yaml.safe_load`; nothing in a config is executed.
+"""
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override: the message says which key and why."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class LossConfig:
+    objective: Literal["dpo", "poly_dpo"] = _f(
+        "poly_dpo", "dpo: Diffusion-DPO (alpha must be 0); poly_dpo: adds alpha * (1 - p) (paper Eq. 9)"
+    )
+    beta: float = _f(5000.0, "KL strength, official convention: z = -0.5 * beta * (model_diff - ref_diff)")
+    alpha: float = _f(0.0, "Poly-DPO coefficient: > 0 for noisy labels, < 0 for over-simple pairs, 0 = DPO")
+    beta_convention: Literal["official", "diffusers", "sum"] = _f(
+        "official", "convention `beta` is written in; converted with vipo.kernels.beta_from"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "base learning rate per pair; the step LR is lr * pairs per step when scale_lr")
+    scale_lr: bool = _f(True, "multiply lr by the pairs per optimizer step (the paper's convention)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(0, "linear warm-up steps, then constant")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables clipping")
+
+
+@dataclass
+class TrainConfig:
+    batch_pairs: int = _f(8, "preference pairs per micro-batch (per process)")
+    grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
+    max_steps: int = _f(200, "optimizer steps")
+    seed: int = _f(0, "seed for weights, data order, noise and timesteps")
+    log_every_steps: int = _f(20, "steps between metric logs")
+    output_dir: str = _f("runs/demo", "where metrics and checkpoints go")
+
+
+@dataclass
+class RunConfig:
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        """Checks across fields; load_config calls it once file and overrides are merged."""
+        if self.loss.objective == "dpo" and self.loss.alpha != 0.0:
+            raise ConfigError(
+                f"loss.alpha is {self.loss.alpha} but loss.objective is 'dpo' (alpha 0); "
+                "use loss.objective=poly_dpo for alpha != 0"
+            )
+        for key, value, low in (
+            ("train.batch_pairs", self.train.batch_pairs, 1),
+            ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
+            ("train.max_steps", self.train.max_steps, 0),
+            ("train.log_every_steps", self.train.log_every_steps, 1),
+            ("optim.warmup_steps", self.optim.warmup_steps, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """`value` as type `tp`, or ConfigError. Strings are accepted for numbers (YAML 1.1 reads
+    `1e-8` as a string) but never silently truncated."""
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad()
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise bad()
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if origin is tuple:
+            if len(value) != len(args):
+                raise bad()
+            return tuple(_coerce(v, a, key, where) for v, a in zip(value, args, strict=True))
+        return [_coerce(v, args[0], key, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad() from None
+            if number.is_integer():
+                return int(number)
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad()
+        if not math.isfinite(number):
+            raise bad()
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad()
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'the config'} must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in types_:
+            raise ConfigError(
+                f"{where}: unknown key '{dotted}' (allowed in {prefix.rstrip('.') or 'the top level'}: "
+                f"{', '.join(types_)})"
+            )
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.", where)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: '{key}' goes below '{part}', which is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`["optim.lr=1e-8", "loss.alpha=8"]` -> [("optim.lr", "1e-8"), ("loss.alpha", 8)]."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (or the defaults) plus dotted overrides."""
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"recipe file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    # The file alone first, so that its mistakes are named as the file's.
+    _build(RunConfig, tree, "", where)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, f"override {key}")
+    if overrides:
+        where = "command-line override"
+    return _build(RunConfig, tree, "", where).validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists), ready for yaml.safe_dump."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field: the source of `vipo config keys`."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", _type_name(tp), getattr(instance, f.name), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,48 @@
+"""Convert a beta written in another trainer's convention to vipo's.
+
+vipo follows the official Diffusion-DPO code (SalesforceAIResearch/DiffusionDPO, train.py):
+per-sample errors are means over every non-batch element and
+
+    z = -0.5 * beta * ((e_pol[w] - e_pol[l]) - (e_ref[w] - e_ref[l]))
+
+Each convention below was read from the code (or equation) named beside it.
+"""
+
+import math
+
+CONVENTIONS = {
+    # SalesforceAIResearch/DiffusionDPO train.py: `scale_term = -0.5 * args.beta_dpo;
+    # inside_term = scale_term * (model_diff - ref_diff)`, errors `.mean(dim=[1,2,3])`.
+    "official": "z = -0.5 * beta * (model_diff - ref_diff), errors averaged over elements",
+    # huggingface/diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py:
+    # `logits = ref_diff - model_diff; loss = -F.logsigmoid(args.beta_dpo * logits)`, errors
+    # averaged over elements. Its beta 2500 is the official 5000.
+    "diffusers": "z = beta * (ref_diff - model_diff), errors averaged over elements",
+    # The paper's Eq. 4 (and trainers that sum): squared L2 norms, i.e. errors summed over the
+    # N elements of a sample, z = -0.5 * beta * (model_diff - ref_diff).
+    "sum": "z = -0.5 * beta * (model_diff - ref_diff), errors summed over the N elements of a sample",
+}
+
+
+def beta_from(convention: str, value: float, *, elements_per_sample: int | None = None) -> float:
+    """The vipo (official) beta equal to `value` written in `convention`.
+
+    >>> beta_from("diffusers", 2500.0)
+    5000.0
+    >>> beta_from("sum", 0.001, elements_per_sample=4 * 64 * 64)
+    16.384
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown beta convention {convention!r}; known: {', '.join(CONVENTIONS)}")
+    if not math.isfinite(value):
+        raise ValueError(f"beta must be finite, got {value}")
+    if convention == "official":
+        return float(value)
+    if convention == "diffusers":
+        return 2.0 * value
+    if elements_per_sample is None or elements_per_sample < 1:
+        raise ValueError(
+            "the 'sum' convention needs elements_per_sample (the number of elements of one "
+            "sample's prediction, e.g. C*H*W of the latent)"
+        )
+    return float(value) * elements_per_sample

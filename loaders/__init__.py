@@ -1,0 +1,1 @@
+"""Preference-pair sources, decoding, buckets, the latent cache and the sampler."""

@@ -1,0 +1,30 @@
+"""Test setup. The Triton interpreter reads TRITON_INTERPRET once, at `import triton`: set it
+before anything imports triton, so kernel tests run on CPU tensors."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test, printed on failure so the case can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    request.node.user_properties.append(("seed", value))
+    torch.manual_seed(value)
+    return value
