@@ -6,6 +6,7 @@ import logging
 import sys
 
 import yaml
+
 from vipo.configs import builtin_recipes, find_recipe
 
 from .config import ConfigError, describe, load_config, to_dict

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
+
 from vipo.kernels import beta_from, poly_dpo_loss, sample_errors
 
 from .config import RunConfig, to_dict
@@ -109,7 +110,7 @@ def run_demo(cfg: RunConfig, *, sft_steps: int = 300, progress: bool = True) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for _ in range(sft_steps):
         x_t, t, eps = schedule.noised(_pairs(pairs, gen), gen)
-        loss = sample_errors(model(x_t, t), eps).mean()
+        loss = F.mse_loss(model(x_t, t), eps)  # the plain diffusion loss (SFT)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,17 +1,61 @@
-"""Public entry points of vipo.kernels: one place that picks the implementation."""
+"""Public entry points of vipo.kernels: the one place that picks the implementation.
+
+CUDA tensors (16- and 32-bit floats) run the fused Triton kernels of `triton_ops`; CPU tensors
+run the eager reference, except under TRITON_INTERPRET=1 (the test suite), where the Triton
+kernels run on CPU through the interpreter. float64 always runs the reference (the kernels
+accumulate in float32).
+"""
+
+import os
 
 import torch
 from torch import nn
 
 from . import reference
+from .checks import check_elem_weight, check_loss_inputs, check_pair_batch, check_same_shape
 from .reference import PolyDPOOutput
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_triton_ops = None
+
+
+def _fused_ops():
+    """vipo.kernels.triton_ops, imported on first use (None where Triton is not installed)."""
+    global _triton_ops
+    if _triton_ops is None:
+        try:
+            from . import triton_ops
+        except ImportError:  # no Triton on this platform: the reference serves
+            _triton_ops = False
+        else:
+            _triton_ops = triton_ops
+    return _triton_ops or None
+
+
+def use_fused(tensor: torch.Tensor) -> bool:
+    """Whether `poly_dpo_loss` / `sample_errors` run the Triton kernels for this tensor."""
+    if tensor.dtype not in _FUSED_DTYPES:
+        return False
+    if not (tensor.is_cuda or (_INTERPRET and tensor.device.type == "cpu")):
+        return False
+    return _fused_ops() is not None
 
 
 def sample_errors(
     pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float32 [2B]."""
-    return reference.sample_errors(pred, target, elem_weight)
+    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float32 [2B].
+
+    Differentiable w.r.t. `pred`. Use it on the reference pass to reduce the reference output to
+    2B numbers before the policy forward, then pass them as `ref_err` to `poly_dpo_loss`.
+    """
+    if not use_fused(pred):
+        return reference.sample_errors(pred, target, elem_weight)
+    check_pair_batch("pred", pred)
+    check_same_shape("target", target, "pred", pred)
+    check_elem_weight(elem_weight, pred)
+    return _fused_ops().sample_errors_op(pred, target, elem_weight)
 
 
 def poly_dpo_loss(
@@ -25,17 +69,36 @@ def poly_dpo_loss(
     elem_weight: torch.Tensor | None = None,
     pair_weight: torch.Tensor | None = None,
 ) -> PolyDPOOutput:
-    """Poly-DPO loss and metrics; see `vipo.kernels.reference` for the exact definition."""
-    return reference.poly_dpo_loss(
+    """Poly-DPO loss (alpha = 0: Diffusion-DPO) and its metrics.
+
+    policy_pred, target, ref_pred: [2B, ...], winners in rows [0, B), losers in rows [B, 2B).
+    Pass exactly one of ref_pred or ref_err ([2B] reference errors from `sample_errors`).
+    elem_weight broadcasts to policy_pred; pair_weight is [B]. Only `loss` has a gradient,
+    w.r.t. policy_pred. See `vipo.kernels.reference` for the exact definition.
+    """
+    if not use_fused(policy_pred):
+        return reference.poly_dpo_loss(
+            policy_pred, target, ref_pred=ref_pred, ref_err=ref_err, beta=beta, alpha=alpha,
+            elem_weight=elem_weight, pair_weight=pair_weight,
+        )  # fmt: skip
+    check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
+    # Each input is read in its own dtype and widened to float32 inside the kernel.
+    loss, stats, logits, prob, policy_err, ref_err_out, _ = _fused_ops().poly_dpo_fwd(
         policy_pred,
         target,
-        ref_pred=ref_pred,
-        ref_err=ref_err,
-        beta=beta,
-        alpha=alpha,
-        elem_weight=elem_weight,
-        pair_weight=pair_weight,
+        ref_pred,
+        ref_err.detach() if ref_err is not None else None,
+        elem_weight,
+        pair_weight,
+        float(beta),
+        float(alpha),
     )
+    # Only the loss is differentiable; the metric outputs of the op carry no gradient.
+    stats = stats.detach()
+    return PolyDPOOutput(
+        loss=loss, logits=logits.detach(), prob=prob.detach(), accuracy=stats[0], margin=stats[1],
+        policy_err=policy_err.detach(), ref_err=ref_err_out.detach(),
+    )  # fmt: skip
 
 
 class PolyDPOLoss(nn.Module):
@@ -57,15 +120,9 @@ class PolyDPOLoss(nn.Module):
         pair_weight: torch.Tensor | None = None,
     ) -> PolyDPOOutput:
         return poly_dpo_loss(
-            policy_pred,
-            target,
-            ref_pred=ref_pred,
-            ref_err=ref_err,
-            beta=self.beta,
-            alpha=self.alpha,
-            elem_weight=elem_weight,
-            pair_weight=pair_weight,
-        )
+            policy_pred, target, ref_pred=ref_pred, ref_err=ref_err, beta=self.beta, alpha=self.alpha,
+            elem_weight=elem_weight, pair_weight=pair_weight,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}"

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+
 from vipo.configs import builtin_recipes, find_recipe
 from vipo.engine.config import ConfigError, RunConfig, describe, load_config, to_dict
 

@@ -1,0 +1,455 @@
+"""Fused Triton implementation of the Poly-DPO loss, registered as torch.library custom ops.
+
+Three launches per training step, none of which materialises an N-sized intermediate:
+
+    forward   _errors_partial_kernel   reads policy_pred, target (ref_pred, elem_weight) once and
+                                       writes fp32 partial sums [streams, 2B, chunks]
+              _poly_dpo_head_kernel    one program: sums the partials in a fixed order, computes
+                                       z, p, the loss, the metrics and the per-row gradient
+                                       coefficient dL/d(pred - target) / (m (pred - target))
+    backward  _poly_dpo_grad_kernel    reads policy_pred, target (elem_weight) once and writes
+                                       grad = coef[row] * grad_loss * m * (pred - target) once
+
+Saved for backward: the inputs (alive anyway) and coef, 2B floats. Partial sums are combined in
+a fixed order and no float atomics are used, so results are bit-identical run to run for a given
+shape and device. Chunking depends only on (N, 2B, dtype, device).
+
+With ref_pred given, the forward also accumulates the per-sample difference of policy and
+reference errors directly, sum m (p - r)(p + r - 2y), instead of subtracting two large nearly
+equal sums afterwards; the loss depends on exactly that difference.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tests set this to fill every output buffer with NaN before the kernels write it.
+POISON_OUTPUTS = False
+
+_WEIGHT_NONE, _WEIGHT_FLAT, _WEIGHT_3D = 0, 1, 2
+
+
+def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _load_weight(
+    weight_ptr, row, offs, mask,
+    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE: tl.constexpr,
+):  # fmt: skip
+    """fp32 element weights for flat indices `offs` of one row, read through broadcast strides
+    (mode 1: one stride; mode 2: three dims of sizes (-, w_size1, w_size2)); 1.0 without weights."""
+    if WEIGHT_MODE == 0:
+        return 1.0
+    if WEIGHT_MODE == 1:
+        w_offs = row * w_row_stride + offs * w_stride2
+    else:
+        i2 = offs % w_size2
+        rest = offs // w_size2
+        w_offs = row * w_row_stride + (rest // w_size1) * w_stride0 + (rest % w_size1) * w_stride1 + i2 * w_stride2
+    return tl.load(weight_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _errors_partial_kernel(
+    pred_ptr, target_ptr, ref_ptr, weight_ptr, partial_ptr,
+    n_elems, n_rows, n_chunks,
+    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+    HAS_REF: tl.constexpr, WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    # Reads pred, target (ref, weight) once; writes 1 (or 3 with ref) fp32 partial sums.
+    chunk = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    row_start = row * n_elems
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    acc_pol = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_ref = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gap = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in range(ITERS):
+        offs = (chunk * ITERS + it) * BLOCK + lanes
+        mask = offs < n_elems
+        p = tl.load(pred_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(target_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
+        dp = p - y
+        w = _load_weight(
+            weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE
+        )
+        acc_pol += w * dp * dp
+        if HAS_REF:
+            r = tl.load(ref_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
+            dr = r - y
+            acc_ref += w * dr * dr
+            # (p-y)^2 - (r-y)^2 = (p-r)(p+r-2y): the policy/reference gap without cancellation.
+            acc_gap += w * (p - r) * (dp + dr)
+    out = partial_ptr + row * n_chunks + chunk
+    tl.store(out, tl.sum(acc_pol, axis=0))
+    if HAS_REF:
+        stream = n_rows * n_chunks
+        tl.store(out + stream, tl.sum(acc_ref, axis=0))
+        tl.store(out + 2 * stream, tl.sum(acc_gap, axis=0))
+
+
+@triton.jit
+def _row_sums(partial_ptr, rows, row_mask, n_chunks, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum of partial[rows, :] over chunks, tile by tile in a fixed order -> [BLOCK_P]."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        c = c0 + cols
+        mask = row_mask[:, None] & (c < n_chunks)[None, :]
+        acc += tl.load(partial_ptr + rows[:, None] * n_chunks + c[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for 0 <= x <= 1, accurate for tiny x (Goldberg's trick, no libdevice)."""
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _poly_dpo_head_kernel(
+    partial_ptr, ref_err_ptr, pair_weight_ptr,
+    loss_ptr, stats_ptr, logits_ptr, prob_ptr, policy_err_ptr, ref_err_out_ptr, coef_ptr,
+    n_pairs, n_chunks, inv_n, beta, alpha, coef_scale, inv_beta,
+    HAS_REF_PRED: tl.constexpr, HAS_PAIR_WEIGHT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # One program. Reads the partial sums (O(2B * chunks)); writes O(B) values.
+    n_rows = 2 * n_pairs
+    stream = n_rows * n_chunks
+    loss_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    hit_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    z_sum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for p0 in range(0, n_pairs, BLOCK_P):
+        pairs = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        pmask = pairs < n_pairs
+        win, lose = pairs, pairs + n_pairs
+        pol_w = _row_sums(partial_ptr, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+        pol_l = _row_sums(partial_ptr, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+        if HAS_REF_PRED:
+            ref_w = _row_sums(partial_ptr + stream, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+            ref_l = _row_sums(partial_ptr + stream, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+            gap_w = _row_sums(partial_ptr + 2 * stream, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+            gap_l = _row_sums(partial_ptr + 2 * stream, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+        else:
+            ref_w = tl.load(ref_err_ptr + win, mask=pmask, other=0.0).to(tl.float32)
+            ref_l = tl.load(ref_err_ptr + lose, mask=pmask, other=0.0).to(tl.float32)
+            gap_w = pol_w - ref_w
+            gap_l = pol_l - ref_l
+        if HAS_PAIR_WEIGHT:
+            k = tl.load(pair_weight_ptr + pairs, mask=pmask, other=0.0).to(tl.float32)
+        else:
+            k = tl.full([BLOCK_P], 1.0, tl.float32)
+        z = -0.5 * beta * k * (gap_w - gap_l)
+        # p and 1 - p each from exp(-|z|), so neither cancels near p = 0 or p = 1.
+        q = tl.exp(-tl.abs(z))
+        inv = 1.0 / (1.0 + q)
+        p = tl.where(z >= 0, inv, q * inv)
+        one_minus_p = tl.where(z >= 0, q * inv, inv)
+        softplus_neg_z = tl.maximum(-z, 0.0) + _log1p(q)  # -log sigmoid(z)    (Eq. 9)
+        loss_pair = softplus_neg_z + alpha * one_minus_p
+        dl_dz = -one_minus_p * (1.0 + alpha * p)  # Eq. 10
+        # dL/dpred = dL/dz * dz/dgap * dgap/dpred with dgap_w/dpred = 2 m (pred - y) / N and a mean
+        # over pairs: coef_w = -dL/dz * beta * k / (B N), coef_l = -coef_w.
+        coef = -dl_dz * k * coef_scale
+        tl.store(coef_ptr + win, coef, mask=pmask)
+        tl.store(coef_ptr + lose, -coef, mask=pmask)
+        tl.store(logits_ptr + pairs, z, mask=pmask)
+        tl.store(prob_ptr + pairs, p, mask=pmask)
+        tl.store(policy_err_ptr + win, pol_w, mask=pmask)
+        tl.store(policy_err_ptr + lose, pol_l, mask=pmask)
+        tl.store(ref_err_out_ptr + win, ref_w, mask=pmask)
+        tl.store(ref_err_out_ptr + lose, ref_l, mask=pmask)
+        loss_sum += tl.where(pmask, loss_pair, 0.0)
+        hit_sum += tl.where(pmask & (z > 0), 1.0, 0.0)
+        z_sum += tl.where(pmask, z, 0.0)
+    tl.store(loss_ptr, tl.sum(loss_sum, axis=0) / n_pairs)
+    tl.store(stats_ptr, tl.sum(hit_sum, axis=0) / n_pairs)
+    tl.store(stats_ptr + 1, tl.sum(z_sum, axis=0) / n_pairs * inv_beta)
+
+
+@triton.jit
+def _to_bf16_rtne(x):
+    """fp32 -> bf16 rounded to nearest even by integer arithmetic. The GPU's cast already rounds
+    so; Triton's interpreter truncates, which would make CPU tests see twice the bf16 error."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _poly_dpo_grad_kernel(
+    pred_ptr, target_ptr, weight_ptr, coef_ptr, grad_scale_ptr, grad_ptr,
+    n_elems,
+    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+    WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
+):  # fmt: skip
+    # Reads pred, target (weight) once; writes grad once.
+    chunk = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    row_start = row * n_elems
+    scale = tl.load(coef_ptr + row).to(tl.float32) * tl.load(grad_scale_ptr).to(tl.float32)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    for it in range(ITERS):
+        offs = (chunk * ITERS + it) * BLOCK + lanes
+        mask = offs < n_elems
+        p = tl.load(pred_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(target_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
+        w = _load_weight(
+            weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE
+        )
+        g = scale * w * (p - y)
+        if ROUND_BF16_BY_BITS:
+            g = _to_bf16_rtne(g)
+        tl.store(grad_ptr + row_start + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+
+
+def _weight_layout(weight: torch.Tensor | None, shape: torch.Size):
+    """(tensor, mode, row_stride, size1, size2, stride0, stride1, stride2) addressing a weight that
+    broadcasts to `shape` without materialising it. Non-batch dims of size 1 are dropped and
+    neighbours that index memory alike are merged; up to three dims remain addressable in the
+    kernel (a full map, [2B,1,H,W] spatial maps, [2B,1,F,1,1] frame weights, per-channel ...).
+    Layouts that need more are expanded with one copy."""
+    if weight is None:
+        return None, _WEIGHT_NONE, 0, 1, 1, 0, 0, 0
+    if weight.dtype == torch.bool:
+        weight = weight.to(torch.uint8)  # a copy of the mask at its own (small) size
+    expanded = weight.expand(shape)
+    dims = []
+    for size, stride in zip(shape[1:], expanded.stride()[1:], strict=True):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    if len(dims) > 3:
+        expanded = expanded.contiguous()
+        dims = [(expanded[0].numel(), 1)]
+    row_stride = expanded.stride(0)
+    if len(dims) <= 1:
+        stride = dims[0][1] if dims else 0
+        return expanded, _WEIGHT_FLAT, row_stride, 1, 1, 0, 0, stride
+    while len(dims) < 3:
+        dims.insert(0, (1, 0))
+    (_, st0), (s1, st1), (s2, st2) = dims
+    return expanded, _WEIGHT_3D, row_stride, s1, s2, st0, st1, st2
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid_config(n_elems: int, n_rows: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK, ITERS, n_chunks, num_warps). A heuristic keyed on N, 2B, dtype and device, not an
+    autotuner: it never times anything inside a training step, and the interpreter (tests) can
+    run only one config. Each program covers BLOCK * ITERS elements of one row."""
+    if INTERPRET or device.type != "cuda":
+        # Each interpreted program costs ~2 ms: few programs, large blocks.
+        block = max(16, min(triton.next_power_of_2(n_elems), 8192))
+        return block, 1, triton.cdiv(n_elems, block), 4
+    block = 4096 if dtype in (torch.bfloat16, torch.float16) else 2048
+    block = max(128, min(block, triton.next_power_of_2(n_elems)))
+    blocks_per_row = triton.cdiv(n_elems, block)
+    # Enough programs to fill every SM several times over; the rest of the work goes into ITERS.
+    target_programs = 8 * _sm_count(device)
+    iters = 1
+    while iters < 64 and n_rows * triton.cdiv(blocks_per_row, iters * 2) >= target_programs:
+        iters *= 2
+    num_warps = 8 if block >= 4096 else 4
+    return block, iters, triton.cdiv(n_elems, block * iters), num_warps
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # Contiguous inputs are used in place; others cost one copy here.
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _partials(pred, target, ref, weight):
+    """Launch the partial-sum kernel; returns (partial [streams, 2B, chunks], N)."""
+    n_rows = pred.shape[0]
+    n_elems = pred.numel() // n_rows
+    if n_rows > 65535:
+        raise ValueError(f"the fused loss takes at most 65535 rows (2B) per call, got {n_rows}")
+    block, iters, n_chunks, num_warps = _grid_config(n_elems, n_rows, pred.dtype, pred.device)
+    w, mode, w_rs, w_s1, w_s2, w_st0, w_st1, w_st2 = _weight_layout(weight, pred.shape)
+    streams = 3 if ref is not None else 1
+    partial = _new((streams, n_rows, n_chunks), pred)
+    _errors_partial_kernel[(n_chunks, n_rows)](
+        pred, target, ref if ref is not None else pred, w if w is not None else pred, partial,
+        n_elems, n_rows, n_chunks,
+        w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
+        HAS_REF=ref is not None, WEIGHT_MODE=mode, BLOCK=block, ITERS=iters, num_warps=num_warps,
+    )  # fmt: skip
+    return partial, n_elems
+
+
+def _grad(grad_scale, pred, target, weight, coef):
+    n_rows = pred.shape[0]
+    n_elems = pred.numel() // n_rows
+    block, iters, n_chunks, num_warps = _grid_config(n_elems, n_rows, pred.dtype, pred.device)
+    w, mode, w_rs, w_s1, w_s2, w_st0, w_st1, w_st2 = _weight_layout(weight, pred.shape)
+    grad = _new(pred.shape, pred, dtype=pred.dtype)
+    _poly_dpo_grad_kernel[(n_chunks, n_rows)](
+        pred, target, w if w is not None else pred, coef, grad_scale, grad,
+        n_elems,
+        w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
+        WEIGHT_MODE=mode, BLOCK=block, ITERS=iters,
+        ROUND_BF16_BY_BITS=INTERPRET and pred.dtype == torch.bfloat16, num_warps=num_warps,
+    )  # fmt: skip
+    return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), with fake kernels for shape inference.
+
+
+@torch.library.custom_op("vipo::poly_dpo_fwd", mutates_args=())
+def poly_dpo_fwd(
+    policy_pred: torch.Tensor,
+    target: torch.Tensor,
+    ref_pred: torch.Tensor | None,
+    ref_err: torch.Tensor | None,
+    elem_weight: torch.Tensor | None,
+    pair_weight: torch.Tensor | None,
+    beta: float,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> loss [], stats [2] (accuracy, margin), logits [B], prob [B], policy_err [2B],
+    ref_err [2B], coef [2B] (for backward)."""
+    policy_pred, target = _flat(policy_pred), _flat(target)
+    ref_pred = _flat(ref_pred) if ref_pred is not None else None
+    ref_err = _flat(ref_err) if ref_err is not None else None
+    pair_weight = _flat(pair_weight) if pair_weight is not None else None
+    n_rows = policy_pred.shape[0]
+    n_pairs = n_rows // 2
+    partial, n_elems = _partials(policy_pred, target, ref_pred, elem_weight)
+    n_chunks = partial.shape[2]
+    loss = _new((), policy_pred)
+    stats = _new((2,), policy_pred)
+    logits, prob = _new((n_pairs,), policy_pred), _new((n_pairs,), policy_pred)
+    policy_err, ref_err_out, coef = (_new((n_rows,), policy_pred) for _ in range(3))
+    block_p = max(16, min(triton.next_power_of_2(n_pairs), 64))
+    block_c = max(16, min(triton.next_power_of_2(n_chunks), 64 if not INTERPRET else 1024))
+    _poly_dpo_head_kernel[(1,)](
+        partial, ref_err if ref_err is not None else partial, pair_weight if pair_weight is not None else partial,
+        loss, stats, logits, prob, policy_err, ref_err_out, coef,
+        n_pairs, n_chunks, 1.0 / n_elems, float(beta), float(alpha), float(beta) / (n_pairs * n_elems),
+        1.0 / beta if beta != 0 else 0.0,
+        HAS_REF_PRED=ref_pred is not None, HAS_PAIR_WEIGHT=pair_weight is not None,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return loss, stats, logits, prob, policy_err, ref_err_out, coef
+
+
+@poly_dpo_fwd.register_fake
+def _(policy_pred, target, ref_pred, ref_err, elem_weight, pair_weight, beta, alpha):
+    n_rows = policy_pred.shape[0]
+    f32 = dict(dtype=torch.float32, device=policy_pred.device)
+    return (
+        policy_pred.new_empty((), **f32),
+        policy_pred.new_empty((2,), **f32),
+        policy_pred.new_empty((n_rows // 2,), **f32),
+        policy_pred.new_empty((n_rows // 2,), **f32),
+        policy_pred.new_empty((n_rows,), **f32),
+        policy_pred.new_empty((n_rows,), **f32),
+        policy_pred.new_empty((n_rows,), **f32),
+    )
+
+
+@torch.library.custom_op("vipo::poly_dpo_bwd", mutates_args=())
+def poly_dpo_bwd(
+    grad_scale: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    elem_weight: torch.Tensor | None,
+    coef: torch.Tensor,
+) -> torch.Tensor:
+    """grad[row] = grad_scale * coef[row] * elem_weight * (pred - target), in pred's dtype."""
+    return _grad(_flat(grad_scale), _flat(pred), _flat(target), elem_weight, _flat(coef))
+
+
+@poly_dpo_bwd.register_fake
+def _(grad_scale, pred, target, elem_weight, coef):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    policy_pred, target, _, _, elem_weight, _, _, _ = inputs
+    coef = output[6]
+    # Saved: the inputs (alive anyway) and coef, 2B floats; no N-sized intermediate.
+    ctx.save_for_backward(policy_pred, target, elem_weight, coef)
+
+
+def _fwd_backward(ctx, grad_loss, *_unused_metric_grads):
+    policy_pred, target, elem_weight, coef = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        grad = poly_dpo_bwd(grad_loss, policy_pred, target, elem_weight, coef)
+    return grad, None, None, None, None, None, None, None
+
+
+poly_dpo_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError(
+        "vipo's fused Poly-DPO loss does not support double backward (create_graph=True through "
+        "its gradient); use vipo.kernels.reference.poly_dpo_loss for higher-order gradients"
+    )
+
+
+def _bwd_setup_context(ctx, inputs, output):
+    pass
+
+
+poly_dpo_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_context)
+
+
+@torch.library.custom_op("vipo::sample_errors", mutates_args=())
+def sample_errors_op(pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of elem_weight * (pred - target)^2 -> fp32 [2B]."""
+    partial, n_elems = _partials(_flat(pred), _flat(target), None, elem_weight)
+    # A fixed-order sum over a few chunks per row: deterministic.
+    return partial[0].sum(dim=1) * (1.0 / n_elems)
+
+
+@sample_errors_op.register_fake
+def _(pred, target, elem_weight):
+    return pred.new_empty((pred.shape[0],), dtype=torch.float32)
+
+
+def _errors_setup_context(ctx, inputs, output):
+    pred, target, elem_weight = inputs
+    ctx.save_for_backward(pred, target, elem_weight)
+
+
+def _errors_backward(ctx, grad_err):
+    pred, target, elem_weight = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    n_elems = pred.numel() // pred.shape[0]
+    coef = grad_err.float() * (2.0 / n_elems)
+    one = torch.ones((), dtype=torch.float32, device=pred.device)
+    return poly_dpo_bwd(one, pred, target, elem_weight, coef), None, None
+
+
+sample_errors_op.register_autograd(_errors_backward, setup_context=_errors_setup_context)
