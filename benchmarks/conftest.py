@@ -1,0 +1,6 @@
+"""Let the pytest-benchmark files import the scripts beside them."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
