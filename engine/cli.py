@@ -41,6 +41,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    cfg = _load(args.recipe, args.overrides)
+    summary = Trainer(cfg, progress=not args.quiet).train(resume=args.resume)
+    last = summary["last"]
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "pairs_per_s") if k in last)
+    print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; {shown}")
+    print(f"run folder: {summary['out_dir']} (metrics.jsonl, checkpoints/)")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _load(args.recipe, args.overrides)
     if args.json:
@@ -71,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train with a recipe (SFT, Diffusion-DPO or Poly-DPO)")
+    train.add_argument("recipe", help="recipe file or built-in name (see `vipo config keys`)")
+    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", help="inspect recipes and config keys")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")

@@ -29,10 +29,40 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class LossConfig:
-    objective: Literal["dpo", "poly_dpo"] = _f(
-        "poly_dpo", "dpo: Diffusion-DPO (alpha must be 0); poly_dpo: adds alpha * (1 - p) (paper Eq. 9)"
+class ModelConfig:
+    family: Literal["sd15"] = _f("sd15", "model family (sd15; sdxl, sd3, flux, wan are not built yet)")
+    path: str | None = _f(None, "local diffusers-layout folder with the real weights; None builds from `config`")
+    config: str = _f("sd15-tiny", "architecture config in configs/models/ (or a .json path), random weights")
+    lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
+    gradient_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["procedural"] = _f("procedural", "pair source (procedural: shapes made on the fly)")
+    num_pairs: int = _f(512, "pairs in the procedural data set")
+    resolution: int = _f(16, "image side in pixels")
+    regime: Literal["clean", "noisy", "shuffled"] = _f(
+        "clean", "procedural labels: clean, noisy (flipped labels), shuffled (losers from other prompts)"
     )
+    flip_prob: float = _f(0.3, "share of flipped labels in the noisy regime")
+    caption_dropout: float = _f(0.0, "probability of an empty prompt, drawn per pair (winner and loser alike)")
+
+
+@dataclass
+class ReferenceConfig:
+    mode: Literal["copy", "adapter"] = _f(
+        "copy", "copy: frozen copy of the initial denoiser; adapter: the LoRA policy with adapters off"
+    )
+
+
+@dataclass
+class LossConfig:
+    objective: Literal["sft", "dpo", "poly_dpo"] = _f(
+        "poly_dpo",
+        "sft: diffusion loss (stage 1); dpo: Diffusion-DPO (alpha must be 0); poly_dpo: adds alpha * (1 - p)",
+    )
+    winners_only: bool = _f(True, "sft: train on winners only (the paper's stage 1); false uses both images")
     beta: float = _f(5000.0, "KL strength, official convention: z = -0.5 * beta * (model_diff - ref_diff)")
     alpha: float = _f(0.0, "Poly-DPO coefficient: > 0 for noisy labels, < 0 for over-simple pairs, 0 = DPO")
     beta_convention: Literal["official", "diffusers", "sum"] = _f(
@@ -58,10 +88,16 @@ class TrainConfig:
     seed: int = _f(0, "seed for weights, data order, noise and timesteps")
     log_every_steps: int = _f(20, "steps between metric logs")
     output_dir: str = _f("runs/demo", "where metrics and checkpoints go")
+    checkpoint_every_steps: int = _f(0, "steps between checkpoints; 0 = only at the end")
+    max_nonfinite_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite losses in a row")
+    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
 
 
 @dataclass
 class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -73,7 +109,17 @@ class RunConfig:
                 f"loss.alpha is {self.loss.alpha} but loss.objective is 'dpo' (alpha 0); "
                 "use loss.objective=poly_dpo for alpha != 0"
             )
+        if self.reference.mode == "adapter" and self.model.lora_rank < 1:
+            raise ConfigError("reference.mode is 'adapter' but model.lora_rank is 0: the adapter "
+                              "reference needs a LoRA policy (set model.lora_rank, or reference.mode=copy)")
+        if not 0.0 <= self.data.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key, value, low in (
+            ("model.lora_rank", self.model.lora_rank, 0),
+            ("data.num_pairs", self.data.num_pairs, 1),
+            ("data.resolution", self.data.resolution, 8),
+            ("train.checkpoint_every_steps", self.train.checkpoint_every_steps, 0),
+            ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),
             ("train.batch_pairs", self.train.batch_pairs, 1),
             ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
             ("train.max_steps", self.train.max_steps, 0),

@@ -31,7 +31,7 @@ def test_unknown_key_names_the_key_the_file_and_the_allowed_keys(tmp_path):
 
 
 def test_unknown_section_lists_the_sections(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown key 'opt'.*loss, optim, train"):
+    with pytest.raises(ConfigError, match=r"unknown key 'opt'.*model, data, reference, loss, optim, train"):
         load_config(write(tmp_path, "opt: {}\n"))
 
 
@@ -40,7 +40,7 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
         load_config(write(tmp_path, "train:\n  max_steps: many\n"))
     with pytest.raises(ConfigError, match=r"train.batch_pairs must be int, got 2.5"):
         load_config(write(tmp_path, "train:\n  batch_pairs: 2.5\n"))
-    with pytest.raises(ConfigError, match=r"loss.objective must be one of 'dpo', 'poly_dpo'"):
+    with pytest.raises(ConfigError, match=r"loss.objective must be one of 'sft', 'dpo', 'poly_dpo'"):
         load_config(write(tmp_path, "loss:\n  objective: ppo\n"))
 
 

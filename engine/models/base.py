@@ -1,0 +1,89 @@
+"""The adapter protocol every model family implements, and what they share.
+
+An adapter owns the frozen parts of a family (text encoders, VAE, noise schedule) and the
+trainable denoiser (`network`). The trainer only ever calls:
+
+    cond            = adapter.encode_prompts(prompts)          # B prompts
+    latents         = adapter.encode_pixels(pixels)            # [2B, 3, H, W] in [-1, 1]
+    x_t, t, target  = adapter.noisy_inputs(latents, generator) # eps and t shared by each pair
+    pred            = adapter.predict(network, x_t, t, cond)   # cond of B, repeated for 2B
+
+so the same step serves every family, policy and reference alike.
+"""
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vipo.configs import ROOT as CONFIGS_ROOT
+
+from ..errors import ConfigError
+
+
+def load_architecture(name_or_path: str) -> dict[str, Any]:
+    """An architecture config from configs/models/ by name (`sd15-tiny`) or a JSON path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = CONFIGS_ROOT / "models" / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_ROOT / "models").glob("*.json"))
+        raise ConfigError(f"model.config: no architecture config {name_or_path!r} (known: {', '.join(known)})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def repeat_pairs(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Conditioning of B prompts -> 2B rows: winner and loser of a pair share their prompt."""
+    return {key: torch.cat([value, value]) for key, value in cond.items()}
+
+
+class DiffusionAdapter(ABC):
+    """A model family: frozen encoders + schedule around a trainable `network`."""
+
+    family: str
+    prediction_type: str  # "epsilon" or "flow"
+
+    def __init__(self, network: nn.Module, device: torch.device):
+        self.network = network
+        self.device = device
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for B prompts (no grad)."""
+
+    @abstractmethod
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of [N, 3, H, W] pixels in [-1, 1] (no grad)."""
+
+    @abstractmethod
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n training timesteps (ints for DDPM schedules, floats in [0, 1] for flow matching)."""
+
+    @abstractmethod
+    def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t and the regression target (eps, or the velocity eps - x0 for flow matching)."""
+
+    def noisy_inputs(
+        self, latents: torch.Tensor, generator: torch.Generator, paired: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_t, t and target for latents. `paired` ([2B, ...] winners then losers): noise and t
+        are drawn once per pair and shared by its winner and loser; otherwise once per sample."""
+        n = latents.shape[0] // 2 if paired else latents.shape[0]
+        eps = torch.randn((n, *latents.shape[1:]), generator=generator, device=generator.device)
+        t = self.sample_timesteps(n, generator)
+        if paired:
+            eps, t = torch.cat([eps, eps]), torch.cat([t, t])
+        eps, t = eps.to(latents.device, latents.dtype), t.to(latents.device)
+        x_t, target = self.add_noise(latents, eps, t)
+        return x_t, t, target
+
+    @abstractmethod
+    def predict(self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The network's prediction for x_t's rows. `cond` holds B rows: for 2B rows (pairs) it is
+        repeated so winner and loser share their prompt; for B rows it is used as is."""
+
+    def export(self, out_dir: Path) -> None:  # pragma: no cover - families override
+        raise NotImplementedError(f"export is not implemented for {self.family}")

@@ -1,0 +1,54 @@
+"""Reference-model strategies: how e_ref is computed for a step's shared inputs.
+
+    copy     a frozen copy of the initial denoiser (no grads, eval mode)
+    adapter  the policy itself with its LoRA adapters switched off: no second set of weights
+
+Both reduce the reference prediction to 2B errors with `sample_errors` at once, so its output
+is freed before the policy forward.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from vipo.kernels import sample_errors
+
+
+class CopyReference:
+    mode = "copy"
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.network: nn.Module = copy.deepcopy(adapter.network).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def errors(self, x_t, t, cond, target) -> torch.Tensor:
+        return sample_errors(self.adapter.predict(self.network, x_t, t, cond), target)
+
+
+class AdapterReference:
+    mode = "adapter"
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    @torch.no_grad()
+    def errors(self, x_t, t, cond, target) -> torch.Tensor:
+        network = self.adapter.network
+        was_training = network.training
+        network.eval()
+        network.disable_adapters()
+        try:
+            return sample_errors(self.adapter.predict(network, x_t, t, cond), target)
+        finally:
+            network.enable_adapters()
+            network.train(was_training)
+
+
+def build_reference(mode: str, adapter):
+    if mode == "copy":
+        return CopyReference(adapter)
+    if mode == "adapter":
+        return AdapterReference(adapter)
+    raise ValueError(f"unknown reference.mode {mode!r}")

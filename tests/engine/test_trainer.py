@@ -1,0 +1,163 @@
+"""The engine on a tiny SD1.5-shaped model: steps, reference strategies, resume, NaN guard."""
+
+import json
+
+import pytest
+import torch
+
+from vipo.engine.config import load_config
+from vipo.engine.errors import RunError
+from vipo.engine.models.base import repeat_pairs
+from vipo.engine.models.tokenizer import WordTokenizer, check_tokenizer
+from vipo.engine.trainer import Trainer
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(
+        None,
+        [
+            "model.config=sd15-tiny", "data.num_pairs=32", "data.resolution=16",
+            "train.batch_pairs=2", "train.max_steps=2", "train.log_every_steps=1",
+            "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_dpo_step_changes_the_policy_and_not_the_reference(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), progress=False)
+    policy_before = snapshot(trainer.adapter.network)
+    reference_before = snapshot(trainer.reference.network)
+    text_before = snapshot(trainer.adapter.text_encoder)
+    trainer.train_step()
+    assert changed(policy_before, trainer.adapter.network)
+    assert not changed(reference_before, trainer.reference.network)
+    assert not changed(text_before, trainer.adapter.text_encoder)
+    assert not any(p.requires_grad for p in trainer.reference.network.parameters())
+
+
+def test_adapter_reference_is_the_base_model_and_only_lora_weights_train(tmp_path):
+    cfg = tiny_config(tmp_path, "model.lora_rank=4", "reference.mode=adapter")
+    trainer = Trainer(cfg, progress=False)
+    network = trainer.adapter.network
+    before = snapshot(network)
+    batch = trainer.next_batch()
+    cond = trainer.adapter.encode_prompts(batch.prompts)
+    latents = trainer.adapter.encode_pixels(batch.pixels)
+    gen = torch.Generator().manual_seed(1)
+    x_t, t, target = trainer.adapter.noisy_inputs(latents, gen)
+    ref_before = trainer.reference.errors(x_t, t, cond, target)
+    for _ in range(2):
+        trainer.train_step()
+    moved = changed(before, network)
+    assert moved and all("lora" in name for name in moved)
+    # Adapters off = the untouched base model: the reference errors did not move.
+    assert torch.equal(trainer.reference.errors(x_t, t, cond, target), ref_before)
+    assert network.training  # switched back after the reference pass
+
+
+def test_winner_and_loser_share_noise_timestep_and_prompt(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), progress=False)
+    latents = torch.randn(6, 3, 16, 16)
+    x_t, t, eps = trainer.adapter.noisy_inputs(latents, torch.Generator().manual_seed(0))
+    assert torch.equal(eps[:3], eps[3:]) and torch.equal(t[:3], t[3:])
+    assert not torch.equal(eps[0], eps[1])
+    cond = {"encoder_hidden_states": torch.randn(3, 4, 8)}
+    rows = repeat_pairs(cond)["encoder_hidden_states"]
+    assert torch.equal(rows[:3], rows[3:])
+
+
+def test_caption_dropout_is_drawn_per_pair(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "data.caption_dropout=0.5", "train.batch_pairs=16"), progress=False)
+    batch = trainer.next_batch()
+    # One prompt per pair: the conditioning of a pair's winner and loser is the same row.
+    assert len(batch.prompts) == batch.pairs == 16 and batch.pixels.shape[0] == 32
+    assert 0 < batch.prompts.count("") < 16
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(tiny_config(straight, "train.max_steps=4"), progress=False).train()
+    split = tmp_path / "split"
+    Trainer(tiny_config(split, "train.max_steps=2"), progress=False).train()
+    resumed = Trainer(tiny_config(split, "train.max_steps=4"), progress=False)
+    initial_reference = snapshot(resumed.reference.network)
+    resumed.train(resume=True)
+    a, b = read_metrics(straight), read_metrics(split)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7), (x["step"], x["loss"], y["loss"])
+    # The reference after a resume is still the initial model, not the half-trained policy.
+    assert not changed(initial_reference, resumed.reference.network)
+    assert changed(initial_reference, resumed.adapter.network)
+
+
+def test_non_finite_losses_skip_the_update_and_stop_with_a_checkpoint(tmp_path, monkeypatch):
+    from vipo.engine import trainer as trainer_module
+
+    cfg = tiny_config(tmp_path, "train.max_steps=10", "train.max_nonfinite_steps=2")
+    trainer = Trainer(cfg, progress=False)
+    real = trainer_module.forward_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), {**metrics, "loss": metrics["loss"] * float("nan")}
+
+    monkeypatch.setattr(trainer_module, "forward_loss", poisoned)
+    before = snapshot(trainer.adapter.network)
+    with pytest.raises(RunError, match="2 non-finite losses in a row"):
+        trainer.train()
+    assert not changed(before, trainer.adapter.network)  # no update was applied
+    assert trainer.nonfinite_total == 2
+    assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").exists()
+
+
+def test_sft_on_winners_trains_without_a_reference(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "loss.objective=sft"), progress=False)
+    assert trainer.reference is None
+    before = snapshot(trainer.adapter.network)
+    summary = trainer.train()
+    assert summary["loss_is_finite"] and changed(before, trainer.adapter.network)
+
+
+def test_a_checkpoint_is_complete_and_named_by_latest(tmp_path):
+    Trainer(tiny_config(tmp_path, "train.checkpoint_every_steps=1"), progress=False).train()
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002"
+    for name in ("model.safetensors", "optimizer.pt", "rng.safetensors", "state.json", "config.yaml"):
+        assert (root / "step-000002" / name).is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+def test_a_tokenizer_without_its_files_is_refused():
+    class TwoWordTokenizer:
+        def __len__(self):
+            return 2
+
+    with pytest.raises(RunError, match="vocabulary of 2"):
+        check_tokenizer(TwoWordTokenizer(), 49408, "model/tokenizer")
+
+
+def test_word_tokenizer_pads_and_maps_known_words():
+    tok = WordTokenizer(16, 6, ["red", "circle"])
+    ids = tok(["a red circle", "red"])
+    assert ids.shape == (2, 6)
+    assert ids[0, 2].item() == ids[1, 1].item()  # "red" has one id
+    assert ids[0, 1].item() == 3  # unknown word "a" -> UNK in a closed vocabulary
+
+
+def test_a_model_path_that_is_not_a_diffusers_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(RunError, match="missing unet/, text_encoder/"):
+        Trainer(tiny_config(tmp_path, f"model.path={tmp_path}"), progress=False)
