@@ -30,7 +30,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    family: Literal["sd15"] = _f("sd15", "model family (sd15; sdxl, sd3, flux, wan are not built yet)")
+    family: Literal["sd15", "sdxl", "sd3", "flux", "wan"] = _f(
+        "sd15", "model family: sd15, sdxl (UNet, eps-prediction); sd3, flux, wan (flow matching)"
+    )
     path: str | None = _f(None, "local diffusers-layout folder with the real weights; None builds from `config`")
     config: str = _f("sd15-tiny", "architecture config in configs/models/ (or a .json path), random weights")
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")

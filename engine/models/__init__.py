@@ -1,19 +1,30 @@
 """Model families behind one adapter protocol (see base.py)."""
 
+import importlib
+
 import torch
 
 from .base import DiffusionAdapter, load_architecture
 
-FAMILIES = ("sd15",)
+# family -> (module of this package, builder function)
+BUILDERS = {
+    "sd15": ("unet", "build_sd15"),
+    "sdxl": ("unet", "build_sdxl"),
+    "sd3": ("sd3", "build_sd3"),
+    "flux": ("flux", "build_flux"),
+    "wan": ("wan", "build_wan"),
+}
+FAMILIES = tuple(BUILDERS)
 
 
 def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = None) -> DiffusionAdapter:
-    """The adapter of `model_cfg.family`, from `model_cfg.path` or random weights of `model_cfg.config`."""
-    if model_cfg.family == "sd15":
-        from .unet import build_sd15
+    """The adapter of `model_cfg.family`, from `model_cfg.path` or random weights of `model_cfg.config`.
+    Each family's module (and its diffusers/transformers imports) loads only when used."""
+    if model_cfg.family not in BUILDERS:
+        raise ValueError(f"unknown model.family {model_cfg.family!r} (known: {', '.join(FAMILIES)})")
+    module_name, builder = BUILDERS[model_cfg.family]
+    module = importlib.import_module(f".{module_name}", __name__)
+    return getattr(module, builder)(model_cfg, device, vocabulary)
 
-        return build_sd15(model_cfg, device, vocabulary)
-    raise ValueError(f"model.family {model_cfg.family!r} is not built yet (built: {', '.join(FAMILIES)})")
 
-
-__all__ = ["FAMILIES", "DiffusionAdapter", "build_model", "load_architecture"]
+__all__ = ["BUILDERS", "FAMILIES", "DiffusionAdapter", "build_model", "load_architecture"]
