@@ -21,7 +21,8 @@ from torch import nn
 
 from vipo.configs import ROOT as CONFIGS_ROOT
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
+from .tokenizer import WordTokenizer
 
 
 def load_architecture(name_or_path: str) -> dict[str, Any]:
@@ -31,7 +32,9 @@ def load_architecture(name_or_path: str) -> dict[str, Any]:
         path = CONFIGS_ROOT / "models" / f"{name_or_path}.json"
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS_ROOT / "models").glob("*.json"))
-        raise ConfigError(f"model.config: no architecture config {name_or_path!r} (known: {', '.join(known)})")
+        raise ConfigError(
+            f"model.config: no architecture config {name_or_path!r} (known: {', '.join(known)})"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -63,7 +66,9 @@ class DiffusionAdapter(ABC):
         """n training timesteps (ints for DDPM schedules, floats in [0, 1] for flow matching)."""
 
     @abstractmethod
-    def add_noise(self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_noise(
+        self, latents: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t and the regression target (eps, or the velocity eps - x0 for flow matching)."""
 
     def noisy_inputs(
@@ -81,9 +86,85 @@ class DiffusionAdapter(ABC):
         return x_t, t, target
 
     @abstractmethod
-    def predict(self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def predict(
+        self, network: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         """The network's prediction for x_t's rows. `cond` holds B rows: for 2B rows (pairs) it is
         repeated so winner and loser share their prompt; for B rows it is used as is."""
 
     def export(self, out_dir: Path) -> None:  # pragma: no cover - families override
         raise NotImplementedError(f"export is not implemented for {self.family}")
+
+
+class FlowMatchingAdapter(DiffusionAdapter):
+    """The rectified-flow schedule shared by the transformer families."""
+
+    prediction_type = "flow"
+
+    def __init__(self, network, device, *, timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0):
+        super().__init__(network, device)
+        if timestep_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"timestep_sampling must be logit_normal or uniform, got {timestep_sampling!r}")
+        self.timestep_sampling, self.logit_mean, self.logit_std = timestep_sampling, logit_mean, logit_std
+
+    def sample_timesteps(self, n, generator):
+        if self.timestep_sampling == "uniform":
+            return torch.rand(n, generator=generator, device=generator.device)
+        # Logit-normal: more steps in the middle of the path, where the velocity is hardest.
+        z = torch.randn(n, generator=generator, device=generator.device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * z)
+
+    def add_noise(self, latents, eps, t):
+        t = t.float().view(-1, *([1] * (latents.dim() - 1)))
+        x0, eps = latents.float(), eps.float()
+        x_t = (1 - t) * x0 + t * eps
+        return x_t.to(latents.dtype), (eps - x0).to(latents.dtype)
+
+    def export(self, out_dir: Path) -> None:
+        """Save the trained transformer in diffusers layout (`out_dir/transformer`)."""
+        self.network.save_pretrained(Path(out_dir) / "transformer", safe_serialization=True)
+
+
+def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """[B, L] ids: a WordTokenizer pads to its own length; a loaded one to `max_length`, or
+    to its model_max_length (77 for CLIP)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer(prompts)
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
+def rows_for(cond: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """`cond` (B rows) for a prediction over `rows` rows: 2B pairs share their prompt; B is used as is."""
+    batch = next(iter(cond.values())).shape[0]
+    if rows == batch:
+        return cond
+    if rows == 2 * batch:
+        return repeat_pairs(cond)
+    raise ValueError(f"conditioning of {batch} rows does not fit {rows} inputs (expected B or 2B rows)")
+
+
+def clip_penultimate(text_encoder, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP's penultimate hidden state (SDXL and SD3 condition on it, not the last layer) and,
+    for a CLIPTextModelWithProjection, its pooled projection `text_embeds`."""
+    ids = token_ids(tokenizer, prompts).to(text_encoder.device)
+    out = text_encoder(ids, output_hidden_states=True)
+    return out.hidden_states[-2], getattr(out, "text_embeds", None)
+
+
+def require_subfolders(root: Path, parts: tuple[str, ...], family: str) -> None:
+    """Refuse a model.path that lacks any of a family's diffusers subfolders, naming them all."""
+    missing = ", ".join(f"{part}/" for part in parts if not (root / part).is_dir())
+    if missing:
+        raise RunError(f"model.path {root}: not a diffusers {family} folder, missing {missing}")
+
+
+def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A sample of the VAE posterior (its mean without a generator), shifted and scaled as the
+    family's pipeline expects: SD3 and FLUX latents are not centred (shift_factor), SD's are."""
+    posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+    latents = posterior.sample(generator) if generator is not None else posterior.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor

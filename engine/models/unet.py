@@ -1,8 +1,13 @@
-"""SD1.5: UNet2DConditionModel, eps-prediction on a DDPM training schedule, CLIP text encoder.
+"""The UNet families: eps-prediction on a DDPM training schedule.
 
-Builds from a local diffusers-layout folder (`model.path`: unet/, text_encoder/, tokenizer/,
-vae/, scheduler/) or, with random weights, from an architecture config (`model.config`).
-A config whose `vae` is null works in pixel space (the tiny test/demo variant).
+    sd15  UNet2DConditionModel, one CLIP text encoder (last hidden state)
+    sdxl  UNet2DConditionModel with "text_time" added conditions, two CLIP text encoders:
+          CLIP-L and CLIP-G penultimate hidden states side by side, CLIP-G's pooled projection
+          and the size/crop micro-conditioning (time_ids)
+
+Each builds from a local diffusers-layout folder (`model.path`) or, with random weights, from
+an architecture config (`model.config`). A config whose `vae` is null works in pixel space
+(the tiny test/demo variants).
 """
 
 from pathlib import Path
@@ -10,8 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import RunError
-from .base import DiffusionAdapter, load_architecture, repeat_pairs
+from .base import (
+    DiffusionAdapter,
+    clip_penultimate,
+    load_architecture,
+    require_subfolders,
+    rows_for,
+    token_ids,
+    vae_latents,
+)
 from .tokenizer import WordTokenizer, check_tokenizer
 
 
@@ -29,14 +41,7 @@ class SD15Adapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if isinstance(self.tokenizer, WordTokenizer):
-            ids = self.tokenizer(prompts)
-        else:
-            ids = self.tokenizer(
-                prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids  # fmt: skip
-        hidden = self.text_encoder(ids.to(self.device)).last_hidden_state
+        hidden = self.text_encoder(token_ids(self.tokenizer, prompts).to(self.device)).last_hidden_state
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
     @torch.no_grad()
@@ -44,9 +49,7 @@ class SD15Adapter(DiffusionAdapter):
         pixels = pixels.to(self.device)
         if self.vae is None:
             return pixels.to(self.dtype)
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if generator is not None else posterior.mean
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        return vae_latents(self.vae, pixels, generator).to(self.dtype)
 
     def sample_timesteps(self, n, generator):
         return torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator, device=generator.device)
@@ -57,9 +60,7 @@ class SD15Adapter(DiffusionAdapter):
         return x_t, eps
 
     def predict(self, network: nn.Module, x_t, t, cond):
-        hidden = cond["encoder_hidden_states"]
-        if x_t.shape[0] == 2 * hidden.shape[0]:
-            hidden = repeat_pairs(cond)["encoder_hidden_states"]
+        hidden = rows_for(cond, x_t.shape[0])["encoder_hidden_states"]
         return network(x_t, t, encoder_hidden_states=hidden).sample
 
     def export(self, out_dir: Path) -> None:
@@ -79,9 +80,7 @@ def build_sd15(model_cfg, device: torch.device, vocabulary: list[str] | None = N
 
     if model_cfg.path:
         root = Path(model_cfg.path)
-        missing = [part for part in ("unet", "text_encoder", "tokenizer", "vae", "scheduler") if not (root / part).is_dir()]
-        if missing:
-            raise RunError(f"model.path {root}: not a diffusers SD1.5 folder, missing {', '.join(m + '/' for m in missing)}")
+        require_subfolders(root, ("unet", "text_encoder", "tokenizer", "vae", "scheduler"), "SD1.5")
         network = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
@@ -99,3 +98,70 @@ def build_sd15(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     if vae is not None:
         vae.to(device)
     return SD15Adapter(network.to(device), text_encoder, tokenizer, vae, alphas, device)
+
+
+class SDXLAdapter(SD15Adapter):
+    """SD1.5's schedule and VAE handling, with SDXL's two text encoders and added conditions."""
+
+    family = "sdxl"
+
+    def __init__(self, network, text_encoders, tokenizers, vae, alphas_cumprod, device, dtype=torch.float32):
+        super().__init__(network, text_encoders[0], tokenizers[0], vae, alphas_cumprod, device, dtype)
+        self.text_encoder_2 = text_encoders[1].requires_grad_(False).eval()
+        self.tokenizer_2 = tokenizers[1]
+        # Pixels per latent cell: time_ids speak in pixels, the UNet sees latents.
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        hidden_l, _ = clip_penultimate(self.text_encoder, self.tokenizer, prompts)
+        hidden_g, pooled = clip_penultimate(self.text_encoder_2, self.tokenizer_2, prompts)
+        # As StableDiffusionXLPipeline.encode_prompt: features side by side (768 + 1280 = 2048).
+        hidden = torch.cat([hidden_l, hidden_g], dim=-1)
+        return {"encoder_hidden_states": hidden.to(self.dtype), "text_embeds": pooled.to(self.dtype)}
+
+    def time_ids(self, x_t: torch.Tensor) -> torch.Tensor:
+        """SDXL's micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per
+        row: training images are used at their own size, uncropped."""
+        h, w = (side * self.vae_scale for side in x_t.shape[-2:])
+        ids = torch.tensor([h, w, 0, 0, h, w], device=x_t.device, dtype=self.dtype)
+        return ids.expand(x_t.shape[0], -1)
+
+    def predict(self, network: nn.Module, x_t, t, cond):
+        cond = rows_for(cond, x_t.shape[0])
+        added = {"text_embeds": cond["text_embeds"], "time_ids": self.time_ids(x_t)}
+        hidden = cond["encoder_hidden_states"]
+        return network(x_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+
+def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = None) -> SDXLAdapter:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if model_cfg.path:
+        root = Path(model_cfg.path)
+        parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
+        require_subfolders(root, parts, "SDXL")
+        network = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+        text_encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+                         CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2")]  # fmt: skip
+        names = ("tokenizer", "tokenizer_2")
+        tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder=name) for name in names]
+        for tokenizer, encoder, name in zip(tokenizers, text_encoders, names, strict=True):
+            check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        alphas = DDPMScheduler.from_pretrained(root, subfolder="scheduler").alphas_cumprod.clone()
+    else:
+        arch = load_architecture(model_cfg.config)
+        network = UNet2DConditionModel(**arch["unet"])
+        text_encoders = [CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
+                         CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))]  # fmt: skip
+        tokenizers = [WordTokenizer(arch[name]["vocab_size"], arch["max_prompt_tokens"], vocabulary)
+                      for name in ("text_encoder", "text_encoder_2")]  # fmt: skip
+        vae = AutoencoderKL(**arch["vae"]) if arch.get("vae") else None
+        alphas = _alphas_cumprod(arch["scheduler"])
+    for encoder in text_encoders:
+        encoder.to(device)
+    if vae is not None:
+        vae.to(device)
+    return SDXLAdapter(network.to(device), text_encoders, tokenizers, vae, alphas, device)

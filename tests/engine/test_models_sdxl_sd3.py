@@ -1,0 +1,332 @@
+"""SDXL and SD3.5 adapters: a training step at tiny size, their conditioning layouts and noise
+conventions, folder checks, and the real architecture configs (sized on the meta device)."""
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vipo.engine.config import load_config
+from vipo.engine.errors import RunError
+from vipo.engine.models import build_model, load_architecture
+from vipo.engine.trainer import Trainer
+
+FAMILIES = ["sdxl", "sd3"]
+PROMPTS = ["a red circle", "a blue square on green"]
+
+
+def tiny_config(tmp_path, family, *overrides):
+    return load_config(
+        None,
+        [
+            f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=16", "data.resolution=16",
+            "train.batch_pairs=2", "train.max_steps=1", "train.log_every_steps=1",
+            "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
+        ],
+    )  # fmt: skip
+
+
+@functools.cache
+def tiny_adapter(family):
+    """One random-weight tiny adapter per family, shared by the tests that only read it."""
+    torch.manual_seed(0)
+    cfg = tiny_config("unused", family)
+    return build_model(cfg.model, torch.device("cpu"), vocabulary=None)
+
+
+@pytest.fixture(params=FAMILIES)
+def adapter(request):
+    return tiny_adapter(request.param)
+
+
+@pytest.fixture
+def sd3():
+    return tiny_adapter("sd3")
+
+
+def text_encoders(adapter):
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return {name: getattr(adapter, name) for name in names if hasattr(adapter, name)}
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def latents_for(adapter, rows, generator):
+    return torch.randn(rows, adapter.network.config.in_channels, 16, 16, generator=generator)
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the denoiser: keeps the call's arguments, returns x_t."""
+
+    def forward(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        x_t = args[0] if args else kwargs["hidden_states"]
+        return SimpleNamespace(sample=x_t)
+
+
+# -- a training step -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_dpo_step_changes_the_policy_and_not_the_reference_or_text_encoders(tmp_path, family):
+    trainer = Trainer(tiny_config(tmp_path, family), progress=False)
+    assert trainer.adapter.family == family
+    policy_before = snapshot(trainer.adapter.network)
+    reference_before = snapshot(trainer.reference.network)
+    encoders = text_encoders(trainer.adapter)
+    assert len(encoders) == {"sdxl": 2, "sd3": 3}[family]
+    encoders_before = {name: snapshot(encoder) for name, encoder in encoders.items()}
+    metrics = trainer.train_step()
+    assert torch.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert changed(policy_before, trainer.adapter.network)
+    assert not changed(reference_before, trainer.reference.network)
+    for name, encoder in encoders.items():
+        assert not changed(encoders_before[name], encoder), name
+        assert not any(p.requires_grad for p in encoder.parameters()), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("winners_only", ["true", "false"])
+def test_an_sft_step_trains_without_a_reference(tmp_path, family, winners_only):
+    cfg = tiny_config(tmp_path, family, "loss.objective=sft", f"loss.winners_only={winners_only}")
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.reference is None
+    before = snapshot(trainer.adapter.network)
+    summary = trainer.train()
+    assert summary["loss_is_finite"] and changed(before, trainer.adapter.network)
+
+
+# -- noise, timesteps and targets ------------------------------------------------------------
+
+
+def test_winner_and_loser_share_noise_and_timestep(adapter):
+    generator = torch.Generator().manual_seed(0)
+    latents = latents_for(adapter, 6, generator)
+    x_t, t, target = adapter.noisy_inputs(latents, generator)
+    eps = target if adapter.prediction_type == "epsilon" else target + latents
+    assert torch.equal(t[:3], t[3:]) and len(set(t[:3].tolist())) == 3
+    torch.testing.assert_close(eps[:3], eps[3:])
+    assert not torch.allclose(eps[0], eps[1])
+    assert not torch.allclose(x_t[:3], x_t[3:])  # same noise, different images
+
+
+def test_sd3_adds_noise_on_the_straight_path_and_targets_the_velocity(sd3):
+    generator = torch.Generator().manual_seed(1)
+    latents = latents_for(sd3, 4, generator)
+    eps, t = torch.randn(latents.shape, generator=generator), torch.rand(4, generator=generator)
+    x_t, target = sd3.add_noise(latents, eps, t)
+    w = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - w) * latents + w * eps)
+    torch.testing.assert_close(target, eps - latents)
+    _, t_drawn, _ = sd3.noisy_inputs(latents, generator)
+    assert t_drawn.is_floating_point() and bool(((t_drawn > 0) & (t_drawn < 1)).all())
+
+
+def test_sd3_draws_t_logit_normal_by_default_and_uniform_on_request(sd3):
+    assert sd3.timestep_sampling == "logit_normal"
+    t = sd3.sample_timesteps(20000, torch.Generator().manual_seed(2))
+    assert bool(((t > 0) & (t < 1)).all())
+    logit = torch.logit(t.double())
+    assert abs(logit.mean().item()) < 0.05 and abs(logit.std().item() - 1) < 0.05
+    sd3.timestep_sampling = "uniform"
+    try:
+        u = sd3.sample_timesteps(20000, torch.Generator().manual_seed(2))
+    finally:
+        sd3.timestep_sampling = "logit_normal"
+    # Logit-normal puts ~1.4% of its mass below 0.1; uniform puts 10% there.
+    assert (t < 0.1).float().mean() < 0.03 and abs((u < 0.1).float().mean().item() - 0.1) < 0.01
+
+
+# -- conditioning ----------------------------------------------------------------------------
+
+
+def penultimate_and_pooled(text_encoder, tokenizer):
+    out = text_encoder(tokenizer(PROMPTS), output_hidden_states=True)
+    return out.hidden_states[-2], getattr(out, "text_embeds", None)
+
+
+def test_prompts_are_encoded_as_the_diffusers_pipelines_lay_them_out(adapter):
+    cond = adapter.encode_prompts(PROMPTS)
+    clip_l, pooled_l = penultimate_and_pooled(adapter.text_encoder, adapter.tokenizer)
+    clip_g, pooled_g = penultimate_and_pooled(adapter.text_encoder_2, adapter.tokenizer_2)
+    clip = torch.cat([clip_l, clip_g], dim=-1)
+    hidden = cond["encoder_hidden_states"]
+    if adapter.family == "sdxl":
+        torch.testing.assert_close(hidden, clip)
+        torch.testing.assert_close(cond["text_embeds"], pooled_g)
+        assert hidden.shape[-1] == adapter.network.config.cross_attention_dim
+    else:
+        t5 = adapter.text_encoder_3(adapter.tokenizer_3(PROMPTS)).last_hidden_state
+        clip_tokens, width = clip.shape[1:]
+        assert hidden.shape == (2, clip_tokens + t5.shape[1], t5.shape[-1]) and width < t5.shape[-1]
+        torch.testing.assert_close(hidden[:, :clip_tokens, :width], clip)
+        assert not hidden[:, :clip_tokens, width:].any()  # CLIP zero-padded to T5's width
+        torch.testing.assert_close(hidden[:, clip_tokens:], t5)
+        torch.testing.assert_close(cond["pooled_projections"], torch.cat([pooled_l, pooled_g], dim=-1))
+    assert not torch.allclose(hidden[0], hidden[1])
+
+
+def test_predict_repeats_the_conditioning_for_pairs_and_keeps_it_for_single_rows(adapter):
+    generator = torch.Generator().manual_seed(3)
+    cond = adapter.encode_prompts(PROMPTS)
+    doubled = {key: torch.cat([value, value]) for key, value in cond.items()}
+    x_t = latents_for(adapter, 4, generator)
+    t = adapter.sample_timesteps(2, generator).repeat(2)
+    network = adapter.network.eval()
+    with torch.no_grad():
+        pairs = adapter.predict(network, x_t, t, cond)
+        torch.testing.assert_close(pairs, adapter.predict(network, x_t, t, doubled))
+        single = adapter.predict(network, x_t[:2], t[:2], cond)
+        torch.testing.assert_close(single, pairs[:2], rtol=1e-4, atol=1e-5)
+        # Every conditioning tensor reaches the network.
+        for key in cond:
+            other = {**cond, key: torch.randn_like(cond[key])}
+            assert not torch.allclose(adapter.predict(network, x_t[:2], t[:2], other), single), key
+    with pytest.raises(ValueError, match="does not fit"):
+        adapter.predict(network, x_t[:3], t[:3], cond)
+
+
+def test_the_denoiser_gets_the_family_timestep_and_added_conditions(adapter):
+    generator = torch.Generator().manual_seed(4)
+    cond = adapter.encode_prompts(PROMPTS)
+    x_t = latents_for(adapter, 4, generator)[..., :12]  # a non-square image
+    t = adapter.sample_timesteps(4, generator)
+    recorder = Recorder()
+    adapter.predict(recorder, x_t, t, cond)
+    if adapter.family == "sdxl":
+        assert torch.equal(recorder.args[1], t)  # DDPM step index as is
+        added = recorder.kwargs["added_cond_kwargs"]
+        torch.testing.assert_close(added["text_embeds"], torch.cat([cond["text_embeds"]] * 2))
+        # (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels: pixel space here
+        assert added["time_ids"].tolist() == [[16, 12, 0, 0, 16, 12]] * 4
+    else:
+        torch.testing.assert_close(recorder.kwargs["timestep"], t * 1000)
+        pooled = recorder.kwargs["pooled_projections"]
+        torch.testing.assert_close(pooled, torch.cat([cond["pooled_projections"]] * 2))
+
+
+def test_vae_latents_are_shifted_and_scaled_and_time_ids_count_pixels(adapter):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(5)
+    shift = 0.25 if adapter.family == "sd3" else None  # SDXL's VAE scales only
+    vae = AutoencoderKL(
+        latent_channels=adapter.network.config.in_channels, layers_per_block=1, block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4, scaling_factor=1.5, shift_factor=shift,
+    )  # fmt: skip
+    encoders = list(text_encoders(adapter).values())
+    tokenizers = [
+        getattr(adapter, name.replace("text_encoder", "tokenizer")) for name in text_encoders(adapter)
+    ]
+    if adapter.family == "sdxl":
+        with_vae = type(adapter)(
+            adapter.network, encoders, tokenizers, vae, adapter.alphas_cumprod, adapter.device
+        )
+    else:
+        with_vae = type(adapter)(adapter.network, encoders, tokenizers, vae, adapter.device)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean = vae.encode(pixels).latent_dist.mean
+    latents = with_vae.encode_pixels(pixels)
+    torch.testing.assert_close(latents, (mean - (shift or 0.0)) * 1.5)
+    if adapter.family == "sdxl":  # 8x8 latents of 16x16 pixels: time_ids count pixels
+        assert latents.shape[-2:] == (8, 8)
+        assert with_vae.time_ids(latents).tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+
+
+# -- building from a folder ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "present", "named"),
+    [
+        ("sdxl", ["unet", "tokenizer"],
+         "missing text_encoder/, text_encoder_2/, tokenizer_2/, vae/, scheduler/"),
+        ("sd3", ["transformer", "text_encoder", "tokenizer", "vae"],
+         "missing text_encoder_2/, text_encoder_3/, tokenizer_2/, tokenizer_3/, scheduler/"),
+    ],
+)  # fmt: skip
+def test_a_model_path_without_the_family_subfolders_names_them(tmp_path, family, present, named):
+    for name in present:
+        (tmp_path / name).mkdir()
+    cfg = tiny_config(tmp_path, family, f"model.path={tmp_path}")
+    with pytest.raises(RunError, match=named):
+        build_model(cfg.model, torch.device("cpu"))
+
+
+# -- architecture configs --------------------------------------------------------------------
+
+
+def _numel(module) -> int:
+    """Elements of the stored weights: parameters (tied ones once, as T5's embeddings) and
+    persistent buffers (SD3's 384 x 384 positional table: 0.23B of SD3.5-Medium's 2.47B)."""
+    stored = module.state_dict().keys()
+    buffers = sum(b.numel() for name, b in module.named_buffers() if name in stored)
+    return sum(p.numel() for p in module.parameters()) + buffers
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-tiny"])
+def test_sdxl_configs_wire_two_text_encoders_into_the_unet(name):
+    arch = load_architecture(name)
+    unet, first, second = arch["unet"], arch["text_encoder"], arch["text_encoder_2"]
+    assert arch["family"] == "sdxl" and arch["about"]
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
+    # pooled CLIP-G projection + 6 time_ids, each embedded in addition_time_embed_dim
+    added = second["projection_dim"] + 6 * unet["addition_time_embed_dim"]
+    assert unet["projection_class_embeddings_input_dim"] == added
+    assert arch["max_prompt_tokens"] <= min(
+        first["max_position_embeddings"], second["max_position_embeddings"]
+    )
+    assert unet["in_channels"] == (arch["vae"]["latent_channels"] if arch["vae"] else 3)
+
+
+@pytest.mark.parametrize("name", ["sd3.5-medium", "sd3-tiny"])
+def test_sd3_configs_wire_three_text_encoders_into_the_transformer(name):
+    arch = load_architecture(name)
+    dit, t5 = arch["transformer"], arch["text_encoder_3"]
+    clip_l, clip_g = arch["text_encoder"], arch["text_encoder_2"]
+    assert arch["family"] == "sd3" and arch["about"]
+    assert dit["joint_attention_dim"] == t5["d_model"] >= clip_l["hidden_size"] + clip_g["hidden_size"]
+    assert dit["pooled_projection_dim"] == clip_l["projection_dim"] + clip_g["projection_dim"]
+    assert dit["caption_projection_dim"] == dit["num_attention_heads"] * dit["attention_head_dim"]
+    assert arch["timestep_sampling"] in ("logit_normal", "uniform")
+    assert dit["in_channels"] == (arch["vae"]["latent_channels"] if arch["vae"] else 3)
+
+
+def test_real_sdxl_and_sd35_medium_configs_have_the_published_sizes():
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    sdxl, sd35 = load_architecture("sdxl"), load_architecture("sd3.5-medium")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        sizes = {
+            "sdxl unet": _numel(UNet2DConditionModel(**sdxl["unet"])),
+            "sdxl clip-l": _numel(CLIPTextModel(CLIPTextConfig(**sdxl["text_encoder"]))),
+            "sdxl clip-g": _numel(CLIPTextModelWithProjection(CLIPTextConfig(**sdxl["text_encoder_2"]))),
+            "sdxl vae": _numel(AutoencoderKL(**sdxl["vae"])),
+            "sd3.5m transformer": _numel(SD3Transformer2DModel(**sd35["transformer"])),
+            "sd3.5m t5": _numel(T5EncoderModel(T5Config(**sd35["text_encoder_3"]))),
+            "sd3.5m vae": _numel(AutoencoderKL(**sd35["vae"])),
+        }
+    expected = {  # (low, high) around the published checkpoints
+        "sdxl unet": (2.55e9, 2.58e9), "sdxl clip-l": (1.22e8, 1.25e8), "sdxl clip-g": (6.9e8, 7.0e8),
+        "sdxl vae": (8.3e7, 8.4e7), "sd3.5m transformer": (2.4e9, 2.55e9), "sd3.5m t5": (4.7e9, 4.8e9),
+        "sd3.5m vae": (8.3e7, 8.4e7),
+    }  # fmt: skip
+    for part, (low, high) in expected.items():
+        assert low <= sizes[part] <= high, (part, sizes[part])
