@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -26,18 +27,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = _load(args.recipe, args.overrides)
     print(
-        "vipo demo: Poly-DPO on synthetic pairs with a tiny denoiser on CPU "
-        "(the diffusion model families are not part of this demo).",
+        "vipo demo: a tiny SD-style model on procedural shape pairs, CPU. Stage 1 SFT on winners, "
+        f"stage 2 {cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g}).",
         file=sys.stderr,
     )
-    summary = run_demo(cfg, progress=not args.quiet)
-    before, after = summary["held_out_accuracy_before"], summary["held_out_accuracy_after"]
-    last = summary["last_logged"] or {}
+    result = run_demo(cfg, progress=not args.quiet)
     print(
-        f"held-out implicit accuracy {before:.3f} -> {after:.3f}; last loss {last.get('loss', float('nan')):.4f}; "
-        f"{summary['seconds']:.1f} s; beta {summary['beta']:g}, alpha {summary['alpha']:g}"
+        f"held-out preference accuracy {result['held_out_accuracy_before']:.3f} -> "
+        f"{result['held_out_accuracy_after']:.3f} on {result['held_out_pairs']} clean pairs "
+        f"(0.5 = chance; the policy starts as the reference)"
     )
-    print(f"metrics: {cfg.train.output_dir}/metrics.jsonl, summary: {cfg.train.output_dir}/summary.json")
+    print(f"report: {result['report']}/ (curves.png, samples.png, summary.json)")
     return 0
 
 
@@ -47,9 +47,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.recipe, args.overrides)
     summary = Trainer(cfg, progress=not args.quiet).train(resume=args.resume)
     last = summary["last"]
-    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "pairs_per_s") if k in last)
+    shown = ", ".join(
+        f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "pairs_per_s") if k in last
+    )
     print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; {shown}")
     print(f"run folder: {summary['out_dir']} (metrics.jsonl, checkpoints/)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .report import plot_run
+
+    try:
+        out = plot_run(Path(args.run), Path(args.out) if args.out else None, tuple(args.keys))
+    except (FileNotFoundError, ValueError) as err:
+        raise RunError(str(err)) from None
+    print(f"wrote {out}")
     return 0
 
 
@@ -78,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser("demo", help="train a tiny denoiser with Poly-DPO on synthetic pairs (CPU, seconds)")
+    demo = sub.add_parser(
+        "demo", help="SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)"
+    )
     demo.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
     demo.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -87,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train with a recipe (SFT, Diffusion-DPO or Poly-DPO)")
     train.add_argument("recipe", help="recipe file or built-in name (see `vipo config keys`)")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    train.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="draw a run's metric curves to a PNG")
+    plot.add_argument("run", help="run folder (holds metrics.jsonl)")
+    plot.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    plot.add_argument(
+        "--keys", nargs="+", default=["loss", "accuracy", "margin", "grad_norm"], help="metrics to draw"
+    )
+    plot.set_defaults(func=cmd_plot)
 
     config = sub.add_parser("config", help="inspect recipes and config keys")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")

@@ -33,8 +33,15 @@ class ModelConfig:
     family: Literal["sd15", "sdxl", "sd3", "flux", "wan"] = _f(
         "sd15", "model family: sd15, sdxl (UNet, eps-prediction); sd3, flux, wan (flow matching)"
     )
-    path: str | None = _f(None, "local diffusers-layout folder with the real weights; None builds from `config`")
+    path: str | None = _f(
+        None, "local diffusers-layout folder with the real weights; None builds from `config`"
+    )
     config: str = _f("sd15-tiny", "architecture config in configs/models/ (or a .json path), random weights")
+    init_from: str | None = _f(
+        None,
+        "checkpoint folder (…/checkpoints/step-N) whose weights start the policy and the reference, "
+        "e.g. the SFT stage's last checkpoint (the paper's stage 2)",
+    )
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     gradient_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
 
@@ -48,7 +55,9 @@ class DataConfig:
         "clean", "procedural labels: clean, noisy (flipped labels), shuffled (losers from other prompts)"
     )
     flip_prob: float = _f(0.3, "share of flipped labels in the noisy regime")
-    caption_dropout: float = _f(0.0, "probability of an empty prompt, drawn per pair (winner and loser alike)")
+    caption_dropout: float = _f(
+        0.0, "probability of an empty prompt, drawn per pair (winner and loser alike)"
+    )
 
 
 @dataclass
@@ -93,6 +102,17 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(0, "steps between checkpoints; 0 = only at the end")
     max_nonfinite_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite losses in a row")
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
+    mixed_precision: Literal["no", "bf16"] = _f(
+        "no", "bf16: autocast forward passes to bfloat16 (fp32 weights)"
+    )
+
+
+@dataclass
+class DemoConfig:
+    sft_steps: int = _f(300, "stage 1 (SFT on winners) steps before the preference stage")
+    sft_lr: float = _f(1e-4, "stage 1 learning rate per pair (scaled like optim.lr)")
+    held_out_pairs: int = _f(128, "clean held-out pairs for the preference accuracy")
+    sample_prompts: int = _f(8, "prompts in the before/after sample grid")
 
 
 @dataclass
@@ -103,6 +123,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def validate(self) -> "RunConfig":
         """Checks across fields; load_config calls it once file and overrides are merged."""
@@ -112,8 +133,10 @@ class RunConfig:
                 "use loss.objective=poly_dpo for alpha != 0"
             )
         if self.reference.mode == "adapter" and self.model.lora_rank < 1:
-            raise ConfigError("reference.mode is 'adapter' but model.lora_rank is 0: the adapter "
-                              "reference needs a LoRA policy (set model.lora_rank, or reference.mode=copy)")
+            raise ConfigError(
+                "reference.mode is 'adapter' but model.lora_rank is 0: the adapter "
+                "reference needs a LoRA policy (set model.lora_rank, or reference.mode=copy)"
+            )
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key, value, low in (
@@ -328,5 +351,7 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, An
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, f"{prefix}{f.name}.")
         else:
-            rows.append((f"{prefix}{f.name}", _type_name(tp), getattr(instance, f.name), f.metadata.get("help", "")))
+            rows.append(
+                (f"{prefix}{f.name}", _type_name(tp), getattr(instance, f.name), f.metadata.get("help", ""))
+            )
     return rows

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from vipo.loaders.procedural import ProceduralPairs
 from vipo.loaders.sampler import PairSampler
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import RunConfig, to_dict
 from .errors import RunError
 from .models import build_model
@@ -41,7 +41,9 @@ def pick_device(name: str) -> torch.device:
 
 def build_data(data_cfg, seed: int):
     if data_cfg.source == "procedural":
-        return ProceduralPairs(data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed)
+        return ProceduralPairs(
+            data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed
+        )
     raise RunError(f"data.source {data_cfg.source!r} is not built yet")
 
 
@@ -55,6 +57,8 @@ class Trainer:
         self.data = build_data(cfg.data, cfg.train.seed)
         self.adapter = build_model(cfg.model, self.device, vocabulary=self.data.vocabulary())
         network = self.adapter.network
+        if cfg.model.init_from:
+            load_weights(Path(cfg.model.init_from), network)
         if cfg.model.lora_rank:
             from peft import LoraConfig
 
@@ -67,7 +71,9 @@ class Trainer:
         # The reference is built here, before any checkpoint is loaded: it is the initial model
         # for the whole run, resumes included.
         self.objective = cfg.loss.objective
-        self.reference = None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter)
+        self.reference = (
+            None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter)
+        )
         self.params = [p for p in network.parameters() if p.requires_grad]
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
@@ -92,13 +98,20 @@ class Trainer:
         records = [self.data[i] for i in indices]
         prompts = [r.prompt for r in records]
         if self.cfg.data.caption_dropout > 0:  # one draw per pair: winner and loser alike
-            drop = torch.rand(len(prompts), generator=self.generator, device=self.device) < self.cfg.data.caption_dropout
+            drop = (
+                torch.rand(len(prompts), generator=self.generator, device=self.device)
+                < self.cfg.data.caption_dropout
+            )
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
         images = np.stack([r.winner for r in records] + [r.loser for r in records])
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         return PairBatch([r.id for r in records], prompts, pixels.to(self.device))
 
     # -- one optimizer step -------------------------------------------------------------------
+
+    def autocast(self):
+        enabled = self.cfg.train.mixed_precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         accum = self.cfg.train.grad_accum_steps
@@ -109,7 +122,10 @@ class Trainer:
             started = time.perf_counter()
             batch = self.next_batch()
             data_wait += time.perf_counter() - started
-            loss, metrics = forward_loss(self.objective, self.adapter, self.reference, batch, self.cfg.loss, self.generator)
+            with self.autocast():
+                loss, metrics = forward_loss(
+                    self.objective, self.adapter, self.reference, batch, self.cfg.loss, self.generator
+                )
             (loss / accum).backward()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
@@ -118,12 +134,16 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
             self.optimizer.zero_grad(set_to_none=True)
-            log.warning("step %d: non-finite loss, update skipped (%d in a row)", self.step + 1, self.nonfinite_in_row)
+            log.warning(
+                "step %d: non-finite loss, update skipped (%d in a row)", self.step + 1, self.nonfinite_in_row
+            )
             grad_norm = torch.tensor(float("nan"))
         else:
             self.nonfinite_in_row = 0
             max_norm = self.cfg.optim.max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.params, max_norm if max_norm > 0 else float("inf")
+            )
             self.optimizer.step()
         with warnings.catch_warnings():  # a skipped first update still advances the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")

@@ -1,12 +1,14 @@
 """The `vipo` command: useful help, clean errors, a demo that learns."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from vipo.engine.cli import main
 
@@ -61,27 +63,52 @@ def test_config_show_resolves_overrides(capsys):
     assert shown["loss"]["alpha"] == 8.0
 
 
-def test_demo_learns_the_preference(tmp_path):
+@pytest.mark.slow
+def test_the_default_demo_learns_the_preference(tmp_path):
+    # The README's promise, at the README's settings (about 2 minutes on 2 cores).
     out_dir = tmp_path / "demo"
     result = run_vipo("demo", "--quiet", f"train.output_dir={out_dir}", interpret="0")
     assert result.returncode == 0, result.stderr
-    summary = json.loads((out_dir / "summary.json").read_text())
-    # At the start policy == reference, so every held-out z is 0 (accuracy 0, p 0.5).
-    assert summary["held_out_accuracy_before"] == 0.0
-    assert summary["held_out_accuracy_after"] > 0.7
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 200 and all(r["loss"] == r["loss"] for r in rows)
-    assert "held-out implicit accuracy" in result.stdout
+    summary = json.loads((out_dir / "report" / "summary.json").read_text())
+    # Stage 2 starts with policy == reference: every held-out margin is 0, a tie, counted 0.5.
+    assert summary["held_out_accuracy_before"] == 0.5
+    assert summary["held_out_accuracy_after"] >= 0.7
+    assert summary["held_out_pairs"] == 128
+    for stage, steps in (("sft", 400), ("dpo", 150)):
+        rows = [json.loads(line) for line in (out_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == steps and all(math.isfinite(r["loss"]) for r in rows)
+    sft_rows = [json.loads(line) for line in (out_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft_rows[-1]["loss"] < 0.5 * sft_rows[0]["loss"]  # stage 1 learned to denoise
+    for name in ("curves.png", "samples.png"):
+        with Image.open(out_dir / "report" / name) as image:
+            assert image.width > 100 and image.height > 100
+    assert "held-out preference accuracy 0.500 ->" in result.stdout
 
 
 @pytest.mark.parametrize("alpha", ["0", "8"])
-def test_demo_runs_for_dpo_and_poly_dpo(tmp_path, alpha):
+def test_demo_runs_both_stages_for_dpo_and_poly_dpo(tmp_path, alpha):
     objective = "dpo" if alpha == "0" else "poly_dpo"
-    args = ["demo", "-q", f"loss.alpha={alpha}", f"loss.objective={objective}", "train.max_steps=5",
-            f"train.output_dir={tmp_path}", "train.log_every_steps=1"]
+    tiny = ["demo.sft_steps=2", "train.max_steps=3", "data.num_pairs=16", "demo.held_out_pairs=4",
+            "demo.sample_prompts=2", "train.batch_pairs=2", "train.log_every_steps=1"]  # fmt: skip
+    args = ["demo", "-q", f"loss.alpha={alpha}", f"loss.objective={objective}", f"train.output_dir={tmp_path}", *tiny]
     assert main(args) == 0  # in-process, through the interpreted kernels
-    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 5
+    assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["config"]["loss"]["alpha"] == float(alpha) and summary["held_out_pairs"] == 4
+
+
+def test_plot_draws_a_run_and_names_a_missing_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "accuracy": 0.5 + s / 100} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(run), "--keys", "loss", "accuracy"]) == 0
+    with Image.open(run / "curves.png") as image:
+        assert image.width > 100
+    assert main(["plot", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -161,3 +161,50 @@ def test_word_tokenizer_pads_and_maps_known_words():
 def test_a_model_path_that_is_not_a_diffusers_folder_is_a_clear_error(tmp_path):
     with pytest.raises(RunError, match="missing unet/, text_encoder/"):
         Trainer(tiny_config(tmp_path, f"model.path={tmp_path}"), progress=False)
+
+
+def test_init_from_starts_policy_and_reference_from_a_checkpoint(tmp_path):
+    sft = Trainer(tiny_config(tmp_path / "sft", "loss.objective=sft", "loss.winners_only=true"), progress=False)
+    sft.train()
+    trained = snapshot(sft.adapter.network)
+    checkpoint = tmp_path / "sft" / "checkpoints" / "step-000002"
+    dpo = Trainer(tiny_config(tmp_path / "dpo", f"model.init_from={checkpoint}"), progress=False)
+    for module in (dpo.adapter.network, dpo.reference.network):
+        state = module.state_dict()
+        assert all(torch.equal(state[k], trained[k].to(state[k].dtype)) for k in trained)
+    # A fresh model with the same seed is not the SFT model: the weights really came from disk.
+    fresh = Trainer(tiny_config(tmp_path / "fresh"), progress=False)
+    assert changed(trained, fresh.adapter.network)
+
+
+def test_init_from_a_folder_without_weights_names_it(tmp_path):
+    with pytest.raises(RunError, match=r"model.init_from: no model.safetensors in .*nowhere"):
+        Trainer(tiny_config(tmp_path, f"model.init_from={tmp_path / 'nowhere'}"), progress=False)
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "train.mixed_precision=bf16"), progress=False)
+    before = snapshot(trainer.adapter.network)
+    metrics = trainer.train_step()
+    assert torch.isfinite(metrics["loss"]) and changed(before, trainer.adapter.network)
+    assert all(p.dtype == torch.float32 for p in trainer.adapter.network.parameters())
+
+
+def test_held_out_accuracy_is_one_half_when_policy_is_the_reference_and_tracks_the_sign(tmp_path):
+    from vipo.engine.evaluate import held_out_accuracy
+    from vipo.loaders.procedural import ProceduralPairs
+
+    trainer = Trainer(tiny_config(tmp_path), progress=False)
+    pairs = ProceduralPairs(6, 16, "clean", seed=3)
+    tie = held_out_accuracy(trainer.adapter, trainer.reference, pairs, draws=2, batch_pairs=4)
+    assert tie["accuracy"] == 0.5 and tie["pairs"] == 6 and tie["winner_change"] == 0.0
+
+    class Shifted:  # a reference whose error is lower on every winner than on its loser
+        def errors(self, x_t, t, cond, target):
+            base = trainer.reference.errors(x_t, t, cond, target)
+            half = base.shape[0] // 2
+            return base + torch.cat([torch.full((half,), -1.0), torch.full((half,), 1.0)])
+
+    # policy - reference error: +1 on winners, -1 on losers -> every loser preferred.
+    worse = held_out_accuracy(trainer.adapter, Shifted(), pairs, draws=2, batch_pairs=4)
+    assert worse["accuracy"] == 0.0 and worse["winner_change"] == pytest.approx(1.0, abs=1e-5)
