@@ -1,6 +1,7 @@
 """The `vipo` command. Argument parsing only: each subcommand calls one function."""
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,6 +17,10 @@ from .errors import RunError
 log = logging.getLogger("vipo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
+
+# Subcommands that live next to the code they run: each module defines add_commands(subparsers)
+# and imports its heavy dependencies only inside the command functions.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _load(recipe: str | None, overrides: list[str]):
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     keys = config_sub.add_parser("keys", help="list every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

@@ -9,26 +9,15 @@ Every pair is a pure function of (seed, index): any worker, rank or resumed run 
 pair for the same index.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .records import PairRecord
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 POSITIONS = ("left", "right", "top", "bottom")
 REGIMES = ("clean", "noisy", "shuffled")
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    """One preference pair as every vipo source yields it: images are HxWx3 uint8 arrays."""
-
-    id: int
-    prompt: str
-    winner: np.ndarray
-    loser: np.ndarray
-    category: str
 
 
 def draw(shape: str, colour: str, position: str, size: int) -> np.ndarray:
@@ -93,7 +82,7 @@ class ProceduralPairs:
             category = broken
         if self.regime == "noisy" and rng.random() < self.flip_prob:
             winner, loser = loser, winner
-        return PairRecord(index, prompt_of(shape, colour, position), winner, loser, category)
+        return PairRecord(f"procedural-{self.seed}-{index}", prompt_of(shape, colour, position), winner, loser, category)
 
     def vocabulary(self) -> list[str]:
         """Every word a prompt of this data set can use."""
