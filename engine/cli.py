@@ -20,7 +20,9 @@ OVERRIDES_HELP = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
 
 # Subcommands that live next to the code they run: each module defines add_commands(subparsers)
 # and imports its heavy dependencies only inside the command functions.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "vipo.engine.export",
+)
 
 
 def _load(recipe: str | None, overrides: list[str]):

@@ -15,6 +15,9 @@ BUILDERS = {
     "wan": ("wan", "build_wan"),
 }
 FAMILIES = tuple(BUILDERS)
+# The denoiser's attention projections: the LoRA targets of every family (UNet and DiT blocks
+# alike name them so in diffusers).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = None) -> DiffusionAdapter:
@@ -27,4 +30,13 @@ def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = 
     return getattr(module, builder)(model_cfg, device, vocabulary)
 
 
-__all__ = ["BUILDERS", "FAMILIES", "DiffusionAdapter", "build_model", "load_architecture"]
+def add_lora(network, rank: int) -> None:
+    """Freeze `network` and add a peft LoRA of `rank` on its attention projections."""
+    from peft import LoraConfig
+
+    network.requires_grad_(False)
+    network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                   target_modules=LORA_TARGETS))  # fmt: skip
+
+
+__all__ = ["BUILDERS", "FAMILIES", "LORA_TARGETS", "DiffusionAdapter", "add_lora", "build_model", "load_architecture"]

@@ -48,6 +48,7 @@ class DiffusionAdapter(ABC):
 
     family: str
     prediction_type: str  # "epsilon" or "flow"
+    denoiser: str = "transformer"  # its subfolder in a diffusers pipeline folder
 
     def __init__(self, network: nn.Module, device: torch.device):
         self.network = network
@@ -92,8 +93,9 @@ class DiffusionAdapter(ABC):
         """The network's prediction for x_t's rows. `cond` holds B rows: for 2B rows (pairs) it is
         repeated so winner and loser share their prompt; for B rows it is used as is."""
 
-    def export(self, out_dir: Path) -> None:  # pragma: no cover - families override
-        raise NotImplementedError(f"export is not implemented for {self.family}")
+    def export(self, out_dir: Path) -> None:
+        """Save the denoiser in diffusers layout (`out_dir/unet` or `out_dir/transformer`)."""
+        self.network.save_pretrained(Path(out_dir) / self.denoiser, safe_serialization=True)
 
 
 class FlowMatchingAdapter(DiffusionAdapter):
@@ -119,10 +121,6 @@ class FlowMatchingAdapter(DiffusionAdapter):
         x0, eps = latents.float(), eps.float()
         x_t = (1 - t) * x0 + t * eps
         return x_t.to(latents.dtype), (eps - x0).to(latents.dtype)
-
-    def export(self, out_dir: Path) -> None:
-        """Save the trained transformer in diffusers layout (`out_dir/transformer`)."""
-        self.network.save_pretrained(Path(out_dir) / "transformer", safe_serialization=True)
 
 
 def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from .tokenizer import WordTokenizer, check_tokenizer
 class SD15Adapter(DiffusionAdapter):
     family = "sd15"
     prediction_type = "epsilon"
+    denoiser = "unet"
 
     def __init__(self, network, text_encoder, tokenizer, vae, alphas_cumprod, device, dtype=torch.float32):
         super().__init__(network, device)
@@ -62,10 +63,6 @@ class SD15Adapter(DiffusionAdapter):
     def predict(self, network: nn.Module, x_t, t, cond):
         hidden = rows_for(cond, x_t.shape[0])["encoder_hidden_states"]
         return network(x_t, t, encoder_hidden_states=hidden).sample
-
-    def export(self, out_dir: Path) -> None:
-        """Save the trained UNet in diffusers layout (`out_dir/unet`)."""
-        self.network.save_pretrained(Path(out_dir) / "unet", safe_serialization=True)
 
 
 def _alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
