@@ -54,7 +54,9 @@ setup(
         "deepspeed": ["deepspeed>=0.16"],
         # Built against CUDA only; never required, never imported at module load.
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
-        "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "ruff>=0.6"],
+        # Metric sinks besides metrics.jsonl (train.report_to); imported only when asked for.
+        "track": ["tensorboard>=2.16", "wandb>=0.17"],
+        "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"],
     },
     entry_points={"console_scripts": ["vipo = vipo.engine.cli:main"]},
 )

@@ -105,6 +105,10 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16"] = _f(
         "no", "bf16: autocast forward passes to bfloat16 (fp32 weights)"
     )
+    report_to: list[Literal["tensorboard", "wandb"]] = _f(
+        [], "metric sinks besides metrics.jsonl: tensorboard, wandb (pip install 'vipo[track]')"
+    )
+    run_name: str | None = _f(None, "run name for the sinks (default: the output folder's name)")
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""Where a run's metrics go: metrics.jsonl always (the record `vipo plot` reads), TensorBoard
+and Weights & Biases when `train.report_to` asks. Only rank 0 writes; each sink's package is
+imported when asked for, so neither is a dependency of training."""
+
+import json
+import logging
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'vipo[track]'"
+
+
+class MetricSinks:
+    def __init__(self, out_dir: Path, report_to: list[str], *, run_name: str | None = None,
+                 config: dict | None = None, append: bool = False, enabled: bool = True):  # fmt: skip
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._jsonl = None
+        self._tensorboard = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._jsonl = open(self.out_dir / "metrics.jsonl", "a" if append else "w", encoding="utf-8")
+        name = run_name or self.out_dir.resolve().name
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(f"train.report_to has tensorboard, which is not installed ({INSTALL_HINT})") from err
+            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ConfigError(f"train.report_to has wandb, which is not installed ({INSTALL_HINT})") from err
+            # A resumed run continues the same wandb run: its id is kept in the run folder.
+            id_file = self.out_dir / "wandb-run-id"
+            run_id = id_file.read_text().strip() if append and id_file.is_file() else None
+            self._wandb = wandb.init(name=name, id=run_id, resume="allow" if run_id else None, config=config,
+                                     dir=str(self.out_dir))  # fmt: skip
+            id_file.write_text(self._wandb.id)
+
+    def write(self, row: dict) -> None:
+        """One log row: {"step": int, metric: float, ...}."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()  # a crash loses at most the row being written
+        step = int(row["step"])
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(f"train/{key}", value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> "MetricSinks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
