@@ -44,6 +44,11 @@ class ModelConfig:
     )
     lora_rank: int = _f(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     gradient_checkpointing: bool = _f(False, "recompute block activations in backward to save memory")
+    attention: Literal["sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn"] = _f(
+        "sdpa",
+        "attention kernels: sdpa (PyTorch picks), sdpa_flash / sdpa_cudnn (only that SDPA backend, an error "
+        "where it cannot run), flash_attn (the flash-attn package, flux and wan; pip install 'vipo[gpu]')",
+    )
 
 
 @dataclass

@@ -4,7 +4,7 @@ import importlib
 
 import torch
 
-from .base import DiffusionAdapter, load_architecture
+from .base import DiffusionAdapter, configure_attention, load_architecture
 
 # family -> (module of this package, builder function)
 BUILDERS = {
@@ -27,7 +27,9 @@ def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = 
         raise ValueError(f"unknown model.family {model_cfg.family!r} (known: {', '.join(FAMILIES)})")
     module_name, builder = BUILDERS[model_cfg.family]
     module = importlib.import_module(f".{module_name}", __name__)
-    return getattr(module, builder)(model_cfg, device, vocabulary)
+    adapter = getattr(module, builder)(model_cfg, device, vocabulary)
+    configure_attention(adapter, getattr(model_cfg, "attention", "sdpa"))
+    return adapter
 
 
 def add_lora(network, rank: int) -> None:

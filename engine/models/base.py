@@ -166,3 +166,36 @@ def vae_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = N
     latents = posterior.sample(generator) if generator is not None else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+FLASH_ATTN_FAMILIES = ("flux", "wan")  # their diffusers attention goes through the backend dispatcher
+
+
+def configure_attention(adapter: DiffusionAdapter, attention: str) -> None:
+    """Select the attention kernels of `adapter.network` (model.attention).
+
+    The SDPA choices are PyTorch's process-wide backend switches (CUDA only; CPU ignores them):
+    restricting to one backend makes an unsupported shape or dtype fail loudly instead of falling
+    back to a slower kernel. flash_attn routes the DiT families' attention through diffusers'
+    dispatcher to the flash-attn package; the UNets and SD3 call SDPA directly, so it is refused there.
+    """
+    if attention == "sdpa":
+        return
+    if attention in ("sdpa_flash", "sdpa_cudnn"):
+        torch.backends.cuda.enable_flash_sdp(attention == "sdpa_flash")
+        torch.backends.cuda.enable_cudnn_sdp(attention == "sdpa_cudnn")
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
+        return
+    if attention != "flash_attn":
+        raise ConfigError(f"model.attention: unknown value {attention!r}")
+    if adapter.family not in FLASH_ATTN_FAMILIES:
+        raise ConfigError(
+            f"model.attention=flash_attn works for {', '.join(FLASH_ATTN_FAMILIES)}; {adapter.family} calls "
+            "SDPA directly: use sdpa or sdpa_flash"
+        )
+    try:
+        adapter.network.set_attention_backend("flash")
+    except (RuntimeError, ImportError) as err:
+        raise RunError(f"model.attention=flash_attn: {err} (pip install 'vipo[gpu]' on a CUDA machine)") from None
+
