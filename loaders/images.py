@@ -1,0 +1,240 @@
+"""Image decoding, the pair transform, and how sources count what they skip.
+
+    image = decode_image(path_or_bytes, ref="pickapic-ab12-cd34:jpg_0")    # RGB, EXIF-upright
+    winner, loser = transform(winner_image, loser_image, key=record_id, epoch=epoch)
+
+`PairTransform` makes every decision once per pair (target size, crop box, flip) and applies it
+to winner and loser alike: a crop or flip that differs between the two images of a pair would be
+a preference signal the model could learn instead of the prompt. Its random draws come from
+(seed, epoch, pair id), so any rank, worker or resumed run makes the same decisions for a pair.
+
+A sample that cannot be used (corrupt bytes, missing file) raises `BadSample`; sources count
+these in `stats()` and log them, and `SkipBadSamples` lets a consumer of a map-style source step
+over them.
+"""
+
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike
+
+
+class BadSample(Exception):
+    """One sample cannot be used. `kind` is the stats counter it belongs to."""
+
+    def __init__(self, ref: str, reason: str, kind: str = "skipped_corrupt"):
+        super().__init__(f"{ref}: {reason}")
+        self.ref, self.reason, self.kind = ref, reason, kind
+
+
+class SourceError(ValueError):
+    """A data set as a whole is unusable (missing column, malformed manifest line): the message
+    names the file, and the line or column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+# Errors PIL raises on unreadable data: truncated streams raise OSError on load, unknown formats
+# UnidentifiedImageError, some malformed headers SyntaxError or ValueError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def _open(source: ImageInput) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(bytes(source)))
+    return Image.open(source)
+
+
+def _reason(err: BaseException, source: ImageInput) -> tuple[str, str]:
+    if isinstance(err, FileNotFoundError):
+        return f"image file not found: {os.fspath(source)}", "skipped_missing"
+    return f"cannot decode image ({type(err).__name__}: {err})", "skipped_corrupt"
+
+
+def decode_image(source: ImageInput, ref: str | None = None) -> Image.Image:
+    """The fully decoded RGB image, turned upright by its EXIF orientation. Transparent pixels
+    are composited on white: the RGB hidden under alpha 0 is arbitrary (often black)."""
+    ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    try:
+        with _open(source) as image:
+            image.load()  # a truncated file fails here, not later inside a transform
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except _DECODE_ERRORS as err:
+        reason, kind = _reason(err, source)
+        raise BadSample(ref, reason, kind) from err
+
+
+def image_size(source: ImageInput, ref: str | None = None) -> tuple[int, int]:
+    """(width, height) after the EXIF turn, from the header alone: what `decode_image` would
+    return without decoding pixels (buckets are assigned from this)."""
+    ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    try:
+        with _open(source) as image:
+            width, height = image.size
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS as err:
+        reason, kind = _reason(err, source)
+        raise BadSample(ref, reason, kind) from err
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pair transform
+
+_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
+             "bilinear": Image.Resampling.BILINEAR}  # fmt: skip
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of `text` that is the same in every process (Python's hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class PairTransform:
+    """Resize to cover the target, crop to it, optionally flip: one decision per pair.
+
+    The target is `size` ((width, height), or an int for a square), or, with `buckets`, the
+    bucket of the winner's aspect ratio (`Buckets.bucket_of`, the rule the bucket sampler uses).
+    No padding and no distortion: the image is scaled by max(tw/w, th/h) and the crop removes the
+    excess along one side. The crop sits at the centre, or, with `random_crop`, at a position
+    drawn once per pair as a fraction of the excess, so winner and loser of different sizes get
+    the same relative box. `flip_prob` is the chance of a horizontal flip of both.
+    """
+
+    def __init__(self, size: int | Sequence[int] | None = None, *, buckets: Any = None,
+                 random_crop: bool = False, flip_prob: float = 0.0, seed: int = 0,
+                 resample: str = "lanczos"):  # fmt: skip
+        if (size is None) == (buckets is None):
+            raise ValueError("PairTransform needs exactly one of size= and buckets=")
+        if size is not None:
+            width, height = (size, size) if isinstance(size, int) else tuple(size)
+            if width < 1 or height < 1:
+                raise ValueError(f"PairTransform size must be positive, got {size!r}")
+            self.size: tuple[int, int] | None = (int(width), int(height))
+        else:
+            self.size = None
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if resample not in _RESAMPLE:
+            raise ValueError(f"unknown resample {resample!r}; known: {', '.join(_RESAMPLE)}")
+        self.buckets, self.random_crop, self.flip_prob = buckets, random_crop, flip_prob
+        self.seed, self.resample = seed, resample
+
+    def target_for(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of this size is turned into."""
+        if self.size is not None:
+            return self.size
+        return self.buckets[self.buckets.bucket_of(width, height)]
+
+    def decisions(self, key: str, epoch: int = 0) -> tuple[float, float, bool]:
+        """(crop x fraction, crop y fraction, flip) for the pair `key`. All three are always
+        drawn, in this order, so turning flips on does not move the crops."""
+        rng = np.random.default_rng([self.seed, epoch, stable_hash(key)])
+        fx, fy, flip = rng.random(3)
+        if not self.random_crop:
+            fx = fy = 0.5
+        return float(fx), float(fy), bool(flip < self.flip_prob)
+
+    def _apply(self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool) -> np.ndarray:
+        width, height = image.size
+        tw, th = target
+        scale = max(tw / width, th / height)
+        crop_w, crop_h = min(width, tw / scale), min(height, th / scale)
+        left, top = fx * (width - crop_w), fy * (height - crop_h)
+        out = image.resize(target, _RESAMPLE[self.resample], box=(left, top, left + crop_w, top + crop_h))
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out, dtype=np.uint8).copy()
+
+    def __call__(self, winner: Image.Image, loser: Image.Image, *, key: str, epoch: int = 0,
+                 target: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Winner and loser as HxWx3 uint8 arrays of the same shape."""
+        target = target or self.target_for(*winner.size)
+        fx, fy, flip = self.decisions(key, epoch)
+        return self._apply(winner, target, fx, fy, flip), self._apply(loser, target, fx, fy, flip)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skips
+
+
+class SkipLog:
+    """Per-source skip counters, each skip logged at WARNING with its id and reason: the first
+    `log_first` of each kind one by one, then every `log_every`-th with the running total."""
+
+    def __init__(self, name: str, kinds: Sequence[str], log_first: int = 10, log_every: int = 1000):
+        self.name, self.log_first, self.log_every = name, log_first, log_every
+        self.counts: Counter[str] = Counter({kind: 0 for kind in kinds})
+
+    def skip(self, kind: str, ref: str, reason: str) -> None:
+        self.counts[kind] += 1
+        count = self.counts[kind]
+        if count <= self.log_first or count % self.log_every == 0:
+            log.warning("%s: %s %s: %s (%d so far)", self.name, kind, ref, reason, count)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class SkipBadSamples:
+    """A map-style source in which an index whose pair raises `BadSample` is replaced by the next
+    good index (i+1, i+2, ... wrapping around). The replacement is a pure function of the data,
+    so every rank and every resumed run makes the same one; a bad index is tried once per
+    process and remembered. The source counts and logs the skip itself; `stats()` adds
+    `replaced_bad_indices`, the number of lookups that were redirected.
+
+        data = SkipBadSamples(PickapicPairs(...))
+        records = [data[i] for i in sampler.next_batch()]
+    """
+
+    def __init__(self, source: Any, max_consecutive: int = 1000):
+        self.source, self.max_consecutive = source, max_consecutive
+        self.bad: set[int] = set()
+        self.replaced = 0
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        size = len(self.source)
+        if not 0 <= index < size:
+            raise IndexError(f"pair {index} out of range [0, {size})")
+        for step in range(min(self.max_consecutive, size)):
+            candidate = (index + step) % size
+            if candidate in self.bad:
+                continue
+            try:
+                record = self.source[candidate]
+            except BadSample:
+                self.bad.add(candidate)
+                continue
+            self.replaced += int(step > 0)
+            return record
+        raise RuntimeError(
+            f"{min(self.max_consecutive, size)} pairs in a row from index {index} are unreadable "
+            f"({len(self.bad)} bad so far; stats {self.stats()}): the data set looks broken"
+        )
+
+    def stats(self) -> dict[str, int]:
+        return {**self.source.stats(), "replaced_bad_indices": self.replaced}
+
+    def __getattr__(self, name: str) -> Any:  # vocabulary(), set_epoch(), image_sizes() ...
+        if name == "source":  # not yet set (unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.source, name)

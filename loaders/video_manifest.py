@@ -1,0 +1,117 @@
+"""Video preference pairs listed in a JSONL manifest, one pair a line:
+
+    {"prompt": "a cat surfing", "winner": "clips/0001_a.mp4", "loser": "clips/0001_b.webm",
+     "category": "motion", "id": "0001"}
+
+Paths are relative to the manifest's folder (or absolute); clips are mp4, webm or mkv in any
+codec ffmpeg decodes. `category` and `id` are optional; without an id a pair is named by a hash
+of its prompt and paths, so it keeps its id when lines are added or reordered (the latent cache
+keys on it).
+
+`pairs[i]` probes both clips, plans them together (loaders/video.py: same frames, same
+resize/crop, one random draw per pair from (seed, epoch, pair id), as the image sources'
+PairTransform) and decodes them with DALI or PyAV (loaders/dali.py). A clip that cannot be used
+raises BadSample and is counted and logged in `stats()` by kind; wrap the source in
+`SkipBadSamples` to step over it. Counters are per process (each DataLoader worker keeps its own).
+"""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import dali
+from .images import BadSample, SkipLog, SourceError, stable_hash
+from .records import PairRecord
+from .video import FrameSampling, plan_pair, probe
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
+SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short")
+
+
+class VideoPairManifest:
+    """`size` is the output (height, width) of both clips (None: each pair's winner size);
+    `backend` "auto" | "dali" | "pyav" and `device` "auto" | "cpu" | "mixed" go to dali.decode_clips."""
+
+    def __init__(self, path, sampling: FrameSampling, size: tuple[int, int] | None = None, backend: str = "auto",
+                 device: str = "auto", seed: int = 0):  # fmt: skip
+        dali.check_choice(backend, dali.VIDEO_BACKENDS, "video backend")
+        dali.check_choice(device, dali.DEVICES, "DALI device")
+        self.path = Path(path)
+        self.sampling, self.size, self.backend, self.device, self.seed = sampling, size, backend, device, seed
+        self.entries = self._read(self.path)
+        self.skips = SkipLog(f"video manifest {self.path}", SKIP_KINDS)
+        self.decoded: Counter[str] = Counter()
+        self.epoch = 0
+
+    @staticmethod
+    def _read(path: Path) -> list[dict]:
+        root, entries = path.parent, []
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise SourceError(
+                        f"{where}: not valid JSON ({error.msg} at column {error.colno})"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise SourceError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                for key in ("prompt", "winner", "loser"):
+                    if not isinstance(row.get(key), str) or not row[key]:
+                        raise SourceError(f"{where}: missing or empty string field {key!r}")
+                for key in ("winner", "loser"):
+                    if Path(row[key]).suffix.lower() not in VIDEO_SUFFIXES:
+                        raise SourceError(
+                            f"{where}: {key} {row[key]!r} is not one of {', '.join(VIDEO_SUFFIXES)}"
+                        )
+                if row["winner"] == row["loser"]:
+                    raise SourceError(f"{where}: winner and loser are the same clip {row['winner']!r}")
+                digest = hashlib.sha1(
+                    "\0".join((row["prompt"], row["winner"], row["loser"])).encode()
+                ).hexdigest()
+                pair_id = str(row.get("id") or f"video-{digest[:16]}")
+                entries.append({"id": pair_id, "prompt": row["prompt"], "category": str(row.get("category") or ""),
+                                "winner": str(root / row["winner"]), "loser": str(root / row["loser"])})  # fmt: skip
+        if not entries:
+            raise SourceError(f"{path}: no pairs")
+        return entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the random start draws (keyed by seed, epoch and pair id)."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> PairRecord:
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"pair {index} out of range [0, {len(self.entries)})")
+        entry = self.entries[index]
+        try:
+            winner, loser = probe(entry["winner"]), probe(entry["loser"])
+            rng = np.random.default_rng([self.seed, self.epoch, stable_hash(entry["id"])])
+            plans = plan_pair(winner, loser, self.sampling, self.size, rng)
+            clips = dali.decode_clips([(winner, plans[0]), (loser, plans[1])], self.backend, self.device)
+        except BadSample as error:
+            self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
+            raise
+        for clip in clips:
+            self.decoded[f"clips_{clip.backend}"] += 1
+            self.decoded["fallbacks"] += bool(clip.reason)
+        self.decoded["pairs"] += 1
+        return PairRecord(entry["id"], entry["prompt"], clips[0].frames, clips[1].frames, entry["category"])
+
+    def vocabulary(self) -> None:
+        """Video models use their real tokenizers."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process: skips by kind, pairs decoded, clips per backend, and clips
+        PyAV decoded although DALI was asked for (fallbacks)."""
+        return {**self.skips.stats(), "pairs": 0, "fallbacks": 0, **self.decoded}
