@@ -33,10 +33,16 @@ SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short")
 
 class VideoPairManifest:
     """`size` is the output (height, width) of both clips (None: each pair's winner size);
+    `buckets` (loaders/buckets.py, (width, height) sizes, instead of `size`): each pair is resized
+    and cropped to the bucket of its winner's aspect ratio, as the paper trains Wan on 16:9 and
+    1:1 clips at once -- batch it with BucketBatchSampler over `image_sizes()`.
     `backend` "auto" | "dali" | "pyav" and `device` "auto" | "cpu" | "mixed" go to dali.decode_clips."""
 
     def __init__(self, path, sampling: FrameSampling, size: tuple[int, int] | None = None, backend: str = "auto",
-                 device: str = "auto", seed: int = 0):  # fmt: skip
+                 device: str = "auto", seed: int = 0, buckets=None):  # fmt: skip
+        if size is not None and buckets is not None:
+            raise ValueError("VideoPairManifest takes size= or buckets=, not both")
+        self.buckets = buckets
         dali.check_choice(backend, dali.VIDEO_BACKENDS, "video backend")
         dali.check_choice(device, dali.DEVICES, "DALI device")
         self.path = Path(path)
@@ -96,7 +102,11 @@ class VideoPairManifest:
         try:
             winner, loser = probe(entry["winner"]), probe(entry["loser"])
             rng = np.random.default_rng([self.seed, self.epoch, stable_hash(entry["id"])])
-            plans = plan_pair(winner, loser, self.sampling, self.size, rng)
+            size = self.size
+            if self.buckets is not None:
+                width, height = self.buckets[self.buckets.bucket_of(winner.width, winner.height)]
+                size = (height, width)
+            plans = plan_pair(winner, loser, self.sampling, size, rng)
             clips = dali.decode_clips([(winner, plans[0]), (loser, plans[1])], self.backend, self.device)
         except BadSample as error:
             self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
@@ -106,6 +116,19 @@ class VideoPairManifest:
             self.decoded["fallbacks"] += bool(clip.reason)
         self.decoded["pairs"] += 1
         return PairRecord(entry["id"], entry["prompt"], clips[0].frames, clips[1].frames, entry["category"])
+
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """(width, height) of every pair's winner clip, None where it cannot be probed (the
+        bucket sampler never draws those); reads headers and packets, decodes nothing."""
+        sizes = []
+        for entry in self.entries:
+            try:
+                info = probe(entry["winner"])
+                sizes.append((info.width, info.height))
+            except BadSample as error:
+                self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
+                sizes.append(None)
+        return sizes
 
     def vocabulary(self) -> None:
         """Video models use their real tokenizers."""

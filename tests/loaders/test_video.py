@@ -292,3 +292,25 @@ def test_manifest_rejects_an_unknown_backend(tmp_path):
     path = write_manifest(tmp_path, [{"prompt": "p", "winner": "a.webm", "loser": "b.mkv"}])
     with pytest.raises(ValueError, match="unknown video backend 'ffmpeg'"):
         VideoPairManifest(path, FrameSampling(1), backend="ffmpeg")
+
+
+def test_video_buckets_give_each_pair_its_aspect_and_batches_one_bucket(tmp_path):
+    from vipo.loaders.buckets import BucketBatchSampler, Buckets
+
+    lines = []
+    for i, (width, height) in enumerate([(64, 36), (48, 48), (64, 36), (48, 48)]):
+        write_clip(tmp_path / f"w{i}.webm", 6, width=width, height=height)
+        write_clip(tmp_path / f"l{i}.webm", 6, width=width, height=height)
+        lines.append(json.dumps({"prompt": f"p{i}", "winner": f"w{i}.webm", "loser": f"l{i}.webm"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    buckets = Buckets([(32, 18), (24, 24)])  # 16:9 and 1:1, (width, height)
+    pairs = VideoPairManifest(tmp_path / "pairs.jsonl", FrameSampling(5), buckets=buckets, backend="pyav")
+    assert pairs.image_sizes() == [(64, 36), (48, 48), (64, 36), (48, 48)]
+    assert pairs[0].winner.shape == pairs[0].loser.shape == (5, 18, 32, 3)
+    assert pairs[1].winner.shape == (5, 24, 24, 3)
+    sampler = BucketBatchSampler(buckets.assign(pairs.image_sizes()), 2, seed=0)
+    for _ in range(4):
+        shapes = {pairs[i].winner.shape for i in sampler.next_batch()}
+        assert len(shapes) == 1
+    with pytest.raises(ValueError, match="size= or buckets="):
+        VideoPairManifest(tmp_path / "pairs.jsonl", FrameSampling(5), size=(8, 8), buckets=buckets)
