@@ -12,6 +12,7 @@ so the same step serves every family, policy and reference alike.
 """
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ FLASH_ATTN_FAMILIES = ("flux", "wan")  # their diffusers attention goes through 
 def configure_attention(adapter: DiffusionAdapter, attention: str) -> None:
     """Select the attention kernels of `adapter.network` (model.attention).
 
-    The SDPA choices are PyTorch's process-wide backend switches (CUDA only; CPU ignores them):
+    The SDPA choices are PyTorch's process-wide backend switches, set only for a CUDA model:
     restricting to one backend makes an unsupported shape or dtype fail loudly instead of falling
     back to a slower kernel. flash_attn routes the DiT families' attention through diffusers'
     dispatcher to the flash-attn package; the UNets and SD3 call SDPA directly, so it is refused there.
@@ -182,6 +183,11 @@ def configure_attention(adapter: DiffusionAdapter, attention: str) -> None:
     if attention == "sdpa":
         return
     if attention in ("sdpa_flash", "sdpa_cudnn"):
+        if adapter.device.type != "cuda":
+            # CPU SDPA runs the math kernel, which these switches would turn off (it then fails).
+            logging.getLogger(__name__).warning("model.attention=%s is for CUDA; %s keeps SDPA's default",
+                                                attention, adapter.device)  # fmt: skip
+            return
         torch.backends.cuda.enable_flash_sdp(attention == "sdpa_flash")
         torch.backends.cuda.enable_cudnn_sdp(attention == "sdpa_cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(False)

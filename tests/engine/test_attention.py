@@ -1,11 +1,14 @@
 """model.attention: the kernel switches are applied, or refused with a reason."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from vipo.engine.config import load_config
 from vipo.engine.errors import ConfigError, RunError
 from vipo.engine.models import build_model
+from vipo.engine.models.base import configure_attention
 
 BACKENDS = ("flash", "cudnn", "mem_efficient", "math")
 
@@ -28,11 +31,21 @@ def model_cfg(family, attention):
                               f"model.attention={attention}"]).model  # fmt: skip
 
 
-def test_sdpa_flash_leaves_only_the_flash_backend_on(sdpa_flags):
-    build_model(model_cfg("sd15", "sdpa_flash"), torch.device("cpu"))
+def test_sdpa_flash_leaves_only_the_flash_backend_on_for_a_cuda_model(sdpa_flags):
+    cuda_model = SimpleNamespace(device=torch.device("cuda"), family="sd15")  # flags only: no CUDA needed
+    configure_attention(cuda_model, "sdpa_flash")
     assert sdpa_flags() == [True, False, False, False]
-    build_model(model_cfg("sd15", "sdpa_cudnn"), torch.device("cpu"))
+    configure_attention(cuda_model, "sdpa_cudnn")
     assert sdpa_flags() == [False, True, False, False]
+
+
+def test_sdpa_switches_leave_a_cpu_model_working(sdpa_flags):
+    before = sdpa_flags()
+    adapter = build_model(model_cfg("sd15", "sdpa_cudnn"), torch.device("cpu"))
+    assert sdpa_flags() == before
+    x = torch.randn(2, 3, 16, 16)
+    cond = adapter.encode_prompts(["a red circle", "a blue square"])
+    assert adapter.predict(adapter.network, x, torch.tensor([1, 500]), cond).shape == x.shape
 
 
 def test_flash_attn_is_refused_for_families_that_call_sdpa_directly():
