@@ -20,7 +20,7 @@ def run_vipo(*args, cwd=None, interpret="1"):
     # kernels are correct but ~50 ms a launch, and the kernel tests cover them.
     env = {**os.environ, "TRITON_INTERPRET": interpret}
     return subprocess.run(
-        [sys.executable, "-m", "vipo.engine", *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env
+        [sys.executable, "-m", "vipo.engine", *args], capture_output=True, text=True, cwd=cwd, timeout=900, env=env
     )
 
 
