@@ -1,0 +1,156 @@
+"""Subcommands for sampling, evaluation and data diagnostics (registered through cli.COMMAND_MODULES):
+
+    vipo sample SOURCE --prompts FILE --n 4 --out DIR
+    vipo eval DIR [DIR ...] --scorers pickscore,hpsv2,imagereward,aesthetic,clip --base DIR0 --scorers-config F
+    vipo data agreement SOURCE --scorers ... --scorers-config F [--suggest-alpha]
+    vipo scorers convert {hpsv2,imagereward} CHECKPOINT --tokenizer DIR --out DIR
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import RunError
+
+SCORERS_HELP = "comma-separated: pickscore, hpsv2, imagereward, aesthetic, clip"
+CONFIG_HELP = "YAML file with each scorer's local weights (see vipo/engine/scoring/config.py)"
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import sample
+
+    summary = sample(
+        args.source, args.prompts, args.out, n=args.n, seed=args.seed, steps=args.steps, batch=args.batch,
+        device=args.device, dtype=args.dtype, guidance=args.guidance, height=args.height, width=args.width,
+        frames=args.frames, fps=args.fps, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"wrote {summary['files']} samples ({summary['prompts']} prompts x {summary['n']}, "
+          f"{summary['family']}, {summary['steps']} steps) to {summary['out_dir']}/ (index.jsonl)")  # fmt: skip
+    return 0
+
+
+def _scorers(args):
+    from .scoring import build_scorers, load_scorers_config
+
+    return build_scorers(args.scorers, load_scorers_config(args.scorers_config))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .scoring.evaluation import evaluate_folders, read_index
+
+    for folder in [*args.dirs, *([args.base] if args.base else [])]:
+        read_index(Path(folder))  # a wrong folder fails before the scorers load
+    scorers = _scorers(args)
+    table = evaluate_folders([Path(d) for d in args.dirs], scorers, Path(args.out),
+                             Path(args.base) if args.base else None, progress=not args.quiet)  # fmt: skip
+    from .scoring.table import to_markdown
+
+    print(to_markdown(table), end="")
+    print(f"wrote {args.out}/table.md, table.json, scores.jsonl (per prompt), images.jsonl (per image)")
+    return 0
+
+
+def cmd_agreement(args: argparse.Namespace) -> int:
+    from .scoring.agreement import format_report
+    from .scoring.evaluation import open_pairs, pair_agreement
+
+    source = open_pairs(args.source, pairs=args.pairs, resolution=args.resolution, flip_prob=args.flip_prob,
+                        seed=args.seed)  # fmt: skip
+    result = pair_agreement(source, _scorers(args), easy_margin=args.easy_margin, progress=not args.quiet)
+    suggestion = result["suggestion"] if args.suggest_alpha else None
+    print(format_report(result["stats"], suggestion))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"source": args.source, **result["stats"].to_dict(), "suggestion": result["suggestion"]}
+        (out / "agreement.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        with open(out / "pair_scores.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in result["rows"])
+        print(f"wrote {out}/agreement.json and pair_scores.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .scoring import convert
+
+    if not Path(args.checkpoint).is_file():
+        raise RunError(f"checkpoint not found: {args.checkpoint}")
+    if not Path(args.tokenizer).is_dir():
+        raise RunError(f"tokenizer folder not found: {args.tokenizer}")
+    if args.model == "hpsv2":
+        out = convert.convert_hpsv2(Path(args.checkpoint), Path(args.tokenizer), Path(args.out),
+                                    vision_head_width=args.vision_head_width, text_head_width=args.text_head_width)  # fmt: skip
+    else:
+        out = convert.convert_imagereward(Path(args.checkpoint), Path(args.tokenizer), Path(args.out))
+    print(f"wrote {out}/ : set {args.model}.path to it in the scorers config")
+    return 0
+
+
+def _subcommands(sub, name: str, help_text: str):
+    """The ACTION subparsers of `vipo NAME`, created or, when another module registered NAME
+    already, reused (argparse keeps no public handle on them)."""
+    parser = sub.choices.get(name) or sub.add_parser(name, help=help_text)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
+def add_commands(sub) -> None:
+    sample = sub.add_parser("sample", help="images/videos for a prompt file from a run or a diffusers folder")
+    sample.add_argument("source", help="run folder, checkpoint folder, or diffusers model folder")
+    sample.add_argument("--prompts", required=True, help="prompt file: .txt (one a line), .jsonl or .json")
+    sample.add_argument("--out", required=True, help="output folder (images/, videos/, index.jsonl)")
+    sample.add_argument("--n", type=int, default=4, help="samples per prompt (the paper: 4)")
+    sample.add_argument("--seed", type=int, default=0, help="image i of prompt p uses seed + p * n + i")
+    sample.add_argument("--steps", type=int, help="denoising steps (default 50; 25 for tiny builds)")
+    sample.add_argument("--batch", type=int, default=4, help="images per forward")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    sample.add_argument("--height", type=int, help="pixels (default: the pipeline's)")
+    sample.add_argument("--width", type=int, help="pixels (default: the pipeline's)")
+    sample.add_argument("--frames", type=int, help="video frames for Wan (default: the pipeline's)")
+    sample.add_argument("--fps", type=int, default=16, help="frame rate of written videos")
+    sample.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    sample.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="pipeline dtype (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    sample.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sample.set_defaults(func=cmd_sample)
+
+    evaluate = sub.add_parser("eval", help="score sample folders with reward models: the paper's Table 2")
+    evaluate.add_argument("dirs", nargs="+", help="folders written by `vipo sample`")
+    evaluate.add_argument("--scorers", required=True, help=SCORERS_HELP)
+    evaluate.add_argument("--scorers-config", help=CONFIG_HELP)
+    evaluate.add_argument("--base", help="the base model's sample folder: gains are relative to it")
+    evaluate.add_argument("--out", default="eval", help="output folder (default: ./eval)")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_eval)
+
+    data = _subcommands(sub, "data", "inspect preference data")
+    agree = data.add_parser("agreement", help="do reward models agree with the labels, and with each other?")
+    agree.add_argument("source", help="procedural:clean|noisy|shuffled or a JSONL manifest of image pairs")
+    agree.add_argument("--scorers", required=True, help=SCORERS_HELP)
+    agree.add_argument("--scorers-config", help=CONFIG_HELP)
+    agree.add_argument("--suggest-alpha", action="store_true", help="recommend the Poly-DPO alpha regime")
+    agree.add_argument("--easy-margin", type=float, default=1.0,
+                       help="a pair is easy when every scorer prefers the winner by more than this many sd")  # fmt: skip
+    agree.add_argument("--pairs", type=int, default=256, help="procedural: number of pairs")
+    agree.add_argument("--resolution", type=int, default=64, help="procedural: image side in pixels")
+    agree.add_argument("--flip-prob", type=float, default=0.3, help="procedural noisy: share of flipped labels")
+    agree.add_argument("--seed", type=int, default=0, help="procedural: seed")
+    agree.add_argument("--out", help="folder for agreement.json and pair_scores.jsonl")
+    agree.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    agree.set_defaults(func=cmd_agreement)
+
+    scorers = _subcommands(sub, "scorers", "prepare reward-model weights for `vipo eval`")
+    convert = scorers.add_parser("convert", help="released HPSv2 / ImageReward checkpoint -> scorer folder")
+    convert.add_argument("model", choices=["hpsv2", "imagereward"])
+    convert.add_argument("checkpoint", help="HPS_v2.1_compressed.pt or ImageReward.pt")
+    convert.add_argument("--tokenizer", required=True,
+                         help="hpsv2: a CLIP tokenizer folder (vocab.json, merges.txt); imagereward: bert-base-uncased")  # fmt: skip
+    convert.add_argument("--out", required=True, help="output folder")
+    convert.add_argument("--vision-head-width", type=int, default=80, help="hpsv2: ViT-H-14 heads are 80 wide")
+    convert.add_argument("--text-head-width", type=int, default=64, help="hpsv2: text heads width")
+    convert.set_defaults(func=cmd_convert)
