@@ -19,14 +19,14 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import provenance  # noqa: I001  (benchmarks/ is the script's folder)
 import torch
 import torch.nn.functional as F
-from registry import KERNEL_SHAPES, SMOKE_SHAPES  # noqa: I001  (benchmarks/ is the script's folder)
+from registry import KERNEL_SHAPES, SMOKE_SHAPES
 
 from vipo.kernels import poly_dpo_loss
 
@@ -111,26 +111,6 @@ def measure(provider_fn, shape, dtype, device, *, smoke: bool) -> dict:
     return result
 
 
-def _versions() -> dict:
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = None
-    return versions
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: check the harness, not speed")
@@ -156,8 +136,8 @@ def main(argv=None) -> int:
         "kind": "kernel",
         "device": device_name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
-        "versions": _versions(),
+        "commit": provenance.commit(),
+        "versions": provenance.versions(),
         "smoke": args.smoke,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "dtype": str(dtype),
