@@ -1,26 +1,38 @@
 """Checkpoints: written under a temporary name and renamed, so a crash mid-write leaves the
-previous checkpoint whole; `latest` names the newest complete one.
+previous checkpoint whole; `latest` names the newest complete one and is written last.
 
     <output_dir>/checkpoints/step-000100/
-        model.safetensors      trainable weights (the LoRA weights alone for a LoRA policy)
-        optimizer.pt           optimizer and LR-schedule state (loaded with weights_only=True)
-        rng.safetensors        the noise generator's state
-        state.json             step, data position, non-finite counters
+        model.safetensors      trainable weights (the LoRA weights alone for a LoRA policy)   | one process, ddp
+        optimizer.pt           optimizer and LR-schedule state (loaded with weights_only=True) |
+        dcp/                   weights + optimizer, one shard file per rank (fsdp):            | fsdp
+                               torch.distributed.checkpoint, resumable on any world size       |
+        deepspeed/             DeepSpeed's own ZeRO checkpoint (same world size to resume)     | zero2, zero3
+        scheduler.pt           LR-schedule state (dcp and deepspeed formats)
+        rng.safetensors        the noise generator's state (one per rank for per-rank noise)
+        state.json             step, data position, non-finite counters, format, world size
         config.yaml            the resolved run config
     <output_dir>/checkpoints/latest
+
+Sharded formats need a file system every rank sees (one node, or a shared file system across
+nodes): each rank writes its shards into the temporary folder, rank 0 renames it after a barrier.
 """
 
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import to_dict
 from .errors import RunError
+
+DEEPSPEED_TAG = "deepspeed"
 
 
 def _trainable_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,12 +40,46 @@ def _trainable_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items() if k in names}
 
 
-def save_checkpoint(
-    out_dir: Path, step: int, network, optimizer, scheduler, generator, state: dict, cfg
-) -> Path:
+def _paths(out_dir: Path, step: int) -> tuple[Path, Path, Path]:
     root = Path(out_dir) / "checkpoints"
+    return root, root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+
+
+def _fsync_tree(path: Path) -> None:
+    """File contents on disk before the rename makes them visible."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _write_trainer_state(tmp: Path, step: int, state: dict, cfg) -> None:
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _publish(tmp: Path, final: Path, root: Path) -> None:
+    """tmp becomes `final`, then `latest` names it. A checkpoint already at `final` (a resumed
+    run saving the same step again) stays whole until the new one is in place."""
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = root / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    latest_tmp = root / f".latest.tmp-{os.getpid()}"
+    latest_tmp.write_text(final.name, encoding="utf-8")
+    os.replace(latest_tmp, root / "latest")
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def save_checkpoint(
+    out_dir: Path, step: int, network, optimizer, scheduler, generator, state: dict, cfg, rng: dict | None = None
+) -> Path:
+    """One process (or rank 0 of a ddp run, whose replicas are identical). `rng` replaces the
+    generator's state when there is one stream per rank."""
+    root, final, _ = _paths(out_dir, step)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -42,18 +88,40 @@ def save_checkpoint(
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
     )
-    save_file({"noise_generator": generator.get_state()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
-    (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    for path in tmp.iterdir():  # contents on disk before the rename makes them visible
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name, encoding="utf-8")
-    os.replace(latest_tmp, root / "latest")
+    save_file(rng or {"noise_generator": generator.get_state()}, tmp / "rng.safetensors")
+    _write_trainer_state(tmp, step, {"format": "safetensors", **state}, cfg)
+    _publish(tmp, final, root)
+    return final
+
+
+def save_sharded_checkpoint(
+    out_dir: Path, step: int, *, world, network, optimizer, scheduler, engine, rng: dict, state: dict, cfg
+) -> Path:
+    """Every rank calls this. FSDP writes with torch.distributed.checkpoint (each rank its
+    shards, keyed by parameter name so any world size can read them); ZeRO with DeepSpeed's
+    save_checkpoint. Rank 0 adds the trainer's state and publishes after a barrier."""
+    root, final, tmp = _paths(out_dir, step)
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash mid-write
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    world.barrier()
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+        fmt = "deepspeed"
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_dcp_state(network, optimizer), checkpoint_id=tmp / "dcp")
+        fmt = "dcp"
+    world.barrier()
+    if world.is_main:
+        torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        save_file(rng, tmp / "rng.safetensors")
+        _write_trainer_state(tmp, step, {"format": fmt, "world_size": world.size, **state}, cfg)
+        _publish(tmp, final, root)
+    world.barrier()
     return final
 
 
@@ -65,21 +133,88 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_weights(path: Path, network) -> None:
-    """Start `network` from a checkpoint's weights (every tensor it has must match)."""
-    file = Path(path) / "model.safetensors"
+def checkpoint_state(path: Path) -> dict:
+    """state.json of a checkpoint; `format` is safetensors for checkpoints that predate it."""
+    state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    state.setdefault("format", "safetensors")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+@contextmanager
+def _single_process_ok():
+    """torch.distributed.checkpoint warns whenever it reads without a process group; one process
+    reading a checkpoint that many wrote is what it is asked to do here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        yield
+
+
+def _dcp_state(network, optimizer) -> dict:
+    """Trainable weights and optimizer state keyed by parameter name (DTensor shards under
+    FSDP, whole tensors otherwise): the layout torch.distributed.checkpoint reshards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(
+        network, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def _dcp_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Whole trainable tensors of a dcp checkpoint, read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(Path(path) / "dcp"))
+    metadata = reader.read_metadata()
+    weights = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with _single_process_ok():
+        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
+
+
+def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 trainable tensors of a ZeRO checkpoint, merged from every rank's partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint of any format, whole, on the CPU."""
+    path = Path(path)
+    fmt = checkpoint_state(path)["format"] if (path / "state.json").is_file() else "safetensors"
+    if fmt == "dcp":
+        return _dcp_weights(path)
+    if fmt == "deepspeed":
+        return _deepspeed_weights(path)
+    file = path / "model.safetensors"
     if not file.is_file():
         raise RunError(f"model.init_from: no model.safetensors in {path}")
-    weights = load_file(file)
+    return load_file(file)
+
+
+def load_weights(path: Path, network) -> None:
+    """Start `network` from a checkpoint's weights (every tensor it has must match); any format."""
+    weights = read_weights(path)
     own = network.state_dict()
     unknown = [k for k in weights if k not in own]
     if unknown:
-        raise RunError(f"{file}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}")
+        raise RunError(f"{path}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}")
     network.load_state_dict(weights, strict=False)
 
 
-def load_checkpoint(path: Path, network, optimizer, scheduler, generator) -> dict:
-    """Restore weights, optimizer, schedule and noise generator; returns state.json."""
+def load_checkpoint(path: Path, network, optimizer, scheduler, generator=None) -> dict:
+    """Restore weights, optimizer, schedule and (given `generator`) the noise generator of a
+    safetensors checkpoint (one process / ddp); returns state.json."""
     path = Path(path)
     weights = load_file(path / "model.safetensors")
     missing = set(_trainable_state(network)) - set(weights)
@@ -91,5 +226,94 @@ def load_checkpoint(path: Path, network, optimizer, scheduler, generator) -> dic
     opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(opt_state["optimizer"])
     scheduler.load_state_dict(opt_state["scheduler"])
-    generator.set_state(load_file(path / "rng.safetensors")["noise_generator"])
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if generator is not None:
+        generator.set_state(load_file(path / "rng.safetensors")["noise_generator"])
+    return checkpoint_state(path)
+
+
+def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine) -> tuple[dict, dict]:
+    """Every rank calls this for a dcp or deepspeed checkpoint; returns (state.json, rng tensors)."""
+    path = Path(path)
+    state = checkpoint_state(path)
+    if state["format"] == "deepspeed":
+        loaded, _ = engine.load_checkpoint(
+            str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )  # fmt: skip
+        if loaded is None:
+            raise RunError(f"{path}: DeepSpeed found no checkpoint in {path / DEEPSPEED_TAG}")
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        target = _dcp_state(network, optimizer)
+        with _single_process_ok():
+            dcp.load(target, checkpoint_id=path / "dcp")
+        set_state_dict(
+            network, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )  # fmt: skip
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
+    return state, load_file(path / "rng.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def gather_full_state(network, strategy: str, world, engine=None) -> dict[str, torch.Tensor] | None:
+    """Every weight of the policy, whole, on rank 0's CPU (None on the other ranks). A
+    collective under fsdp and zero3: every rank calls it."""
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif strategy == "zero3":
+        full = engine._zero3_consolidated_16bit_state_dict()  # as accelerate's get_state_dict does
+    else:
+        full = {k: v.detach().cpu() for k, v in network.state_dict().items()} if world.is_main else None
+    return dict(full) if world.is_main else None
+
+
+def _plain_class(network: nn.Module) -> type:
+    """The model's own class under FSDP2's wrapper class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(network).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+
+
+def plain_twin(network: nn.Module, full_state: dict[str, torch.Tensor]) -> nn.Module:
+    """An unwrapped CPU copy of `network` holding `full_state`, built on the meta device so no
+    random initialisation is paid for."""
+    with torch.device("meta"):
+        twin = _plain_class(network).from_config(network.config)
+        for name, lora_config in (getattr(network, "peft_config", None) or {}).items():
+            twin.add_adapter(lora_config, adapter_name=name)
+    twin.to_empty(device="cpu")
+    try:
+        twin.load_state_dict(full_state)
+    except RuntimeError as err:
+        raise RunError(f"gathered weights do not fit {type(twin).__name__}: {err}") from None
+    return twin.requires_grad_(False).eval()
+
+
+def export_full_weights(adapter, network, strategy: str, world, out_dir: Path, engine=None) -> Path | None:
+    """Gather the policy's weights on rank 0 and write a diffusers-layout folder there through
+    the adapter's `export` (a LoRA merged into its base, as `vipo export` does). Every rank
+    calls it; returns the folder on rank 0, None elsewhere."""
+    full = gather_full_state(network, strategy, world, engine)
+    out = None
+    if world.is_main:
+        twin = plain_twin(network, full)
+        if getattr(twin, "peft_config", None):
+            twin.fuse_lora()
+            twin.unload_lora()
+        live = adapter.network
+        adapter.network = twin
+        try:
+            adapter.export(Path(out_dir))
+        finally:
+            adapter.network = live
+        out = Path(out_dir)
+    world.barrier()
+    return out

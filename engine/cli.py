@@ -22,6 +22,9 @@ OVERRIDES_HELP = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
 # and imports its heavy dependencies only inside the command functions.
 COMMAND_MODULES: tuple[str, ...] = (
     "vipo.engine.export",
+    "vipo.engine.precompute",
+    "vipo.engine.eval_cli",
+    "vipo.engine.bench_cli",
 )
 
 
@@ -52,7 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     cfg = _load(args.recipe, args.overrides)
-    summary = Trainer(cfg, progress=not args.quiet).train(resume=args.resume)
+    with Trainer(cfg, progress=not args.quiet) as trainer:  # tears down a process group it started
+        summary = trainer.train(resume=args.resume)
+    if not summary["is_main"]:  # one summary per run, from rank 0
+        return 0
     last = summary["last"]
     shown = ", ".join(
         f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "pairs_per_s") if k in last
@@ -95,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference optimization (Diffusion-DPO, Poly-DPO) for image and video generators.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank=N first; the rank is read from LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

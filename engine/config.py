@@ -53,9 +53,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["procedural"] = _f("procedural", "pair source (procedural: shapes made on the fly)")
+    source: Literal["procedural", "pickapic", "manifest", "shards", "video"] = _f(
+        "procedural",
+        "pair source: procedural (shapes made on the fly), pickapic (Pick-a-Pic parquet shards), manifest "
+        "(JSONL of image pairs), shards (tar shards of image pairs), video (JSONL of video pairs)",
+    )
+    path: str | None = _f(
+        None, "the data: parquet file/folder/glob, manifest .jsonl, tar shard folder/glob (all but procedural)"
+    )
     num_pairs: int = _f(512, "pairs in the procedural data set")
-    resolution: int = _f(16, "image side in pixels")
+    resolution: int = _f(16, "image side in pixels (square crops); video: frame height and width")
+    buckets: list[tuple[int, int]] = _f(
+        [], "aspect buckets as [[width, height], ...] (e.g. [[1280, 720], [960, 960]]); batches use one bucket"
+    )
+    bucket_area: int = _f(0, "make buckets at this pixel area (e.g. 1048576 for 1024px); 0 = no buckets")
+    bucket_step: int = _f(64, "bucket sides are multiples of this")
+    random_crop: bool = _f(False, "random instead of centre crops (the same box for winner and loser)")
+    hflip_prob: float = _f(0.0, "horizontal flip probability, drawn once per pair")
+    keep_ties: bool = _f(False, "pickapic: keep tied pairs (SFT only: ties never reach a preference loss)")
+    check_files: bool = _f(False, "manifest: drop pairs with missing files up front (counted) instead of at read")
+    num_frames: int = _f(17, "video: frames per clip (1 + 4k for Wan)")
+    frame_stride: int = _f(1, "video: take every n-th frame (ignored when fps is set)")
+    fps: float = _f(0.0, "video: resample clips to this frame rate by timestamps; 0 = use frame_stride")
+    frame_start: Literal["start", "center", "random"] = _f("random", "video: where the frame window starts")
+    video_backend: Literal["auto", "dali", "pyav"] = _f(
+        "auto", "video decoding: auto (DALI NVDEC where a GPU has it, else PyAV), dali, pyav"
+    )
     regime: Literal["clean", "noisy", "shuffled"] = _f(
         "clean", "procedural labels: clean, noisy (flipped labels), shuffled (losers from other prompts)"
     )
@@ -63,13 +86,16 @@ class DataConfig:
     caption_dropout: float = _f(
         0.0, "probability of an empty prompt, drawn per pair (winner and loser alike)"
     )
+    cache: str | None = _f(None, "latent cache folder written by `vipo cache`; None encodes online")
 
 
 @dataclass
 class ReferenceConfig:
-    mode: Literal["copy", "adapter"] = _f(
-        "copy", "copy: frozen copy of the initial denoiser; adapter: the LoRA policy with adapters off"
+    mode: Literal["copy", "adapter", "precomputed"] = _f(
+        "copy", "copy: frozen copy of the initial denoiser; adapter: the LoRA policy with adapters off; "
+        "precomputed: e_ref from `vipo score-reference`'s table (needs data.cache)"
     )
+    table: str | None = _f(None, "precomputed: reference-error table folder; None = DATA.CACHE/reference")
 
 
 @dataclass
@@ -98,7 +124,12 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_pairs: int = _f(8, "preference pairs per micro-batch (per process)")
+    batch_pairs: int = _f(
+        8,
+        "preference pairs per micro-batch over ALL processes (global); each of N processes takes "
+        "batch_pairs / N, so a recipe means the same run on 1 or 64 GPUs; the LR scales with "
+        "the global batch_pairs * grad_accum_steps",
+    )
     grad_accum_steps: int = _f(1, "micro-batches per optimizer step")
     max_steps: int = _f(200, "optimizer steps")
     seed: int = _f(0, "seed for weights, data order, noise and timesteps")
@@ -117,6 +148,29 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = _f(
+        "none",
+        "none: one process; ddp: replicas; fsdp: FSDP2 fully_shard per block; zero2 / zero3: DeepSpeed "
+        "ZeRO (optimizer+grads / +params sharded). Launch N processes with torchrun or deepspeed",
+    )
+    reshard_after_forward: bool = _f(
+        True,
+        "fsdp: free gathered block weights after forward (false: keep them for backward, ZeRO-2-like; "
+        "not with reference.mode=adapter)",
+    )
+    cpu_offload: bool = _f(False, "fsdp: keep sharded weights, grads and optimizer state in host memory")
+    deepspeed_config: str | None = _f(
+        None, "zero2/zero3: your own DeepSpeed JSON; vipo fills batch sizes and clipping from the recipe"
+    )
+    noise_draw: Literal["global", "per_rank"] = _f(
+        "global",
+        "global: every rank draws noise, t and caption dropout for the whole global micro-batch and keeps "
+        "its rows (N processes reproduce 1 process); per_rank: a generator per (seed, rank), O(local) memory",
+    )
+
+
+@dataclass
 class DemoConfig:
     sft_steps: int = _f(300, "stage 1 (SFT on winners) steps before the preference stage")
     sft_lr: float = _f(1e-4, "stage 1 learning rate per pair (scaled like optim.lr)")
@@ -132,6 +186,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def validate(self) -> "RunConfig":
@@ -146,6 +201,18 @@ class RunConfig:
                 "reference.mode is 'adapter' but model.lora_rank is 0: the adapter "
                 "reference needs a LoRA policy (set model.lora_rank, or reference.mode=copy)"
             )
+        data = self.data
+        if data.source != "procedural" and not data.path:
+            raise ConfigError(f"data.source is {data.source!r}: set data.path to the data (file, folder or glob)")
+        if data.keep_ties and self.loss.objective != "sft":
+            raise ConfigError("data.keep_ties is only for loss.objective=sft: a tie has no winner for a preference loss")
+        if data.source == "shards" and (data.buckets or data.bucket_area):
+            raise ConfigError("data.source=shards streams pairs and cannot batch by bucket yet: drop data.buckets / "
+                              "data.bucket_area, or convert the shards to a manifest")  # fmt: skip
+        if not 0.0 <= data.hflip_prob <= 1.0:
+            raise ConfigError(f"data.hflip_prob must be in [0, 1], got {data.hflip_prob}")
+        if data.source == "video" and self.model.family == "wan" and (data.num_frames - 1) % 4:
+            raise ConfigError(f"data.num_frames={data.num_frames}: Wan's VAE needs 1 + 4k frames (e.g. 17, 33, 81)")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key, value, low in (
@@ -193,6 +260,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans
+            for alias in ("yes", "true", "on") if value else ("no", "false", "off"):
+                if alias in typing.get_args(tp):
+                    return alias
         raise bad()
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

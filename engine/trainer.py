@@ -2,7 +2,11 @@
 `forward_loss` (objectives.py) is the only objective-specific part.
 
 Metrics stay on the device during a step and reach the host once per optimizer step (the
-non-finite check) and once per log interval.
+non-finite check, after one all-reduce of the step's metrics when there are several ranks) and
+once per log interval.
+
+One process or many (parallel.py): `train.batch_pairs` is the global micro-batch, each rank
+takes an equal share, and with `parallel.noise_draw=global` N ranks reproduce one process.
 """
 
 import json
@@ -14,98 +18,178 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from vipo.loaders.procedural import ProceduralPairs
-from vipo.loaders.sampler import PairSampler
-
-from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from . import parallel
+from .checkpoint import (
+    checkpoint_state,
+    export_full_weights,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .config import RunConfig, to_dict
+from .data import BatchStream, build_source, to_pixels
 from .errors import RunError
-from .models import build_model
+from .models import LORA_TARGETS, add_lora, build_model
 from .objectives import PairBatch, forward_loss
+from .parallel import pick_device  # noqa: F401  (historical import path)
+from .precompute import CacheBatchSource, LatentPairBatch, cached_forward_loss, open_cache
 from .reference import build_reference
+from .sinks import MetricSinks
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+__all__ = ["LORA_TARGETS", "Trainer", "build_data"]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"train.device is {name!r} but no CUDA device is available")
-    return torch.device(name)
-
-
-def build_data(data_cfg, seed: int):
-    if data_cfg.source == "procedural":
-        return ProceduralPairs(
-            data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed
-        )
-    raise RunError(f"data.source {data_cfg.source!r} is not built yet")
+def build_data(data_cfg, seed: int, model_cfg=None, rank: int = 0, world_size: int = 1):
+    """The pair source of `data.*` (see data.py)."""
+    return build_source(data_cfg, model_cfg, seed, rank, world_size)
 
 
 class Trainer:
+    """Use as a context manager (or call `close()`) so that a process group it created is torn
+    down before the interpreter exits."""
+
     def __init__(self, cfg: RunConfig, *, progress: bool = True):
         self.cfg = cfg
-        self.progress = progress
-        self.device = pick_device(cfg.train.device)
+        parallel.check_run_config(cfg)
+        self.world = parallel.init_world(cfg.parallel, cfg.train.device)
+        try:
+            self._build(progress)
+        except BaseException:
+            parallel.shutdown(self.world, clean=False)  # a group this trainer started ends with it
+            raise
+
+    def _build(self, progress: bool) -> None:
+        cfg = self.cfg
+        self.strategy = cfg.parallel.strategy
+        self.progress = progress and self.world.is_main
+        self.device = self.world.device
         self.out_dir = Path(cfg.train.output_dir)
-        torch.manual_seed(cfg.train.seed)  # the random-weight build, identical on every (re)start
-        self.data = build_data(cfg.data, cfg.train.seed)
+        local_pairs, rest = divmod(cfg.train.batch_pairs, self.world.size)
+        if rest or not local_pairs:
+            raise RunError(
+                f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
+                f"over {self.world.size} processes: use a multiple of {self.world.size}"
+            )
+        torch.manual_seed(cfg.train.seed)  # the random-weight build, identical on every (re)start and rank
+        if cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
+            self.data = open_cache(cfg)
+        else:
+            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, self.world.rank, self.world.size)
+        self.batches = BatchStream(self.data, local_pairs, cfg.train.seed, self.world.rank, self.world.size)
+        self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
+        # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of
+        # (seed, pair id, epoch), so the precomputed reference errors match.
+        self.cache_batches = (
+            CacheBatchSource(self.data, cfg.train.seed, cfg.data.caption_dropout, self.device)
+            if cfg.data.cache
+            else None
+        )
         self.adapter = build_model(cfg.model, self.device, vocabulary=self.data.vocabulary())
         network = self.adapter.network
         if cfg.model.init_from:
             load_weights(Path(cfg.model.init_from), network)
         if cfg.model.lora_rank:
-            from peft import LoraConfig
-
-            network.requires_grad_(False)
-            network.add_adapter(LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_rank,
-                                           init_lora_weights="gaussian", target_modules=LORA_TARGETS))  # fmt: skip
+            add_lora(network, cfg.model.lora_rank)
         if cfg.model.gradient_checkpointing:
             network.enable_gradient_checkpointing()
         network.train()
-        # The reference is built here, before any checkpoint is loaded: it is the initial model
-        # for the whole run, resumes included.
+        # The reference is built here, before any checkpoint is loaded and before sharding: it is
+        # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective
         self.reference = (
-            None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter)
+            None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter, cfg)
         )
-        self.params = [p for p in network.parameters() if p.requires_grad]
-        step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps
+        step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-            fused=self.device.type == "cuda",
-        )  # fmt: skip
+        self.engine = None
+        self.policy = self._parallelize(network)
+        self.params = [p for p in network.parameters() if p.requires_grad]
         warmup = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.sampler = PairSampler(len(self.data), cfg.train.batch_pairs, cfg.train.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+        per_rank_noise = cfg.parallel.noise_draw == "per_rank"
+        self.generator = parallel.rank_generator(cfg.train.seed, self.world, self.device, per_rank_noise)
+        # What the objective sees: the adapter itself in one process; with ranks, a view whose
+        # network is the wrapped policy and whose random draws are this rank's share.
+        self.view = (
+            None
+            if self.strategy == "none"
+            else parallel.RankView(self.adapter, self.policy, self.world, global_draw=not per_rank_noise)
+        )
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
 
+    def _parallelize(self, network):
+        """Wrap the policy (and a copy reference) for the strategy and build the optimizer on
+        what the strategy trains: FSDP's sharded parameters, or ZeRO's partitions."""
+        cfg, world = self.cfg, self.world
+        mixed = cfg.train.mixed_precision
+        ds_config = (
+            parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
+            if self.strategy in parallel.DEEPSPEED
+            else None
+        )
+        policy = network
+        if self.strategy == "ddp":
+            policy = parallel.apply_ddp(network, world)
+        elif self.strategy == "fsdp":
+            parallel.apply_fsdp(network, world, cfg.parallel, mixed)
+            parallel.first_forward(self.adapter, network, self._probe_latents(), self.device)
+        if self.reference is not None:
+            parallel.parallelize_reference(self.reference, self.strategy, world, cfg.parallel, mixed, ds_config)
+        params = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+            fused=self.device.type == "cuda",
+        )  # fmt: skip
+        if ds_config is not None:
+            self.engine = parallel.apply_deepspeed(network, self.optimizer, ds_config)
+            policy = self.engine
+        return policy
+
+    @property
+    def network(self):
+        """The policy network itself (FSDP-sharded in place; under DDP / DeepSpeed its module)."""
+        return self.adapter.network
+
     # -- data ---------------------------------------------------------------------------------
 
-    def next_batch(self) -> PairBatch:
-        indices = self.sampler.next_batch()
-        records = [self.data[i] for i in indices]
+    def next_batch(self) -> PairBatch | LatentPairBatch:
+        if self.cache_batches is not None:
+            indices = self.sampler.next_batch()
+            return self.cache_batches.batch(indices, self.sampler.epoch)
+        records = self.batches.next_records()
         prompts = [r.prompt for r in records]
         if self.cfg.data.caption_dropout > 0:  # one draw per pair: winner and loser alike
-            drop = (
-                torch.rand(len(prompts), generator=self.generator, device=self.device)
-                < self.cfg.data.caption_dropout
-            )
+            draws = len(prompts) * (self.world.size if self.view is not None and self.view.global_draw else 1)
+            drop = torch.rand(draws, generator=self.generator, device=self.device) < self.cfg.data.caption_dropout
+            if self.view is not None:
+                drop = self.view.share(drop)
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
-        images = np.stack([r.winner for r in records] + [r.loser for r in records])
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-        return PairBatch([r.id for r in records], prompts, pixels.to(self.device))
+        return PairBatch([r.id for r in records], prompts, self._pixels(records))
+
+    def _pixels(self, records) -> torch.Tensor:
+        """[2B, 3, H, W] (or [2B, 3, F, H, W] clips) in [-1, 1]: the winners, then their losers."""
+        return to_pixels(records, self.device)
+
+    def _probe_latents(self) -> torch.Tensor:
+        """Latents of one sample, of the shape training will see (FSDP's first forward)."""
+        if self.cache_batches is not None:
+            return self.cache_batches.batch([0], 0).latents
+        if self.sampler is None:  # a stream: fixed-size squares (buckets are refused for shards)
+            side = self.cfg.data.resolution
+            return self.adapter.encode_pixels(torch.zeros(1, 3, side, side, device=self.device))
+        return self.adapter.encode_pixels(self._pixels([self.data[0]]))
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -117,34 +201,44 @@ class Trainer:
         accum = self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         data_wait = 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        for _ in range(accum):
+        model = self.adapter if self.view is None else self.view
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            last = micro == accum - 1
             started = time.perf_counter()
             batch = self.next_batch()
             data_wait += time.perf_counter() - started
-            with self.autocast():
-                loss, metrics = forward_loss(
-                    self.objective, self.adapter, self.reference, batch, self.cfg.loss, self.generator
-                )
-            (loss / accum).backward()
+            if self.view is not None:
+                self.view.local_pairs = batch.pairs
+            with self.autocast(), parallel.grad_sync(self.policy, self.strategy, last):
+                if isinstance(batch, LatentPairBatch):
+                    loss, metrics = cached_forward_loss(
+                        self.objective, model, self.reference, batch, self.cfg.loss, self.cfg.train.seed
+                    )
+                else:
+                    loss, metrics = forward_loss(
+                        self.objective, model, self.reference, batch, self.cfg.loss, self.generator
+                    )
+                if self.engine is not None:
+                    self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
+                else:
+                    (loss / accum).backward()
+            if self.engine is not None and not last:
+                self.engine.step()  # counts the micro-batch; the update waits for the boundary
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+        sums = self.world.mean(sums)  # every rank then takes the same decision below
         finite = bool(torch.isfinite(sums["loss"]))  # the one host sync of a step
         if not finite:
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
-            self.optimizer.zero_grad(set_to_none=True)
             log.warning(
                 "step %d: non-finite loss, update skipped (%d in a row)", self.step + 1, self.nonfinite_in_row
             )
-            grad_norm = torch.tensor(float("nan"))
         else:
             self.nonfinite_in_row = 0
-            max_norm = self.cfg.optim.max_grad_norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.params, max_norm if max_norm > 0 else float("inf")
-            )
-            self.optimizer.step()
+        grad_norm = self._update(finite)
         with warnings.catch_warnings():  # a skipped first update still advances the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -154,41 +248,136 @@ class Trainer:
         sums["data_wait_s"] = torch.tensor(data_wait)
         return sums
 
-    # -- the loop -----------------------------------------------------------------------------
+    def _update(self, finite: bool) -> torch.Tensor:
+        """Clip and step, or skip a non-finite step; returns the gradient norm before clipping."""
+        if self.engine is not None:
+            skipped = self.engine.skipped_steps
+            self.engine.step()  # the boundary: DeepSpeed clips, and skips a non-finite gradient itself
+            if not finite and self.engine.skipped_steps == skipped:
+                raise RunError(f"step {self.step + 1}: non-finite loss but DeepSpeed applied the update")
+            norm = self.engine.get_global_grad_norm()
+            return torch.tensor(float("nan") if norm is None or not finite else float(norm))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return torch.tensor(float("nan"))
+        max_norm = self.cfg.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        return grad_norm
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @property
+    def _rng_key(self) -> str:
+        per_rank = self.cfg.parallel.noise_draw == "per_rank" and self.world.size > 1
+        return f"noise_generator_rank{self.world.rank}" if per_rank else "noise_generator"
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """The noise streams: one shared by every rank, or one per rank (gathered; a collective)."""
+        if self._rng_key == "noise_generator":
+            return {"noise_generator": self.generator.get_state()}
+        states = self.world.gather(self.generator.get_state())
+        return {f"noise_generator_rank{rank}": state for rank, state in enumerate(states)}
+
+    def _restore_rng(self, rng: dict[str, torch.Tensor]) -> None:
+        saved_ranks = sum(key.startswith("noise_generator_rank") for key in rng)
+        if self._rng_key in rng and (self._rng_key == "noise_generator" or saved_ranks == self.world.size):
+            self.generator.set_state(rng[self._rng_key])
+            return
+        # Per-rank streams do not carry over to another world size or noise_draw: a fresh,
+        # reproducible stream per rank instead.
+        log.warning("the checkpoint's noise streams do not fit this run: reseeding from (seed, rank, step)")
+        seed = int(np.random.SeedSequence([self.cfg.train.seed, self.world.rank, self.step]).generate_state(1)[0])
+        self.generator.manual_seed(seed)
 
     def resume(self) -> bool:
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return False
-        state = load_checkpoint(path, self.adapter.network, self.optimizer, self.scheduler, self.generator)
+        fmt = checkpoint_state(path)["format"]
+        sharded = self.strategy in ("fsdp", *parallel.DEEPSPEED)
+        if fmt == "safetensors" and sharded:
+            raise RunError(
+                f"{path} was written by one process or ddp; parallel.strategy={self.strategy} cannot resume it "
+                "(resume with ddp, or start from its weights with model.init_from)"
+            )
+        if fmt == "deepspeed" and self.strategy not in parallel.DEEPSPEED:
+            raise RunError(f"{path} is a DeepSpeed checkpoint: resume it with parallel.strategy=zero2/zero3")
+        if fmt == "dcp" and self.strategy in parallel.DEEPSPEED:
+            raise RunError(f"{path} is an FSDP checkpoint: resume it with parallel.strategy=fsdp, ddp or none")
+        if fmt == "safetensors":
+            state = load_checkpoint(path, self.network, self.optimizer, self.scheduler)
+            self.step = state["step"]
+            self._restore_rng(load_file(path / "rng.safetensors"))
+        else:
+            saved_world = checkpoint_state(path).get("world_size", self.world.size)
+            if fmt == "deepspeed" and saved_world != self.world.size:
+                raise RunError(
+                    f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({saved_world}, "
+                    f"here {self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
+                )
+            state, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
+                                                 scheduler=self.scheduler, engine=self.engine)  # fmt: skip
+            self.step = state["step"]  # a reseeded per-rank stream is keyed by it
+            self._restore_rng(rng)
         self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
+        sampler = dict(state["sampler"])
+        # The position counts global batches: a different world size with the same global
+        # batch continues the same order. A stream (tar shards) resumes its own position.
+        if self.sampler is not None and sampler.get("world_size") is not None and (
+            sampler["batch_size"] * sampler["world_size"] == self.sampler.batch_size * self.sampler.world_size
+        ):
+            sampler.update(batch_size=self.sampler.batch_size, world_size=self.sampler.world_size)
+        self.batches.load_state_dict(sampler)
         self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
     def save(self) -> Path:
-        state = {"sampler": self.sampler.state_dict(), "nonfinite_total": self.nonfinite_total,
+        state = {"sampler": self.batches.state_dict(), "nonfinite_total": self.nonfinite_total,
                  "nonfinite_in_row": self.nonfinite_in_row}  # fmt: skip
-        path = save_checkpoint(self.out_dir, self.step, self.adapter.network, self.optimizer, self.scheduler,
-                               self.generator, state, self.cfg)  # fmt: skip
+        if self.strategy in ("none", "ddp"):  # replicas: rank 0 writes them all
+            path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+            rng = self._rng_states()
+            if self.world.is_main:
+                path = save_checkpoint(self.out_dir, self.step, self.network, self.optimizer, self.scheduler,
+                                       self.generator, {**state, "world_size": self.world.size}, self.cfg, rng)  # fmt: skip
+            self.world.barrier()
+        else:
+            path = save_sharded_checkpoint(
+                self.out_dir, self.step, world=self.world, network=self.network, optimizer=self.optimizer,
+                scheduler=self.scheduler, engine=self.engine, rng=self._rng_states(), state=state, cfg=self.cfg,
+            )  # fmt: skip
         log.info("checkpoint %s", path)
         return path
 
+    def export(self, out_dir: Path) -> Path | None:
+        """The policy's full weights, gathered on rank 0, as a diffusers-layout folder (every
+        rank calls this; rank 0 writes and gets the path)."""
+        return export_full_weights(self.adapter, self.network, self.strategy, self.world, Path(out_dir), self.engine)
+
+    # -- the loop -----------------------------------------------------------------------------
+
     def train(self, *, resume: bool = False) -> dict:
         cfg = self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8")
+        main = self.world.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8")
+        self.world.barrier()
         if resume and not self.resume():
             log.info("no checkpoint in %s: starting from step 0", self.out_dir)
-        mode = "a" if resume else "w"
-        step_pairs = cfg.batch_pairs * cfg.grad_accum_steps
+        step_pairs = cfg.batch_pairs * cfg.grad_accum_steps  # global
         started = time.perf_counter()
         first_step = self.step
         last: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective, disable=not self.progress,
                    dynamic_ncols=True)  # fmt: skip
-        with open(self.out_dir / "metrics.jsonl", mode, encoding="utf-8") as metrics_file:
+        sinks = MetricSinks(self.out_dir, cfg.report_to, run_name=cfg.run_name, config=to_dict(self.cfg),
+                            append=resume, enabled=main)  # fmt: skip
+        with sinks:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 bar.update(1)
@@ -204,10 +393,12 @@ class Trainer:
                     last = {key: float(value) for key, value in metrics.items()}
                     last.update(step=self.step, pairs_per_s=(self.step - first_step) * step_pairs / max(elapsed, 1e-9),
                                 nonfinite_total=self.nonfinite_total)  # fmt: skip
+                    skipped = sum(v for k, v in self.batches.stats().items() if k.startswith("skipped_"))
+                    if skipped:  # bad or unusable samples so far (this process), each logged as it happened
+                        last["data_skipped"] = skipped
                     if self.device.type == "cuda":
                         last["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
+                    sinks.write(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}",
                                     **({"acc": f"{last['accuracy']:.2f}"} if "accuracy" in last else {}))  # fmt: skip
                 if (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0) or done:
@@ -216,4 +407,24 @@ class Trainer:
         seconds = time.perf_counter() - started
         return {"steps": self.step, "seconds": seconds, "last": last, "out_dir": str(self.out_dir),
                 "nonfinite_total": self.nonfinite_total, "effective_lr": self.lr,
-                "loss_is_finite": math.isfinite(last.get("loss", float("nan")))}  # fmt: skip
+                "loss_is_finite": math.isfinite(last.get("loss", float("nan"))),
+                "is_main": main, "world_size": self.world.size}  # fmt: skip
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def close(self, *, clean: bool = True) -> None:
+        """Free the engine and wrappers, then tear down a process group this trainer created
+        (after a barrier when `clean`; on an error the other ranks may never reach one)."""
+        if self.engine is not None:
+            self.engine.destroy()
+        reference_engine = getattr(self.reference, "network", None)
+        if hasattr(reference_engine, "destroy"):
+            reference_engine.destroy()
+        self.engine = self.policy = self.view = self.optimizer = self.scheduler = None
+        parallel.shutdown(self.world, clean=clean)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(clean=exc_type is None)

@@ -86,3 +86,13 @@ def test_every_field_is_documented():
     assert {"loss.beta", "loss.alpha", "optim.lr", "train.batch_pairs"} <= {r[0] for r in rows}
     undocumented = [key for key, _, _, help_text in rows if not help_text]
     assert not undocumented
+
+
+def test_yaml_booleans_reach_string_choices_as_written(tmp_path):
+    # YAML 1.1 reads `no` as False; train.mixed_precision's choices are "no" and "bf16".
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(recipe).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of 'no', 'bf16', got True"):
+        load_config(None, ["train.mixed_precision=yes"])

@@ -1,0 +1,397 @@
+"""Many processes: the process group, and one function per strategy that wraps the policy (and a
+`copy` reference) for it. torchtitan's order: activation checkpointing (the model's own, set by
+the trainer), then sharding block by block, then the root.
+
+    none   one process; nothing is wrapped
+    ddp    DistributedDataParallel: a replica per rank, gradients all-reduced
+    fsdp   FSDP2 `fully_shard` on every block the model declares unsplittable, then the root
+    zero2  DeepSpeed ZeRO-2: optimizer state and gradients sharded
+    zero3  DeepSpeed ZeRO-3: weights sharded too
+
+Launch with `torchrun --nproc_per_node=N -m vipo.engine train ...` or the deepspeed launcher;
+both set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which is all this reads.
+Every rank takes an equal share of the global micro-batch (`train.batch_pairs` is global).
+"""
+
+import copy
+import gc
+import json
+import logging
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+from .errors import RunError
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED = ("zero2", "zero3")
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class World:
+    """Where this process stands: rank r of `size`, on `device`. `owns_group`: this object
+    created the process group and tears it down in `shutdown`."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's metrics averaged over ranks, in one all-reduce: equal shares of the
+        global batch make the mean of rank means the global mean."""
+        if not self.distributed or self.size == 1:
+            return values
+        stacked = torch.stack([value.float().reshape(()).to(self.device) for value in values.values()])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return dict(zip(values, (stacked / self.size).unbind(), strict=True))
+
+    def gather(self, obj):
+        """A picklable object from every rank, as a list on every rank."""
+        if not self.distributed or self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"train.device is {name!r} but no CUDA device is available")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def check_config(parallel_cfg) -> None:
+    """Combinations the dataclass cannot refuse by type alone."""
+    strategy = parallel_cfg.strategy
+    if parallel_cfg.cpu_offload and strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "
+            "offload_optimizer / offload_param in parallel.deepspeed_config"
+        )
+    if parallel_cfg.deepspeed_config and strategy not in DEEPSPEED:
+        raise ConfigError(f"parallel.deepspeed_config needs strategy zero2 or zero3, got {strategy!r}")
+    if parallel_cfg.deepspeed_config and not Path(parallel_cfg.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config: no such file {parallel_cfg.deepspeed_config}")
+
+
+def check_run_config(cfg) -> None:
+    """Combinations across sections that cannot train correctly."""
+    check_config(cfg.parallel)
+    if cfg.parallel.strategy == "fsdp" and not cfg.parallel.reshard_after_forward and cfg.reference.mode == "adapter":
+        # PEFT switches LoRA requires_grad off for the reference pass and on again after it; with
+        # blocks left gathered in between, the flags land on the gathered copies and FSDP, which
+        # reads them on its shards, reduces no LoRA gradient.
+        raise ConfigError(
+            "parallel.reshard_after_forward=false does not work with reference.mode=adapter under fsdp: "
+            "keep reshard_after_forward=true, or use reference.mode=copy"
+        )
+
+
+def init_world(parallel_cfg, device_name: str) -> World:
+    """The process group from the launcher's environment: nccl on CUDA, gloo on CPU. Without a
+    launcher a distributed strategy runs as a group of one (same code path, world size 1)."""
+    check_config(parallel_cfg)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel_cfg.strategy == "none":
+        if env_world > 1:
+            raise RunError(
+                f"launched as {env_world} processes but parallel.strategy is 'none': set "
+                "parallel.strategy=ddp, fsdp, zero2 or zero3"
+            )
+        return World(device=pick_device(device_name))
+    if not os.environ.get("RANK"):  # no launcher: a group of one
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):  # fmt: skip
+            os.environ.setdefault(key, value)
+    missing = [key for key in LAUNCH_ENV if key not in os.environ]
+    if missing:
+        raise RunError(f"parallel.strategy={parallel_cfg.strategy}: launcher variables {missing} are not set")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    world = World(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    if not world.is_main:  # one voice per run: rank 0 logs, the others only warn
+        logging.getLogger("vipo").setLevel(logging.WARNING)
+    return world
+
+
+def shutdown(world: World, *, clean: bool = True) -> None:
+    """Tear down a group this process created, leaving nothing to interpreter exit (where
+    two-process ZeRO-3 on CPU was seen to die with "terminate called without an active
+    exception"): the engines are already freed, then every rank reaches a barrier before any
+    destroys the group, so no rank leaves while another still talks to it. After an error
+    (`clean=False`) there is no barrier: the other ranks may never reach it."""
+    if not (world.owns_group and dist.is_initialized()):
+        return
+    gc.collect()  # engines and their hooks go before the group they use
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+    world.owns_group = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+def blocks(network: nn.Module) -> list[nn.Module]:
+    """The units to shard: every submodule whose class the model declares unsplittable
+    (diffusers' `_no_split_modules`: the transformer / UNet blocks), innermost first."""
+    names = set(getattr(network, "_no_split_modules", None) or ())
+    if not names:
+        raise RunError(
+            f"{type(network).__name__} declares no blocks (_no_split_modules): fsdp needs them to shard"
+        )
+    found = [module for module in network.modules() if type(module).__name__ in names and module is not network]
+    if not found:
+        raise RunError(f"{type(network).__name__}: none of its blocks {sorted(names)} is in the model")
+    return found[::-1]  # modules() is pre-order: reversed, children come before their parents
+
+
+# ---------------------------------------------------------------------------------------------
+# One function per strategy
+
+
+def apply_ddp(network: nn.Module, world: World) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(network, device_ids=device_ids)
+
+
+def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: str) -> nn.Module:
+    """FSDP2 in place: each block, then the root (which holds what no block owns). bf16 weights
+    in forward/backward with fp32 gradient reduction under mixed_precision=bf16; the sharded
+    fp32 weights stay the optimizer's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    # Pinned host memory makes the copies to the GPU asynchronous; without a GPU there is none to pin.
+    offload = CPUOffloadPolicy(pin_memory=world.device.type == "cuda") if parallel_cfg.cpu_offload else OffloadPolicy()
+    options = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    for block in blocks(network):
+        fully_shard(block, reshard_after_forward=parallel_cfg.reshard_after_forward, **options)
+    # The root's weights are needed again first in backward: keep them gathered.
+    fully_shard(network, reshard_after_forward=False, **options)
+    return network
+
+
+@torch.no_grad()
+def first_forward(adapter, network: nn.Module, latents: torch.Tensor, device: torch.device) -> None:
+    """One forward of one sample through an FSDP root, in the training state. FSDP2 settles
+    each block's gradient dtypes at the root's first forward from which weights require grad
+    then; PEFT turns that off for the LoRA weights while the adapter reference runs (the first
+    forward of every step), which would leave bf16 LoRA gradients unreduced to fp32."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cond = adapter.encode_prompts([""])
+    latents = latents[:1]
+    t = adapter.sample_timesteps(1, torch.Generator(device=device).manual_seed(0))
+    adapter.predict(network, latents, t, cond)
+    for module in network.modules():  # no backward follows to free what the forward gathered
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
+    """The DeepSpeed config of a recipe, or the user's JSON with vipo's batch and clipping
+    filled in. The recipe owns optimizer and schedule (so every strategy trains alike); a
+    file that sets them, or a batch size that disagrees with the recipe, is refused."""
+    stage = 2 if parallel_cfg.strategy == "zero2" else 3
+    per_rank = train_cfg.batch_pairs // world.size
+    owned = {
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": train_cfg.grad_accum_steps,
+        "train_batch_size": per_rank * train_cfg.grad_accum_steps * world.size,
+        "gradient_clipping": optim_cfg.max_grad_norm,
+    }
+    if parallel_cfg.deepspeed_config:
+        where = parallel_cfg.deepspeed_config
+        try:
+            config = json.loads(Path(where).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"parallel.deepspeed_config {where}: not valid JSON: {err}") from None
+        for key in ("optimizer", "scheduler"):
+            if key in config:
+                raise ConfigError(
+                    f"parallel.deepspeed_config {where}: remove '{key}'; the recipe's optim.* section sets it"
+                )
+        for key, value in owned.items():
+            if key in config and config[key] != "auto" and config[key] != value:
+                raise ConfigError(
+                    f"parallel.deepspeed_config {where}: {key} is {config[key]!r} but the recipe gives "
+                    f"{value!r} (set it from train.* / optim.*, or write \"auto\")"
+                )
+        bf16 = train_cfg.mixed_precision == "bf16"
+        if config.get("bf16", {}).get("enabled", bf16) != bf16:
+            raise ConfigError(
+                f"parallel.deepspeed_config {where}: bf16.enabled is {not bf16} but train.mixed_precision is "
+                f"{train_cfg.mixed_precision!r}: make them agree"
+            )
+        if config.get("fp16", {}).get("enabled", False):
+            raise ConfigError(f"parallel.deepspeed_config {where}: fp16 is not supported; use bf16 (train.mixed_precision=bf16)")
+        file_stage = config.get("zero_optimization", {}).get("stage", stage)
+        if file_stage != stage:
+            raise ConfigError(
+                f"parallel.deepspeed_config {where}: zero_optimization.stage is {file_stage} but "
+                f"parallel.strategy is {parallel_cfg.strategy}"
+            )
+    else:
+        config = {"zero_optimization": {"stage": stage, "overlap_comm": world.device.type == "cuda"}}
+        if train_cfg.mixed_precision == "bf16":
+            config["bf16"] = {"enabled": True}
+    config = copy.deepcopy(config)
+    config.update(owned)
+    if train_cfg.mixed_precision == "bf16":
+        config.setdefault("bf16", {"enabled": True})
+    config.setdefault("zero_optimization", {})["stage"] = stage
+    config.setdefault("steps_per_print", 2**31 - 1)  # vipo logs; DeepSpeed stays quiet
+    # The recipe's AdamW, run by ZeRO on its partitions (also with an offloaded optimizer).
+    config["zero_allow_untested_optimizer"] = True
+    config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def apply_deepspeed(network: nn.Module, optimizer, ds_config: dict):
+    """deepspeed.initialize with the recipe's optimizer; returns the engine (forward, backward
+    and step go through it)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def apply_deepspeed_reference(network: nn.Module, ds_config: dict):
+    """A frozen copy under ZeRO-3: weights partitioned like the policy's, no optimizer (as TRL
+    prepares its reference model)."""
+    import deepspeed
+
+    config = {key: value for key, value in ds_config.items() if key not in ("gradient_clipping",)}
+    engine, *_ = deepspeed.initialize(model=network, config=config)
+    engine.eval()
+    return engine
+
+
+def parallelize_reference(reference, strategy: str, world: World, parallel_cfg, mixed_precision, ds_config):
+    """Shard a `copy` reference like the policy; the other modes hold no second network."""
+    network = getattr(reference, "network", None)
+    if network is None or strategy in ("none", "ddp", "zero2"):
+        return  # replicated: no grads and no optimizer state, so there is nothing to shard
+    if strategy == "fsdp":
+        reference.network = apply_fsdp(network, world, parallel_cfg, mixed_precision)
+    elif strategy == "zero3":
+        reference.network = apply_deepspeed_reference(network, ds_config)
+
+
+def grad_sync(policy: nn.Module, strategy: str, last_micro_step: bool):
+    """DDP: skip the all-reduce on all but the last micro-batch of a step (gradients accumulate
+    locally, one reduction per step). FSDP reduce-scatters every micro-batch (sharded grads
+    are small); DeepSpeed keeps its own count."""
+    if strategy == "ddp" and not last_micro_step:
+        return policy.no_sync()
+    return nullcontext()
+
+
+def unwrap(policy) -> nn.Module:
+    """The network under a DDP wrapper or a DeepSpeed engine."""
+    return getattr(policy, "module", policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# This rank's share of the random draws
+
+
+class RankView:
+    """The adapter as one rank of a data-parallel run sees it: `network` is the wrapped policy,
+    and under `noise_draw=global` `noisy_inputs` runs the adapter's own draw for the whole
+    global micro-batch (this rank's latents at their global rows, zeros elsewhere) and keeps
+    this rank's rows, so N processes consume the one shared generator exactly as one process
+    with the global batch does. Cost: the global micro-batch's latents, noise and x_t in memory
+    for a moment; `per_rank` draws only local rows from a per-rank generator instead."""
+
+    def __init__(self, adapter, network, world: World, global_draw: bool):
+        self.adapter, self.network, self.world = adapter, network, world
+        self.global_draw = global_draw and world.size > 1
+        self.local_pairs = 0  # set per micro-batch by the trainer
+
+    def __getattr__(self, name):
+        return getattr(self.adapter, name)
+
+    def rows(self, n_local: int) -> tuple[int, torch.Tensor]:
+        """Global row count and this rank's global row indices for a tensor of `n_local` rows
+        made of blocks of `local_pairs` rows (winners only: 1 block; winners then losers: 2)."""
+        blocks_ = max(1, n_local // max(self.local_pairs, 1))
+        per_block = n_local // blocks_
+        total = per_block * self.world.size
+        start = self.world.rank * per_block
+        index = torch.cat([torch.arange(b * total + start, b * total + start + per_block) for b in range(blocks_)])
+        return total * blocks_, index
+
+    def share(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor drawn for the global batch (per pair: caption dropout)."""
+        if not self.global_draw:
+            return values
+        per_rank = values.shape[0] // self.world.size
+        return values[self.world.rank * per_rank : (self.world.rank + 1) * per_rank]
+
+    def noisy_inputs(self, latents, generator, paired: bool = True):
+        if not self.global_draw:
+            return self.adapter.noisy_inputs(latents, generator, paired)
+        total, index = self.rows(latents.shape[0])
+        index = index.to(latents.device)
+        placed = latents.new_zeros((total, *latents.shape[1:])).index_copy_(0, index, latents)
+        x_t, t, target = self.adapter.noisy_inputs(placed, generator, paired)
+        return x_t[index], t[index.to(t.device)], target[index]
+
+
+def rank_generator(seed: int, world: World, device: torch.device, per_rank: bool) -> torch.Generator:
+    """The noise generator: one stream shared by all ranks (global draw), or one per (seed, rank)."""
+    if per_rank and world.size > 1:
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)

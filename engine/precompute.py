@@ -1,0 +1,545 @@
+"""Work done once before training: `vipo cache` (the latent cache) and `vipo score-reference`
+(the reference-error table behind reference.mode=precomputed), and the pieces a step needs to
+train from them.
+
+    vipo cache RECIPE data.cache=FOLDER           encode every pair once (loaders/cache.py)
+    vipo score-reference RECIPE --epochs E        e_ref of every cached pair for epochs 0..E-1
+
+The table is exact only because a step from the cache draws its inputs from the counter RNG
+(engine/noise.py): the posterior sample, caption dropout, eps and t of a pair are functions of
+(train.seed, pair id, epoch), so the scoring pass re-makes the very inputs the trainer will see.
+
+    FOLDER/reference/               (or reference.table)
+      index.json                    fingerprint, noise probe, complete flags per epoch and shard
+      errors-e0000-s00000.safetensors   ref_err [n, 2] (winner, loser) and t [n] of cache shard 0
+
+Both passes split their shards over RANK / WORLD_SIZE and resume like the cache does.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vipo.kernels import poly_dpo_loss, sample_errors
+from vipo.loaders.cache import (
+    DTYPES,
+    CacheError,
+    LatentCache,
+    describe_differences,
+    digest_of,
+    header,
+    plain_json,
+    read_json,
+    remove_partials,
+    save_atomic,
+    write_cache,
+    write_json_atomic,
+)
+
+from .config import ConfigError, load_config, to_dict
+from .errors import RunError
+from .noise import NOISE_VERSION, batch_noise, caption_dropout, noise_probe, posterior_noise, probe_matches
+from .objectives import preference_metrics, resolve_beta
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = "vipo-reference-table/1"
+# Data keys that change how pairs are used, not what they are: the cache does not depend on them.
+RUNTIME_DATA_KEYS = ("cache", "caption_dropout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints: what a cache and a table depend on
+
+
+def _model_identity(cfg) -> dict:
+    model = cfg.model
+    if model.path:
+        return {"model.family": model.family, "model.path": str(Path(model.path).resolve())}
+    from .models import load_architecture
+
+    architecture = json.dumps(load_architecture(model.config), sort_keys=True).encode()
+    # Random weights: the encoders (and the reference) are made from train.seed.
+    return {"model.family": model.family, "model.config": model.config,
+            "model.architecture_sha256": hashlib.sha256(architecture).hexdigest()[:16],
+            "train.seed": cfg.train.seed}  # fmt: skip
+
+
+def cache_fingerprint(cfg) -> dict:
+    """The model's frozen encoders and the pair data: a cache is valid for runs that agree on these."""
+    fingerprint = _model_identity(cfg)
+    for key, value in to_dict(cfg.data).items():
+        if key not in RUNTIME_DATA_KEYS:
+            fingerprint[f"data.{key}"] = value
+    if cfg.data.source == "procedural":  # the pairs themselves are drawn from the seed
+        fingerprint["train.seed"] = cfg.train.seed
+    return plain_json(fingerprint)
+
+
+def reference_fingerprint(cfg, cache: LatentCache) -> dict:
+    """The reference weights and every input of its pass: a table is valid for runs that agree."""
+    init_from = cfg.model.init_from
+    return plain_json({
+        **_model_identity(cfg), "cache": cache.digest, "noise": NOISE_VERSION, "train.seed": cfg.train.seed,
+        "model.init_from": str(Path(init_from).resolve()) if init_from else None,
+        "data.caption_dropout": cfg.data.caption_dropout, "train.mixed_precision": cfg.train.mixed_precision,
+    })  # fmt: skip
+
+
+def open_cache(cfg) -> LatentCache:
+    """The recipe's latent cache (data.cache), checked against its model and data."""
+    if not cfg.data.cache:
+        raise ConfigError("data.cache is not set: name the latent cache folder (data.cache=FOLDER)")
+    try:
+        return LatentCache(cfg.data.cache, cache_fingerprint(cfg))
+    except CacheError as err:
+        raise RunError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding for the cache
+
+
+class AdapterEncoder:
+    """An adapter seen by loaders/cache.py: prompts as `encode_prompts` gives them, pixels as the
+    VAE posterior (mean, log-variance) in the family's latent space, where `encode_pixels` puts
+    its latents: SD/SDXL (z - shift) * scale, SD3/FLUX with their shift, Wan per channel."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.adapter.encode_prompts(prompts)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        adapter = self.adapter
+        vae = getattr(adapter, "vae", None)
+        if vae is None:  # pixel space: the pixels are the latents
+            return adapter.encode_pixels(pixels), None
+        pixels = pixels.to(adapter.device)
+        config = vae.config
+        if adapter.family == "wan":
+            from .models.wan import VAE_FRAME_CHUNK
+
+            pixels = pixels.unsqueeze(2) if pixels.dim() == 4 else pixels
+            if (pixels.shape[2] - 1) % VAE_FRAME_CHUNK:
+                raise ValueError(f"Wan's VAE encodes 1 + 4k frames; got {pixels.shape[2]}")
+            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+            view = (1, -1) + (1,) * (posterior.mean.dim() - 2)
+            center = torch.tensor(config.latents_mean, device=pixels.device).view(view)
+            std = torch.tensor(config.latents_std, device=pixels.device).view(view)
+            mean = (posterior.mean.float() - center) / std
+            logvar = posterior.logvar.float() - 2 * std.log()
+        else:  # as base.vae_latents
+            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
+            shift = getattr(config, "shift_factor", None) or 0.0
+            mean = (posterior.mean - shift) * config.scaling_factor
+            logvar = posterior.logvar.float() + 2 * math.log(abs(config.scaling_factor))
+        return mean.to(adapter.dtype), logvar.to(adapter.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from the cache
+
+
+@dataclass
+class LatentPairBatch:
+    """B cached pairs of one epoch: latents [2B, ...] (winners, then losers), cond of B rows."""
+
+    ids: list[str]
+    epoch: int
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor]
+
+    @property
+    def pairs(self) -> int:
+        return len(self.ids)
+
+
+class CacheBatchSource:
+    """Batches of cached pairs: a posterior sample per image and caption dropout per pair, both
+    from the counter RNG of (seed, id, epoch), so any rank, batch or resume sees the same ones."""
+
+    def __init__(self, cache: LatentCache, seed: int, caption_dropout: float, device: torch.device,
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
+        self.cache, self.seed, self.caption_dropout = cache, seed, caption_dropout
+        self.device, self.dtype = torch.device(device), dtype
+        self.empty = cache.empty_cond() if caption_dropout > 0 else None
+
+    def batch(self, indices: list[int], epoch: int) -> LatentPairBatch:
+        return self.from_pairs([self.cache[i] for i in indices], epoch)
+
+    def from_pairs(self, pairs: list, epoch: int) -> LatentPairBatch:
+        ids = [p.id for p in pairs]
+        shapes = {tuple(p.winner_mean.shape) for p in pairs}
+        if len(shapes) > 1:
+            raise RunError(f"pairs {ids} mix latent shapes {sorted(shapes)}: batch them by bucket")
+        latents = torch.cat([torch.stack([p.winner_mean for p in pairs]),
+                             torch.stack([p.loser_mean for p in pairs])]).float()  # fmt: skip
+        if self.cache.posterior:
+            logvar = torch.cat([torch.stack([p.winner_logvar for p in pairs]),
+                                torch.stack([p.loser_logvar for p in pairs])]).float()  # fmt: skip
+            latents = latents + torch.exp(0.5 * logvar) * posterior_noise(
+                ids, self.seed, epoch, latents.shape[1:]
+            )
+        drop = caption_dropout(ids, self.seed, epoch, self.caption_dropout)
+        sources = [self.empty if dropped else p.cond for p, dropped in zip(pairs, drop, strict=True)]
+        cond = {key: torch.stack([s[key] for s in sources]) for key in pairs[0].cond}
+        move = {"device": self.device, "dtype": self.dtype, "non_blocking": True}
+        return LatentPairBatch(ids, epoch, latents.to(**move), {k: v.to(**move) for k, v in cond.items()})
+
+
+def cached_forward_loss(objective: str, adapter, reference, batch: LatentPairBatch, loss_cfg, seed: int):
+    """objectives.forward_loss for a cached batch: eps and t from the counter RNG, and e_ref from
+    the table where the reference is precomputed."""
+    if objective == "sft":
+        latents, cond, ids = batch.latents, batch.cond, batch.ids
+        if loss_cfg.winners_only:
+            latents = latents[: batch.pairs]
+        else:  # both images: each draws its own noise
+            cond = {key: torch.cat([value, value]) for key, value in cond.items()}
+            ids = [*ids, *(f"{i}#loser" for i in ids)]
+        x_t, t, target = batch_noise(adapter, latents, ids, seed, batch.epoch, paired=False)
+        err = sample_errors(adapter.predict(adapter.network, x_t, t, cond), target)
+        loss = err.mean()
+        return loss, {"loss": loss.detach(), "e_pol": err.detach().mean()}
+    x_t, t, target = batch_noise(adapter, batch.latents, batch.ids, seed, batch.epoch)
+    if reference.mode == "precomputed":
+        ref_err = reference.errors_for(batch.ids, batch.epoch)
+    else:
+        ref_err = reference.errors(x_t, t, batch.cond, target)
+    pred = adapter.predict(adapter.network, x_t, t, batch.cond)
+    out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=resolve_beta(loss_cfg, pred[0].numel()),
+                        alpha=loss_cfg.alpha)  # fmt: skip
+    return out.loss, preference_metrics(out, loss_cfg.alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference-error table
+
+
+def table_folder(cfg) -> Path:
+    return Path(cfg.reference.table) if cfg.reference.table else Path(cfg.data.cache) / "reference"
+
+
+def table_file(epoch: int, shard: int) -> str:
+    return f"errors-e{epoch:04d}-s{shard:05d}.safetensors"
+
+
+def build_frozen_adapter(cfg, device: torch.device, vocabulary):
+    """The model as the trainer builds it before any step (same seed, same init_from): its
+    denoiser is the reference."""
+    from .checkpoint import load_weights
+    from .models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    adapter = build_model(cfg.model, device, vocabulary=vocabulary)
+    if cfg.model.init_from:
+        load_weights(Path(cfg.model.init_from), adapter.network)
+    adapter.network.requires_grad_(False).eval()
+    return adapter
+
+
+def epochs_needed(cfg, num_pairs: int, world_size: int = 1) -> int:
+    """Epochs a run of the recipe touches (PairSampler drops each epoch's last partial batch)."""
+    per_epoch = num_pairs // (cfg.train.batch_pairs * world_size)
+    if per_epoch < 1:
+        raise ConfigError(
+            f"{num_pairs} cached pairs cannot fill a batch of {cfg.train.batch_pairs} x {world_size}"
+        )
+    return max(1, math.ceil(cfg.train.max_steps * cfg.train.grad_accum_steps / per_epoch))
+
+
+def _table_is_whole(path: Path, digest: str, ids: list[str]) -> bool:
+    meta = header(path)
+    return meta is not None and meta.get("digest") == digest and json.loads(meta.get("ids", "[]")) == ids
+
+
+def _start_table(folder: Path, fingerprint: dict, probe: dict, shards: int) -> dict:
+    index = read_json(folder / "index.json")
+    if index is None:
+        index = {"format": TABLE_FORMAT, "fingerprint": fingerprint, "digest": digest_of(fingerprint),
+                 "probe": probe, "shards": shards, "epochs": {}}  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "index.json", index)
+    elif index.get("fingerprint") != fingerprint:
+        raise RunError(
+            f"reference table {folder} was scored for another run "
+            f"({describe_differences(index.get('fingerprint', {}), fingerprint)}); "
+            "set reference.table to another folder or delete this one"
+        )
+    return index
+
+
+def _shard_ids(cache: LatentCache, shard: int) -> list[str]:
+    entry = cache.index["shards"][shard]
+    return cache.ids[entry["first"] : entry["first"] + entry["count"]]
+
+
+def _finalize_table(folder: Path, cache: LatentCache, epochs: list[int]) -> dict:
+    """Turn on the complete flags of whole table files (flags only ever turn true)."""
+    index = read_json(folder / "index.json")
+    for epoch in epochs:
+        flags = index["epochs"].setdefault(str(epoch), [False] * index["shards"])
+        for shard, done in enumerate(flags):
+            if not done:
+                flags[shard] = _table_is_whole(
+                    folder / table_file(epoch, shard), index["digest"], _shard_ids(cache, shard)
+                )
+    write_json_atomic(folder / "index.json", index)
+    return index
+
+
+def score_reference(cfg, epochs: int, *, batch_pairs: int | None = None, rank: int = 0, world_size: int = 1,
+                    device: torch.device | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """e_ref (winner, loser) of every cached pair for epochs [0, epochs), at the counter-RNG
+    inputs of (train.seed, id, epoch): this rank's shards r, r + w, ... of each epoch."""
+    from tqdm import tqdm
+
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    device = device or torch.device("cpu")
+    cache = open_cache(cfg)
+    folder = table_folder(cfg)
+    adapter = build_frozen_adapter(cfg, device, cache.vocabulary())
+    fingerprint = reference_fingerprint(cfg, cache)
+    seed = cfg.train.seed
+    probe = noise_probe(adapter, cache.index["shapes"]["latents"][0], seed)
+    index = _start_table(folder, fingerprint, probe, len(cache.index["shards"]))
+    if not probe_matches(index["probe"], probe):
+        raise RunError(
+            f"reference table {folder}: this machine's noise draws differ from the table's (probe)"
+        )
+    source = CacheBatchSource(cache, seed, cfg.data.caption_dropout, device)
+    batch_pairs = batch_pairs or cfg.train.batch_pairs
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+    jobs = [(e, s) for e in range(epochs) for s in range(rank, len(cache.index["shards"]), world_size)]
+    kept, written = [], []
+    with tqdm(total=len(jobs), desc=f"score-reference rank {rank}/{world_size}", unit="shard",
+              disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+        for epoch, shard in jobs:
+            path, ids = folder / table_file(epoch, shard), _shard_ids(cache, shard)
+            if _table_is_whole(path, index["digest"], ids):
+                kept.append(path.name)
+                bar.update(1)
+                continue
+            remove_partials(path)
+            first = cache.index["shards"][shard]["first"]
+            errors, timesteps = [], []
+            for start in range(0, len(ids), batch_pairs):
+                pairs = [cache[first + i] for i in range(start, min(start + batch_pairs, len(ids)))]
+                for run in _same_shape_runs(pairs):
+                    batch = source.from_pairs(run, epoch)
+                    x_t, t, target = batch_noise(adapter, batch.latents, batch.ids, seed, epoch)
+                    with torch.no_grad(), autocast:
+                        err = sample_errors(adapter.predict(adapter.network, x_t, t, batch.cond), target)
+                    errors.append(torch.stack([err[: batch.pairs], err[batch.pairs :]], dim=1).float().cpu())
+                    timesteps.append(t[: batch.pairs].float().cpu())
+            tensors = {"ref_err": torch.cat(errors), "t": torch.cat(timesteps)}
+            save_atomic(
+                tensors, path, {"format": TABLE_FORMAT, "digest": index["digest"], "ids": json.dumps(ids)}
+            )
+            written.append(path.name)
+            bar.update(1)
+    index = _finalize_table(folder, cache, list(range(epochs)))
+    log.info("reference table %s: wrote %d files, kept %d finished ones", folder, len(written), len(kept))
+    complete = [
+        int(e) for e, flags in sorted(index["epochs"].items(), key=lambda kv: int(kv[0])) if all(flags)
+    ]
+    return {"folder": str(folder), "written": written, "kept": kept, "complete_epochs": complete,
+            "rank": rank, "world_size": world_size}  # fmt: skip
+
+
+def _same_shape_runs(pairs: list) -> list[list]:
+    runs: list[list] = []
+    for pair in pairs:
+        if runs and runs[-1][0].winner_mean.shape == pair.winner_mean.shape:
+            runs[-1].append(pair)
+        else:
+            runs.append([pair])
+    return runs
+
+
+class ReferenceTable:
+    """The e_ref of `vipo score-reference`, in memory: [pairs, epochs, 2] float32 (a million pairs
+    over ten epochs is 80 MB), looked up by pair ids and epoch."""
+
+    def __init__(self, folder: Path, cache: LatentCache, errors: dict[int, torch.Tensor]):
+        self.folder, self.cache, self.errors = folder, cache, errors
+
+    @classmethod
+    def open(cls, cfg, adapter) -> "ReferenceTable":
+        if cfg is None:
+            raise ValueError("reference.mode=precomputed needs the run config to find its table")
+        cache = open_cache(cfg)
+        folder = table_folder(cfg)
+        index = read_json(folder / "index.json")
+        if index is None or index.get("format") != TABLE_FORMAT:
+            raise RunError(
+                f"no reference table in {folder}: run `vipo score-reference RECIPE` first "
+                "(reference.mode=precomputed reads it)"
+            )
+        fingerprint = reference_fingerprint(cfg, cache)
+        if index["fingerprint"] != fingerprint:
+            raise RunError(
+                f"reference table {folder} was scored for another run "
+                f"({describe_differences(index['fingerprint'], fingerprint)}); rerun `vipo score-reference`"
+            )
+        probe = noise_probe(adapter, index["probe"]["shape"], cfg.train.seed)
+        if not probe_matches(index["probe"], probe):
+            raise RunError(
+                f"reference table {folder}: the noise this run draws differs from the scored one "
+                f"(probe {index['probe']} vs {probe}); rescore with this torch/numpy"
+            )
+        errors = {}
+        for epoch, flags in index["epochs"].items():
+            paths = [folder / table_file(int(epoch), s) for s in range(index["shards"])]
+            if not all(flags) and not all(_table_is_whole(p, index["digest"], _shard_ids(cache, s))
+                                          for s, p in enumerate(paths)):  # fmt: skip
+                continue  # an unfinished epoch: a lookup of it says so
+            errors[int(epoch)] = torch.cat([_load_table_file(p) for p in paths])
+        return cls(folder, cache, errors)
+
+    def lookup(self, ids: list[str], epoch: int) -> torch.Tensor:
+        """e_ref [2B] for B pairs: winners' errors, then losers'."""
+        if epoch not in self.errors:
+            have = ", ".join(map(str, sorted(self.errors))) or "none"
+            raise RunError(
+                f"reference table {self.folder} has no complete epoch {epoch} (complete: {have}); "
+                f"run `vipo score-reference RECIPE --epochs {epoch + 1}`"
+            )
+        rows = torch.tensor([self.cache.index_of(i) for i in ids])
+        values = self.errors[epoch][rows]
+        return torch.cat([values[:, 0], values[:, 1]])
+
+
+def _load_table_file(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["ref_err"]
+
+
+def open_reference_table(cfg, adapter) -> ReferenceTable:
+    return ReferenceTable.open(cfg, adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _world() -> tuple[int, int]:
+    try:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
+                          f"{os.environ.get('WORLD_SIZE')!r}") from None  # fmt: skip
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
+    return rank, world_size
+
+
+def _device(cfg) -> torch.device:
+    from .trainer import pick_device
+
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _load(args):
+    from vipo.configs import find_recipe
+
+    return load_config(find_recipe(args.recipe), args.overrides)
+
+
+def run_cache(cfg, *, pairs_per_shard: int = 256, batch_pairs: int | None = None, dtype: str = "float16",
+              rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+              progress: bool = True) -> dict:  # fmt: skip
+    """`vipo cache` without the argument parsing: this rank's share of the recipe's latent cache."""
+    from .trainer import build_data
+
+    if not cfg.data.cache:
+        raise ConfigError(
+            "data.cache is not set: name the folder to write the latent cache to (data.cache=FOLDER)"
+        )
+    source = build_data(cfg.data, cfg.train.seed)
+    # Built whole as the trainer builds it (random-weight encoders follow the denoiser in the seed's
+    # stream), then the denoiser is dropped: encoding needs the frozen encoders only.
+    adapter = build_frozen_adapter(cfg, device or torch.device("cpu"), source.vocabulary())
+    adapter.network = None
+    try:
+        return write_cache(source, AdapterEncoder(adapter), cfg.data.cache, cache_fingerprint(cfg),
+                           pairs_per_shard=pairs_per_shard, batch_pairs=batch_pairs or cfg.train.batch_pairs,
+                           dtype=dtype, rank=rank, world_size=world_size, progress=progress)  # fmt: skip
+    except CacheError as err:
+        raise RunError(str(err)) from None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rank, world_size = _world()
+    summary = run_cache(cfg, pairs_per_shard=args.pairs_per_shard, batch_pairs=args.batch_pairs,
+                        dtype=args.dtype, rank=rank, world_size=world_size, device=_device(cfg),
+                        progress=not args.quiet)  # fmt: skip
+    state = "complete" if summary["complete"] else "not complete yet (other ranks, or a rerun, finish it)"
+    print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards, kept {len(summary['kept'])} "
+          f"finished ones; cache {summary['folder']} ({summary['shards']} shards) is {state}")  # fmt: skip
+    return 0
+
+
+def cmd_score_reference(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    rank, world_size = _world()
+    epochs = args.epochs
+    if epochs is None:
+        epochs = epochs_needed(cfg, len(open_cache(cfg)))
+        print(f"scoring {epochs} epochs: what the recipe needs on 1 process (more processes: pass --epochs)",
+              file=sys.stderr)  # fmt: skip
+    summary = score_reference(cfg, epochs, batch_pairs=args.batch_pairs, rank=rank, world_size=world_size,
+                              device=_device(cfg), progress=not args.quiet)  # fmt: skip
+    complete = ", ".join(map(str, summary["complete_epochs"])) or "none yet"
+    print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} table files, "
+          f"kept {len(summary['kept'])}; "
+          f"table {summary['folder']}, complete epochs: {complete}")  # fmt: skip
+    return 0
+
+
+def add_commands(sub) -> None:
+    overrides = "dotted overrides, e.g. data.cache=/data/cache train.seed=1"
+    cache = sub.add_parser(
+        "cache", help="encode a recipe's pairs once into data.cache (VAE posteriors, text embeddings)"
+    )
+    cache.add_argument("recipe", help="recipe file or built-in name; data.cache names the folder")
+    cache.add_argument("overrides", nargs="*", help=overrides)
+    cache.add_argument(
+        "--pairs-per-shard", type=int, default=256, help="pairs per safetensors shard (default 256)"
+    )
+    cache.add_argument("--batch-pairs", type=int, help="pairs per encoder batch (default: train.batch_pairs)")
+    cache.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                       help="storage dtype of latents and embeddings (default float16)")  # fmt: skip
+    cache.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(func=cmd_cache)
+
+    score = sub.add_parser(
+        "score-reference", help="e_ref of every cached pair per epoch, for reference.mode=precomputed"
+    )
+    score.add_argument("recipe", help="recipe file or built-in name (with data.cache set)")
+    score.add_argument("overrides", nargs="*", help=overrides)
+    score.add_argument(
+        "--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)"
+    )
+    score.add_argument(
+        "--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)"
+    )
+    score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=cmd_score_reference)

@@ -1,0 +1,405 @@
+"""Many processes on CPU (gloo, 2 processes): each strategy trains the tiny SD1.5 model like one
+process with the same global batch, resumes exactly, and FSDP checkpoints load on another world
+size. Launches are subprocesses with a timeout; this file is also the worker they start:
+
+    torchrun --nproc_per_node=2 tests/engine/test_parallel.py --worker SPEC.json
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from vipo.engine.config import ConfigError, load_config
+from vipo.engine.errors import RunError
+
+HERE = Path(__file__).resolve()
+RECIPE = """\
+model: {family: sd15, config: sd15-tiny}
+data: {num_pairs: 32, resolution: 16, caption_dropout: 0.25}
+loss: {beta: 500.0}
+optim: {lr: 1.0e-4}
+train: {batch_pairs: 4, grad_accum_steps: 2, max_steps: 4, log_every_steps: 1, checkpoint_every_steps: 2}
+"""
+LAUNCH_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "PYTEST_CURRENT_TEST")}  # fmt: skip
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TRITON_INTERPRET="1")  # fmt: skip
+    return env
+
+
+def launch(args: list[str], cwd: Path) -> str:
+    """Run a launcher command; its output on success, a failure showing the output's tail otherwise."""
+    try:
+        done = subprocess.run(args, cwd=cwd, env=launch_env(), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(args)} ran past {LAUNCH_TIMEOUT_S} s:\n{(err.stdout or '')[-3000:]}{(err.stderr or '')[-3000:]}")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{output[-6000:]}"
+    assert "terminate called" not in output, output[-6000:]
+    return output
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+
+
+def run_worker(tmp_path: Path, spec: dict, launcher: str = "torchrun") -> str:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    if launcher == "deepspeed":
+        args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port()), str(HERE), "--worker", str(spec_file)]  # fmt: skip
+    else:
+        args = torchrun(str(HERE), "--worker", str(spec_file))
+    return launch(args, tmp_path)
+
+
+@contextmanager
+def one_thread():
+    """In-process runs compute with one thread, as each launched rank does (OMP_NUM_THREADS=1):
+    the same kernels and summation order on both sides of a comparison, and no oversubscribed
+    cores when other processes share the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(rows: list[dict], expected: list[dict], what: str) -> None:
+    """Loss and gradient norm per step within fp32 tolerance. Adam hides a gradient scaled by a
+    constant from the loss, not from the norm: both are compared."""
+    assert [r["step"] for r in rows] == [e["step"] for e in expected], what
+    for row, ref in zip(rows, expected, strict=True):
+        for key in ("loss", "grad_norm", "accuracy"):
+            assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (what, row["step"], key, row[key], ref[key])
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe, tmp_path_factory) -> dict:
+    """The reference curve: one process, the same global batch, no activation checkpointing."""
+    from vipo.engine.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("one")
+    with one_thread(), Trainer(load_config(recipe, [f"train.output_dir={out}"]), progress=False) as trainer:
+        initial = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+        trainer.train()
+        weights = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
+    return {"metrics": read_metrics(out), "initial": initial, "weights": weights}
+
+
+def assert_same_export(folder: Path, other: Path) -> None:
+    from safetensors.torch import load_file
+
+    file = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(folder / file), load_file(other / file)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_exported_like(folder: Path, one_process: dict) -> None:
+    """The exported UNet made the one-process run's update: Adam turns fp32 noise in a
+    near-zero gradient into a full-size step, so weights are compared by the size of the
+    difference against the size of the update (a torn or stale export differs by ~100%)."""
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    expected, initial = one_process["weights"], one_process["initial"]
+    assert set(exported) == set(expected)
+    flat = lambda state: torch.cat([state[k].flatten().double() for k in sorted(expected)])  # noqa: E731
+    update = (flat(expected) - flat(initial)).norm()
+    off = (flat(exported) - flat(expected)).norm() / update
+    assert update > 0 and off < 0.02, f"exported weights are off the one-process update by {off:.1%}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes against one
+
+
+@pytest.mark.slow
+def test_ddp_via_torchrun_matches_one_process_and_resumes_exactly(recipe, one_process, tmp_path):
+    run = tmp_path / "run"
+    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=ddp",
+              "model.gradient_checkpointing=true"]  # fmt: skip
+    first = launch(torchrun(*common, "train.max_steps=2", "-q"), tmp_path)
+    second = launch(torchrun(*common, "-q", "--resume"), tmp_path)
+    for output in (first, second):  # rank 0 alone prints the summary
+        assert output.count("trained ") == 1, output[-3000:]
+    assert (run / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    assert_same_curve(read_metrics(run), one_process["metrics"], "ddp, resumed at step 2")
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, one_process, tmp_path, monkeypatch):
+    first, resumed, export = tmp_path / "first", tmp_path / "resumed", tmp_path / "export"
+    overrides = ["parallel.strategy=fsdp", "model.gradient_checkpointing=true"]
+    spec = {"recipe": str(recipe), "overrides": overrides, "phases": [
+        {"out": str(first), "overrides": ["train.max_steps=2"], "copy_to": str(resumed)},
+        {"out": str(resumed), "resume": True, "export": str(export)},
+    ]}  # fmt: skip
+    run_worker(tmp_path, spec)
+    two = read_metrics(resumed)
+    assert_same_curve(two, one_process["metrics"], "fsdp on 2 ranks, resumed at step 2")
+    assert sorted(p.name for p in (first / "checkpoints" / "step-000002").iterdir()) == [
+        "config.yaml", "dcp", "rng.safetensors", "scheduler.pt", "state.json"]  # fmt: skip
+    assert_exported_like(export, one_process)
+    # `vipo export` reads the sharded checkpoint in one process: the same weights as the gather.
+    from vipo.engine.export import export_run
+
+    assert_same_export(export_run(resumed, tmp_path / "offline"), export)
+
+    # The 2-rank checkpoint of step 2, continued by one plain process (no launcher, no FSDP).
+    from vipo.engine.trainer import Trainer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(first, plain)
+    with one_thread(), Trainer(load_config(recipe, [f"train.output_dir={plain}"]), progress=False) as trainer:
+        trainer.train(resume=True)
+    assert_same_curve(read_metrics(plain)[-2:], one_process["metrics"][2:], "fsdp 2 ranks -> one plain process")
+
+    # The same checkpoint on one FSDP rank. A first attempt dies while writing step 4:
+    # the previous checkpoint stays the latest and whole, and the next attempt resumes from it.
+    import torch.distributed.checkpoint as dcp
+
+    def one_rank(*extra):
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):  # fmt: skip
+            monkeypatch.setenv(key, value)
+        return Trainer(load_config(recipe, [f"train.output_dir={first}", *overrides, *extra]), progress=False)
+
+    real_save = dcp.save
+
+    def dies_mid_write(state, checkpoint_id, **kwargs):
+        Path(checkpoint_id).mkdir(parents=True)
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", dies_mid_write)
+    with one_thread(), pytest.raises(OSError, match="disk full"), one_rank() as trainer:
+        trainer.train(resume=True)
+    root = first / "checkpoints"
+    assert (root / "latest").read_text() == "step-000002" and not (root / "step-000004").exists()
+    monkeypatch.setattr(dcp, "save", real_save)
+    with one_thread(), one_rank() as trainer:
+        trainer.train(resume=True)
+        assert trainer.world.size == 1
+    assert_same_curve(read_metrics(first)[-2:], one_process["metrics"][2:], "fsdp 2 -> 1 rank at step 2")
+    assert not list(root.glob(".*tmp*"))  # the torn write was cleared by the next save of step 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe, one_process, tmp_path):
+    pytest.importorskip("deepspeed")
+    run, export = tmp_path / "run", tmp_path / "export"
+    spec = {"recipe": str(recipe), "overrides": [f"parallel.strategy={strategy}", "model.gradient_checkpointing=true"],
+            "phases": [{"out": str(run), "overrides": ["train.max_steps=2"]},
+                       {"out": str(run), "resume": True, "export": str(export)}]}  # fmt: skip
+    # zero3 starts through the deepspeed launcher, which appends --local_rank to the command.
+    run_worker(tmp_path, spec, launcher="deepspeed" if strategy == "zero3" else "torchrun")
+    assert_same_curve(read_metrics(run), one_process["metrics"], f"{strategy}, resumed at step 2")
+    assert (run / "checkpoints" / "step-000002" / "deepspeed").is_dir()
+    assert_exported_like(export, one_process)
+    from vipo.engine.export import export_run
+
+    assert_same_export(export_run(run, tmp_path / "offline"), export)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process: the pieces
+
+
+class FakeWorld:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+def test_each_rank_keeps_its_rows_of_the_global_noise_draw(recipe, tmp_path):
+    from vipo.engine.models import build_model
+    from vipo.engine.parallel import RankView
+
+    cfg = load_config(recipe, [f"train.output_dir={tmp_path}"])
+    adapter = build_model(cfg.model, torch.device("cpu"), vocabulary=["red"])
+    latents = torch.randn(8, 3, 16, 16)  # 4 pairs: winners 0-3, losers 4-7
+    whole = adapter.noisy_inputs(latents, torch.Generator().manual_seed(5), paired=True)
+    parts = []
+    for rank in (0, 1):
+        view = RankView(adapter, adapter.network, FakeWorld(rank, 2), global_draw=True)
+        view.local_pairs = 2
+        local = torch.cat([latents[2 * rank : 2 * rank + 2], latents[4 + 2 * rank : 6 + 2 * rank]])
+        parts.append(view.noisy_inputs(local, torch.Generator().manual_seed(5), paired=True))
+    for i, name in enumerate(("x_t", "t", "target")):
+        rebuilt = torch.cat([parts[0][i][:2], parts[1][i][:2], parts[0][i][2:], parts[1][i][2:]])
+        assert torch.equal(rebuilt, whole[i]), name
+    # Winners-only rows (SFT): one block of 2 rows per rank.
+    whole = adapter.noisy_inputs(latents[:4], torch.Generator().manual_seed(6), paired=False)
+    view = RankView(adapter, adapter.network, FakeWorld(1, 2), global_draw=True)
+    view.local_pairs = 2
+    assert torch.equal(view.noisy_inputs(latents[2:4], torch.Generator().manual_seed(6), paired=False)[0], whole[0][2:4])
+
+
+def test_per_rank_noise_streams_differ_by_rank_and_global_ones_do_not():
+    from vipo.engine.parallel import World, rank_generator
+
+    draws = {(rank, per_rank): torch.randn(4, generator=rank_generator(3, World(rank, 2), torch.device("cpu"), per_rank))
+             for rank in (0, 1) for per_rank in (False, True)}  # fmt: skip
+    assert torch.equal(draws[0, False], draws[1, False])
+    assert not torch.equal(draws[0, True], draws[1, True])
+
+
+def test_fsdp_shards_the_blocks_the_model_declares_children_first(recipe, tmp_path):
+    from vipo.engine.models import build_model
+    from vipo.engine.parallel import blocks
+
+    network = build_model(load_config(recipe, []).model, torch.device("cpu"), vocabulary=["red"]).network
+    found = blocks(network)
+    names = [type(m).__name__ for m in found]
+    assert {"BasicTransformerBlock", "ResnetBlock2D", "CrossAttnUpBlock2D"} <= set(names)
+    position = {id(m): i for i, m in enumerate(found)}
+    for parent in found:  # every block comes after the blocks inside it
+        assert all(position[id(child)] < position[id(parent)] for child in parent.modules()
+                   if child is not parent and id(child) in position)  # fmt: skip
+    with pytest.raises(RunError, match="declares no blocks"):
+        blocks(torch.nn.Linear(2, 2))
+
+
+def test_deepspeed_config_comes_from_the_recipe_or_a_checked_user_file(tmp_path):
+    from vipo.engine.parallel import World, deepspeed_config
+
+    cfg = load_config(None, ["parallel.strategy=zero3", "train.batch_pairs=8", "train.grad_accum_steps=2",
+                             "train.mixed_precision=bf16", "optim.max_grad_norm=0.5"])  # fmt: skip
+    world = World(0, 4)
+    written = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
+    assert written["train_micro_batch_size_per_gpu"] == 2 and written["train_batch_size"] == 16
+    assert written["zero_optimization"]["stage"] == 3 and written["bf16"] == {"enabled": True}
+    assert written["gradient_clipping"] == 0.5 and "optimizer" not in written
+
+    def with_file(content: dict):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(content))
+        parallel_cfg = load_config(None, ["parallel.strategy=zero3", f"parallel.deepspeed_config={path}"]).parallel
+        return deepspeed_config(parallel_cfg, cfg.train, cfg.optim, world)
+
+    own = with_file({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    assert own["zero_optimization"]["offload_param"] == {"device": "cpu"} and own["train_batch_size"] == 16
+    with pytest.raises(ConfigError, match="remove 'optimizer'"):
+        with_file({"optimizer": {"type": "Adam"}})
+    with pytest.raises(ConfigError, match="train_batch_size is 64 but the recipe gives 16"):
+        with_file({"train_batch_size": 64})
+    with pytest.raises(ConfigError, match="stage is 2 but parallel.strategy is zero3"):
+        with_file({"zero_optimization": {"stage": 2}})
+    with pytest.raises(ConfigError, match="bf16.enabled is False but train.mixed_precision is 'bf16'"):
+        with_file({"bf16": {"enabled": False}})
+
+
+def test_parallel_settings_that_cannot_work_are_refused_by_name(tmp_path, monkeypatch):
+    from vipo.engine.trainer import Trainer
+
+    for overrides, message in (
+        (["parallel.strategy=zero2", "parallel.cpu_offload=true"], "parallel.cpu_offload is for strategy fsdp"),
+        (["parallel.strategy=fsdp", f"parallel.deepspeed_config={tmp_path}/ds.json"], "needs strategy zero2 or zero3"),
+        (["parallel.strategy=zero3", f"parallel.deepspeed_config={tmp_path}/none.json"], "no such file .*none.json"),
+        (["parallel.strategy=fsdp", "parallel.reshard_after_forward=false", "model.lora_rank=4",
+          "reference.mode=adapter"], "reshard_after_forward=false does not work with reference.mode=adapter"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            Trainer(load_config(None, [f"train.output_dir={tmp_path}", *overrides]), progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunError, match="launched as 2 processes but parallel.strategy is 'none'"):
+        Trainer(load_config(None, [f"train.output_dir={tmp_path}"]), progress=False)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_a_lora_with_bf16_offload_and_checkpointing_and_exports_it_merged(recipe, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from vipo.engine.trainer import Trainer
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):  # fmt: skip
+        monkeypatch.setenv(key, value)
+    cfg = load_config(recipe, [f"train.output_dir={tmp_path / 'run'}", "parallel.strategy=fsdp", "model.lora_rank=4",
+                               "reference.mode=adapter", "train.mixed_precision=bf16", "parallel.cpu_offload=true",
+                               "model.gradient_checkpointing=true", "train.max_steps=2"])  # fmt: skip
+    with one_thread(), Trainer(cfg, progress=False) as trainer:
+        full = lambda: {k: v.full_tensor().clone() for k, v in trainer.network.state_dict().items()}  # noqa: E731
+        before = full()
+        trainer.train()
+        after = full()
+        moved = {k for k in before if not torch.equal(before[k], after[k])}
+        assert moved and all("lora" in k for k in moved)  # the base stays frozen under FSDP
+        assert all(p.dtype == torch.float32 for p in trainer.params)  # bf16 in compute only
+        trainer.export(tmp_path / "export")
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet").state_dict()
+    assert not any("lora" in k for k in merged)
+    # The merged projections moved off the base weights (B != 0 after training).
+    key = next(k for k in merged if k.endswith("to_q.weight"))
+    assert not torch.equal(merged[key], before[key.replace("to_q.weight", "to_q.base_layer.weight")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker the launches start
+
+
+def worker(spec_file: str) -> None:
+    """Phases of training in one process group: each phase is a Trainer (fresh or resumed)."""
+    import torch.distributed as dist
+
+    from vipo.engine.parallel import World, shutdown
+    from vipo.engine.trainer import Trainer
+
+    spec = json.loads(Path(spec_file).read_text())
+    if any("zero" in override for override in spec["overrides"]):
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce (30+ s and a C++
+        # toolchain on a fresh machine) that no GPU run uses: tests take gloo's.
+        import importlib
+
+        # (`deepspeed.comm.torch` as an attribute is the torch package; the module is imported.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    dist.init_process_group("gloo")
+    for phase in spec["phases"]:
+        overrides = [*spec["overrides"], f"train.output_dir={phase['out']}", *phase.get("overrides", [])]
+        with Trainer(load_config(spec["recipe"], overrides), progress=False) as trainer:
+            trainer.train(resume=phase.get("resume", False))
+            if phase.get("export"):
+                trainer.export(Path(phase["export"]))
+        if phase.get("copy_to") and dist.get_rank() == 0:
+            shutil.copytree(phase["out"], phase["copy_to"])
+        dist.barrier()
+    shutdown(World(dist.get_rank(), dist.get_world_size(), owns_group=True))
+
+
+if __name__ == "__main__":
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
+    worker(sys.argv[sys.argv.index("--worker") + 1])
