@@ -19,9 +19,10 @@ from vipo.kernels import beta_from, poly_dpo_loss, sample_errors
 class PairBatch:
     """B pairs: pixels [2B, 3, H, W] in [-1, 1], winners in rows [0, B), losers in [B, 2B)."""
 
-    ids: list[int]
+    ids: list[str]
     prompts: list[str]
     pixels: torch.Tensor
+    weights: torch.Tensor | None = None  # [B] per-pair weights (None: all 1)
 
     @property
     def pairs(self) -> int:
@@ -51,7 +52,7 @@ def preference_loss(adapter, reference, batch: PairBatch, loss_cfg, generator) -
     ref_err = reference.errors(x_t, t, cond, target)  # the reference output is already freed
     pred = adapter.predict(adapter.network, x_t, t, cond)
     beta = resolve_beta(loss_cfg, pred[0].numel())
-    out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha)
+    out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha, pair_weight=batch.weights)
     return out.loss, preference_metrics(out, loss_cfg.alpha)
 
 

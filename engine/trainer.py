@@ -176,7 +176,10 @@ class Trainer:
             if self.view is not None:
                 drop = self.view.share(drop)
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
-        return PairBatch([r.id for r in records], prompts, self._pixels(records))
+        weights = None
+        if any(r.weight != 1.0 for r in records):  # per-pair weights from the source (e.g. a manifest)
+            weights = torch.tensor([r.weight for r in records], device=self.device)
+        return PairBatch([r.id for r in records], prompts, self._pixels(records), weights)
 
     def _pixels(self, records) -> torch.Tensor:
         """[2B, 3, H, W] (or [2B, 3, F, H, W] clips) in [-1, 1]: the winners, then their losers."""

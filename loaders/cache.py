@@ -184,6 +184,11 @@ def _same_shape_runs(records: list) -> list[list]:
                 f"pair {record.id}: winner {record.winner.shape} and loser {record.loser.shape} "
                 "differ in shape"
             )
+        if getattr(record, "weight", 1.0) != 1.0:
+            raise CacheError(
+                f"pair {record.id} has weight {record.weight}: the latent cache does not store per-pair "
+                "weights yet; train from the source itself (no data.cache) to use them"
+            )
         if runs and runs[-1][0].winner.shape == record.winner.shape:
             runs[-1].append(record)
         else:

@@ -3,7 +3,8 @@
     {"prompt": "a red fox in snow", "winner": "img/0001_a.jpg", "loser": "img/0001_b.png",
      "category": "composition", "id": "fox-0001"}
 
-`category` and `id` are optional; other keys are ignored. Relative image paths are relative to
+`category`, `id` and `weight` (a finite number >= 0 scaling the pair in a preference loss,
+default 1) are optional; other keys are ignored. Relative image paths are relative to
 the manifest's folder, so a data set can be moved or mounted anywhere. Blank lines are allowed.
 A malformed line is a SourceError naming the file and the line number: a manifest is written by
 a script, and a broken line means the script is broken.
@@ -36,6 +37,7 @@ class ManifestEntry:
     winner: Path
     loser: Path
     category: str
+    weight: float = 1.0
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
@@ -67,10 +69,14 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
                 raise SourceError(f"{where}: {key!r} must be a string, got {item[key]!r}")
         if not item["winner"] or not item["loser"]:
             raise SourceError(f"{where}: empty image path")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise SourceError(f"{where}: 'weight' must be a finite number >= 0, got {weight!r}")
         digest = hashlib.sha1("\0".join((item["prompt"], item["winner"], item["loser"])).encode()).hexdigest()
         entries.append(ManifestEntry(
             id=item.get("id") or f"manifest-{digest[:16]}", prompt=item["prompt"],
             winner=base / item["winner"], loser=base / item["loser"], category=item.get("category", ""),
+            weight=float(weight),
         ))  # fmt: skip
     return entries
 
@@ -127,7 +133,7 @@ class ManifestPairs:
             winner_pixels, loser_pixels = self.transform(winner, loser, key=entry.id, epoch=self.epoch)
         except BadSample as bad:
             raise self._bad(index, bad) from None
-        return PairRecord(entry.id, entry.prompt, winner_pixels, loser_pixels, entry.category)
+        return PairRecord(entry.id, entry.prompt, winner_pixels, loser_pixels, entry.category, entry.weight)
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """(width, height) of each pair's winner from its header, for bucket assignment; None

@@ -210,3 +210,43 @@ def test_the_pickapic_recipe_runs_on_local_copies(tmp_path):
         assert len(trainer.data) == 4 and trainer.data.stats()["skipped_ties"] == 1
     assert summary["steps"] == 2 and summary["loss_is_finite"]
     assert (cfg.loss.alpha, cfg.loss.beta) == (8.0, 5000.0)
+
+
+def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path):
+    from vipo.engine.precompute import AdapterEncoder
+    from vipo.engine.trainer import Trainer
+    from vipo.kernels import poly_dpo_loss
+    from vipo.loaders.cache import CacheError, write_cache
+
+    path = write_manifest(tmp_path, [(16, 16)] * 4)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line, weight in zip(lines, (0.0, 2.0, 1.0, 3.5), strict=True):
+        line["weight"] = weight
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = config("data.source=manifest", f"data.path={path}", "data.resolution=16", "train.batch_pairs=4",
+                 "loss.objective=poly_dpo", "loss.alpha=2", "loss.beta=500", f"train.output_dir={tmp_path / 'r'}")  # fmt: skip
+    trainer = Trainer(cfg, progress=False)
+    batch = trainer.next_batch()
+    assert sorted(batch.weights.tolist()) == [0.0, 1.0, 2.0, 3.5]
+    # The trainer's loss is the kernel's with these pair weights.
+    calls = []
+    original = poly_dpo_loss
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("pair_weight"))
+        return original(*args, **kwargs)
+
+    import vipo.engine.objectives as objectives
+
+    objectives.poly_dpo_loss, saved = spy, objectives.poly_dpo_loss
+    try:
+        trainer.train_step()
+    finally:
+        objectives.poly_dpo_loss = saved
+    assert calls and sorted(calls[0].tolist()) == [0.0, 1.0, 2.0, 3.5]
+    with pytest.raises(CacheError, match="does not store per-pair weights"):
+        write_cache(trainer.data, AdapterEncoder(trainer.adapter), tmp_path / "cache", {}, progress=False)
+    lines[0]["weight"] = -1
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(RunError, match=r"pairs.jsonl:1: 'weight' must be a finite number >= 0, got -1"):
+        build_source(cfg.data, cfg.model, seed=0)
