@@ -87,6 +87,10 @@ class DataConfig:
         0.0, "probability of an empty prompt, drawn per pair (winner and loser alike)"
     )
     cache: str | None = _f(None, "latent cache folder written by `vipo cache`; None encodes online")
+    max_bad_fraction: float = _f(
+        0.01, "stop the run when more than this share of the pairs tried are bad files (corrupt, missing, short)"
+    )
+    prefetch_batches: int = _f(2, "batches prepared ahead in a background thread while the step runs; 0 = off")
 
 
 @dataclass
@@ -213,12 +217,15 @@ class RunConfig:
             raise ConfigError(f"data.hflip_prob must be in [0, 1], got {data.hflip_prob}")
         if data.source == "video" and self.model.family == "wan" and (data.num_frames - 1) % 4:
             raise ConfigError(f"data.num_frames={data.num_frames}: Wan's VAE needs 1 + 4k frames (e.g. 17, 33, 81)")
+        if not 0.0 <= data.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key, value, low in (
             ("model.lora_rank", self.model.lora_rank, 0),
             ("data.num_pairs", self.data.num_pairs, 1),
             ("data.resolution", self.data.resolution, 8),
+            ("data.prefetch_batches", self.data.prefetch_batches, 0),
             ("train.checkpoint_every_steps", self.train.checkpoint_every_steps, 0),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),
             ("train.batch_pairs", self.train.batch_pairs, 1),

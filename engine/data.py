@@ -1,15 +1,20 @@
 """From `data.*` to batches: the source, its sampler and the pixel tensor of a batch.
 
     source   = build_source(cfg.data, cfg.model, seed, rank, world_size)
-    batches  = BatchStream(source, local_batch_pairs, seed, rank, world_size)
+    batches  = BatchStream(source, local_batch_pairs, seed, rank, world_size,
+                           max_bad_fraction=0.01, prefetch_batches=2)
     records  = batches.next_records()          # B PairRecords of one bucket
     pixels   = to_pixels(records, device)      # [2B, 3, H, W] or [2B, 3, F, H, W] in [-1, 1]
 
 Map-style sources (procedural, pickapic, manifest, video) are drawn by index with PairSampler,
 or BucketBatchSampler when buckets are set, and a bad sample is replaced by the next good one
 (counted); tar shards stream and carry their own position. Either way `state_dict()` is the
-whole data position a checkpoint needs for a resume to continue the same order.
+whole data position a checkpoint needs for a resume to continue the same order, also while
+batches are prefetched in the background.
 """
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -69,50 +74,178 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
     raise RunError(f"data.source {data_cfg.source!r} is not known")
 
 
-class BatchStream:
-    """B records a call, in an order that is a pure function of (seed, position)."""
+BAD_KINDS = ("skipped_corrupt", "skipped_missing", "skipped_short", "skipped_incomplete", "skipped_corrupt_shards")
+MIN_ATTEMPTS_FOR_BAD_FRACTION = 50
 
-    def __init__(self, source, batch_pairs: int, seed: int, rank: int = 0, world_size: int = 1):
+
+def bad_count(stats: dict[str, int]) -> int:
+    """Skips that mean an unusable file. Ties, unlabeled and identical pairs are data policy, not damage."""
+    return sum(int(stats.get(kind, 0)) for kind in BAD_KINDS)
+
+
+def _use_cuda_device(device: int | None) -> None:
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
+class BatchStream:
+    """B records a call, in an order that is a pure function of (seed, position).
+
+    `prefetch_batches` > 0 prepares that many batches ahead in one background thread while the
+    step runs (PIL, PyAV and DALI release the GIL while they decode). One thread, not several:
+    sources keep caches, skip counters and the epoch of their random draws as plain attributes,
+    and a single producer keeps them consistent and the order exact. Each prepared batch carries
+    the position after it, so `state_dict()` is the position after the last batch handed out,
+    never after a prefetched one, and a resume continues the same order.
+
+    `max_bad_fraction`: once at least MIN_ATTEMPTS_FOR_BAD_FRACTION pairs were tried, a share of
+    bad files (BAD_KINDS) above it stops the run with a RunError naming the counts: one corrupt
+    file in a million is a counted skip, a tenth of the data set unreadable is a broken mount.
+    """
+
+    def __init__(self, source, batch_pairs: int, seed: int, rank: int = 0, world_size: int = 1, *,
+                 max_bad_fraction: float = 0.01, prefetch_batches: int = 0):  # fmt: skip
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise RunError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if prefetch_batches < 0:
+            raise RunError(f"data.prefetch_batches must be >= 0, got {prefetch_batches}")
         self.source, self.batch_pairs = source, batch_pairs
+        self.max_bad_fraction, self.prefetch_batches = max_bad_fraction, prefetch_batches
         self.streaming = not hasattr(source, "__getitem__")
         self._iterator = None
+        self._pending: deque[Future] = deque()
+        self._executor: ThreadPoolExecutor | None = None
         if self.streaming:
             self.sampler = None
-            return
-        buckets = getattr(getattr(source, "transform", None), "buckets", None) or getattr(source, "buckets", None)
-        if buckets is not None:
-            from vipo.loaders.buckets import BucketBatchSampler
-
-            self.sampler = BucketBatchSampler(buckets.assign(source.image_sizes()), batch_pairs, seed, rank,
-                                              world_size)  # fmt: skip
         else:
-            self.sampler = PairSampler(len(source), batch_pairs, seed, rank, world_size)
+            buckets = getattr(getattr(source, "transform", None), "buckets", None) or getattr(source, "buckets", None)
+            if buckets is not None:
+                from vipo.loaders.buckets import BucketBatchSampler
 
-    def next_records(self) -> list[PairRecord]:
+                self.sampler = BucketBatchSampler(buckets.assign(source.image_sizes()), batch_pairs, seed, rank,
+                                                  world_size)  # fmt: skip
+            else:
+                self.sampler = PairSampler(len(source), batch_pairs, seed, rank, world_size)
+        self._position = self._current_position()
+        self._stats = self._source_stats()
+        # Bad files found before the first batch (a header scan for buckets, check_files) were
+        # found among all pairs: judge them against the whole set, and later ones against pairs served.
+        self._bad_at_start = bad_count(self._stats)
+        self._served = 0
+        if self._bad_at_start:
+            scanned = self._bad_at_start if self.streaming else max(len(source), self._bad_at_start)
+            self._check_bad(self._bad_at_start, scanned)
+
+    # -- producing batches (the caller's thread, or the one prefetch thread) ----------------------
+
+    def _current_position(self) -> dict:
+        return {"stream": self.source.state_dict()} if self.streaming else self.sampler.state_dict()
+
+    def _source_stats(self) -> dict[str, int]:
+        return dict(self.source.stats()) if hasattr(self.source, "stats") else {}
+
+    def _produce(self) -> tuple[list[PairRecord], dict, dict[str, int]]:
+        """The next batch, the position after it and the source's counters after it."""
         if self.streaming:
             if self._iterator is None:
                 self._iterator = iter(self.source)
             try:
-                return [next(self._iterator) for _ in range(self.batch_pairs)]
+                records = [next(self._iterator) for _ in range(self.batch_pairs)]
             except StopIteration:
                 raise RunError("the shard stream ended (data.path holds fewer pairs than the run needs)") from None
+        else:
+            indices = self.sampler.next_batch()
+            if hasattr(self.source, "set_epoch"):
+                self.source.set_epoch(self.sampler.epoch)
+            records = [self.source[i] for i in indices]
+        return records, self._current_position(), self._source_stats()
+
+    def _submit(self) -> None:
+        if self._executor is None:
+            # CUDA's current device is per thread: without this, DALI's "mixed" decoders of every
+            # rank would run on GPU 0.
+            device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vipo-prefetch",
+                                                initializer=_use_cuda_device, initargs=(device,))  # fmt: skip
+        self._pending.append(self._executor.submit(self._produce))
+
+    def _drain(self) -> None:
+        """Cancel or wait out every prepared batch, so nothing else touches the source."""
+        while self._pending:
+            future = self._pending.popleft()
+            if not future.cancel():
+                wait([future])
+
+    # -- the caller's side ------------------------------------------------------------------------
+
+    def next_records(self) -> list[PairRecord]:
+        if self.prefetch_batches == 0:
+            records, position, stats = self._produce()
+        else:
+            if not self._pending:
+                self._submit()
+            future = self._pending.popleft()
+            while len(self._pending) < self.prefetch_batches:
+                self._submit()
+            try:
+                records, position, stats = future.result()
+            except BaseException:
+                # Batches after a failed one were drawn from a position the caller never saw:
+                # drop them and rewind, so a retry starts where the last handed-out batch ended.
+                self._drain()
+                self._restore(self._position)
+                raise
+        self._position, self._stats = position, stats
+        self._served += len(records)
+        bad = bad_count(stats) - self._bad_at_start
+        self._check_bad(bad, self._served + bad)
+        return records
+
+    def next_indices(self) -> tuple[list[int], int]:
+        """The next batch's indices and their epoch, for a map-style source read by the caller
+        (the latent cache); the position advances as with next_records, without prefetch."""
+        if self.streaming or self.prefetch_batches:
+            raise RunError("next_indices needs a map-style source without prefetch")
         indices = self.sampler.next_batch()
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(self.sampler.epoch)
-        return [self.source[i] for i in indices]
+        self._position = self._current_position()
+        self._served += len(indices)
+        return indices, self.sampler.epoch
+
+    def _check_bad(self, bad: int, tried: int) -> None:
+        if tried < MIN_ATTEMPTS_FOR_BAD_FRACTION or bad / tried <= self.max_bad_fraction:
+            return
+        kinds = ", ".join(f"{kind}={self._stats[kind]}" for kind in BAD_KINDS if self._stats.get(kind))
+        raise RunError(
+            f"data: {bad} of {tried} pairs tried were bad files ({bad / tried:.1%}: {kinds}), more than "
+            f"data.max_bad_fraction={self.max_bad_fraction}; check the data with `vipo data stats` "
+            "or raise the limit"
+        )
 
     def stats(self) -> dict[str, int]:
-        return self.source.stats() if hasattr(self.source, "stats") else {}
+        """The source's counters as of the last batch handed out (prefetched batches not counted)."""
+        return dict(self._stats)
 
     def state_dict(self) -> dict:
-        return {"stream": self.source.state_dict()} if self.streaming else self.sampler.state_dict()
+        return dict(self._position)
 
     def load_state_dict(self, state: dict) -> None:
+        self._drain()
+        self._restore(state)
+
+    def _restore(self, state: dict) -> None:
         if self.streaming:
             self.source.load_state_dict(state["stream"])
             self._iterator = None
         else:
             self.sampler.load_state_dict(state)
+        self._position = self._current_position()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (batches prepared but not handed out are dropped)."""
+        self._drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 def to_pixels(records: list[PairRecord], device: torch.device) -> torch.Tensor:

@@ -3,6 +3,7 @@
     vipo sample SOURCE --prompts FILE --n 4 --out DIR
     vipo eval DIR [DIR ...] --scorers pickscore,hpsv2,imagereward,aesthetic,clip --base DIR0 --scorers-config F
     vipo data agreement SOURCE --scorers ... --scorers-config F [--suggest-alpha]
+    vipo data stats [RECIPE [overrides]] [--source manifest --path X] [--json]
     vipo scorers convert {hpsv2,imagereward} CHECKPOINT --tokenizer DIR --out DIR
 """
 
@@ -68,6 +69,23 @@ def cmd_agreement(args: argparse.Namespace) -> int:
         with open(out / "pair_scores.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in result["rows"])
         print(f"wrote {out}/agreement.json and pair_scores.jsonl", file=sys.stderr)
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from vipo.configs import find_recipe
+
+    from .config import load_config
+    from .data_stats import collect, format_report
+
+    overrides = list(args.overrides)
+    overrides += [f"data.source={args.source}"] if args.source else []
+    overrides += [f"data.path={args.path}"] if args.path else []
+    if not args.recipe and not any(o.startswith("data.source=") for o in overrides):
+        raise RunError("vipo data stats needs a recipe or --source (e.g. --source manifest --path pairs.jsonl)")
+    cfg = load_config(find_recipe(args.recipe) if args.recipe else None, overrides)
+    report = collect(cfg.data, cfg.model, progress=not args.quiet, decode=args.decode)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -143,6 +161,17 @@ def add_commands(sub) -> None:
     agree.add_argument("--out", help="folder for agreement.json and pair_scores.jsonl")
     agree.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     agree.set_defaults(func=cmd_agreement)
+
+    stats = data.add_parser("stats", help="pairs, skips by reason, sizes, frames and categories of a data source")
+    stats.add_argument("recipe", nargs="?", metavar="SOURCE", help="recipe file or built-in name (its data.* keys)")
+    stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=pairs.jsonl")
+    stats.add_argument("--source", choices=["manifest", "pickapic", "shards", "video", "procedural"],
+                       help="data.source, without a recipe")  # fmt: skip
+    stats.add_argument("--path", help="data.path: manifest, parquet file/folder, tar shards")
+    stats.add_argument("--decode", action="store_true", help="decode every image (finds truncated files; slower)")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    stats.set_defaults(func=cmd_data_stats)
 
     scorers = _subcommands(sub, "scorers", "prepare reward-model weights for `vipo eval`")
     convert = scorers.add_parser("convert", help="released HPSv2 / ImageReward checkpoint -> scorer folder")

@@ -83,7 +83,11 @@ class Trainer:
             self.data = open_cache(cfg)
         else:
             self.data = build_data(cfg.data, cfg.train.seed, cfg.model, self.world.rank, self.world.size)
-        self.batches = BatchStream(self.data, local_pairs, cfg.train.seed, self.world.rank, self.world.size)
+        self.batches = BatchStream(
+            self.data, local_pairs, cfg.train.seed, self.world.rank, self.world.size,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            prefetch_batches=0 if cfg.data.cache else cfg.data.prefetch_batches,  # cached batches are cheap
+        )  # fmt: skip
         self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
         # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of
         # (seed, pair id, epoch), so the precomputed reference errors match.
@@ -166,8 +170,8 @@ class Trainer:
 
     def next_batch(self) -> PairBatch | LatentPairBatch:
         if self.cache_batches is not None:
-            indices = self.sampler.next_batch()
-            return self.cache_batches.batch(indices, self.sampler.epoch)
+            indices, epoch = self.batches.next_indices()
+            return self.cache_batches.batch(indices, epoch)
         records = self.batches.next_records()
         prompts = [r.prompt for r in records]
         if self.cfg.data.caption_dropout > 0:  # one draw per pair: winner and loser alike
@@ -424,6 +428,8 @@ class Trainer:
         if hasattr(reference_engine, "destroy"):
             reference_engine.destroy()
         self.engine = self.policy = self.view = self.optimizer = self.scheduler = None
+        if getattr(self, "batches", None) is not None:
+            self.batches.close()  # stop the prefetch thread
         parallel.shutdown(self.world, clean=clean)
 
     def __enter__(self) -> "Trainer":

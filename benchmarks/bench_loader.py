@@ -1,0 +1,232 @@
+"""Loader throughput: pairs/s for JPEG pairs and frames/s for clips, each decoder on the same data.
+
+    python benchmarks/bench_loader.py                     # on a GPU: 1024px JPEG pairs, 720p VP9 + H.264 clips
+    python benchmarks/bench_loader.py --size 512 --frames 81 --clips 4
+    python benchmarks/bench_loader.py --smoke --out /tmp/loader.json    # CPU: checks the harness
+
+Images: a pair (winner and loser JPEG, `--size` px square) is decoded as the image sources do, two
+images a call through loaders/dali.py `decode_images`: PIL, DALI's CPU decoder, and nvJPEG (DALI
+"mixed") where CUDA is. Video: every frame of each clip at its own size, through the loaders'
+decoders: PyAV (`decode_pyav`), DALI's CPU decoder (VP9 only: it cannot do H.264) and NVDEC (DALI
+"mixed", where the driver's libnvcuvid is). Frames/s counts decoded frames; pairs/s counts pairs.
+
+Each figure is the median of `--repeats` timed passes after one warm-up pass (DALI builds its
+pipeline then). The decoders are synchronous and return host arrays (DALI "mixed" outputs are
+copied back to the host, as loaders/dali.py does), so wall-clock time around a call is the cost a
+data-loading thread pays. The data are generated here (smooth gradients plus noise, JPEG quality 90;
+clips encoded with PyAV) in a temporary folder.
+
+Results: benchmarks/results/loader-<device>-<date>.json on a GPU machine (or `--out`), with device,
+CPU count, versions, commit, date and shapes. CPU timings on shared machines are noise: a CPU run
+needs `--out` outside results/ and is never committed.
+"""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import provenance  # noqa: I001  (benchmarks/ is the script's folder)
+import torch
+from PIL import Image
+
+from vipo.loaders import dali
+from vipo.loaders.video import FrameSampling, decode_pyav, plan_clip, probe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CODECS = {"vp9": ("libvpx-vp9", ".webm", {"deadline": "realtime", "cpu-used": "8"}),
+          "h264": ("libx264", ".mp4", {"preset": "ultrafast"})}  # fmt: skip
+
+
+def _content(width: int, height: int, seed: int) -> np.ndarray:
+    """Gradients plus noise: compresses like a photo, not like a flat colour."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    tint = rng.uniform(0.2, 1.0, 3)
+    base = np.stack([x / width * tint[0], y / height * tint[1], (x + y) / (width + height) * tint[2]], -1) * 255
+    return np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def make_jpeg_pairs(count: int, size: int) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for i in range(count):
+        blobs = []
+        for k in range(2):
+            buffer = io.BytesIO()
+            Image.fromarray(_content(size, size, 2 * i + k)).save(buffer, format="JPEG", quality=90)
+            blobs.append(buffer.getvalue())
+        pairs.append(tuple(blobs))
+    return pairs
+
+
+def make_clip(path: Path, codec: str, width: int, height: int, frames: int, seed: int) -> Path:
+    import av
+
+    encoder, _, options = CODECS[codec]
+    base = _content(width, height, seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=24, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            frame = np.roll(base, 8 * k, axis=1)  # motion, so inter frames carry data
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _timed(run, repeats: int) -> list[float]:
+    run()  # warm-up: pipelines are built, files are in the page cache
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _row(kind: str, backend: str, items: int, unit: str, seconds: list[float], **extra) -> dict:
+    median = statistics.median(seconds)
+    return {"kind": kind, "backend": backend, "items": items, "unit": unit, "median_s": median,
+            "min_s": min(seconds), "max_s": max(seconds), "repeats": len(seconds), f"{unit}_per_s": items / median,
+            **extra}  # fmt: skip
+
+
+def bench_images(pairs: list[tuple[bytes, bytes]], repeats: int, cuda: bool) -> list[dict]:
+    backends = [("pil", "pil", "auto")]
+    if dali.dali_available():
+        backends.append(("dali-cpu", "dali", "cpu"))
+        if cuda:
+            backends.append(("dali-mixed", "dali", "mixed"))
+    rows = []
+    for name, backend, device in backends:
+        used = set()
+
+        def run(backend=backend, device=device, used=used):
+            for winner, loser in pairs:
+                _, decoded_by = dali.decode_images([winner, loser], ["winner", "loser"], backend, device)
+                used.add(decoded_by)
+
+        seconds = _timed(run, repeats)
+        if used != {name}:  # decode_images falls back to PIL when DALI fails: never report that as DALI
+            rows.append({"kind": "image", "backend": name, "error": f"decoded by {sorted(used)}"})
+            continue
+        pixels = sum(2 * np.prod(Image.open(io.BytesIO(w)).size) for w, _ in pairs)
+        rows.append(_row("image", name, len(pairs), "pairs", seconds,
+                         megapixels_per_s=pixels / 1e6 / statistics.median(seconds)))  # fmt: skip
+    return rows
+
+
+def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
+    rows = []
+    for codec, paths in clips.items():
+        infos = [probe(p) for p in paths]
+        plans = [plan_clip(info, FrameSampling(info.num_frames, stride=1, start="start"), (info.height, info.width))
+                 for info in infos]  # fmt: skip
+        frames = sum(len(plan.frame_indices) for plan in plans)
+        backends = [("pyav", None)]
+        if dali.dali_available():
+            backends.append(("dali-cpu", "cpu"))
+            if dali.nvdec_available():
+                backends.append(("dali-mixed", "mixed"))
+        for name, device in backends:
+            if device is None:
+                def run(infos=infos, plans=plans):
+                    for info, plan in zip(infos, plans, strict=True):
+                        decode_pyav(info, plan)
+            else:
+                chosen, reason = dali.choose_video_backend(codec, "dali", device)
+                if chosen != name:
+                    rows.append({"kind": "video", "codec": codec, "backend": name, "unsupported": reason})
+                    continue
+
+                def run(infos=infos, plans=plans, device=device, name=name):
+                    for info, plan in zip(infos, plans, strict=True):
+                        (clip,) = dali.decode_clips([(info, plan)], "dali", device)
+                        if clip.backend != name:
+                            raise RuntimeError(f"{info.path}: decoded by {clip.backend}, not {name}: {clip.reason}")
+
+            rows.append(_row("video", name, frames, "frames", _timed(run, repeats), codec=codec))
+    return rows
+
+
+def _ratios(rows: list[dict]) -> dict:
+    """Speed of each DALI decoder over the CPU decoder it replaces, from the same run."""
+    speed = {(r["kind"], r.get("codec"), r["backend"]): r.get("pairs_per_s") or r.get("frames_per_s")
+             for r in rows if "median_s" in r}  # fmt: skip
+    ratios = {}
+    for (kind, codec, backend), value in speed.items():
+        base = speed.get((kind, codec, "pil" if kind == "image" else "pyav"))
+        if backend.startswith("dali") and base:
+            ratios[f"{kind}{'-' + codec if codec else ''}: {backend} / {'pil' if kind == 'image' else 'pyav'}"] = value / base
+    return ratios
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="JPEG side in pixels")
+    parser.add_argument("--pairs", type=int, default=32, help="JPEG pairs a pass")
+    parser.add_argument("--clip-size", default="1280x720", help="clip WIDTHxHEIGHT")
+    parser.add_argument("--frames", type=int, default=33, help="frames per clip")
+    parser.add_argument("--clips", type=int, default=2, help="clips per codec")
+    parser.add_argument("--codecs", default="vp9,h264", help=f"comma-separated, of {', '.join(CODECS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness, times nothing useful")
+    parser.add_argument("--out", type=Path, help="result file (default on a GPU: results/loader-<device>-<date>.json)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.pairs, args.clip_size, args.frames, args.clips, args.repeats = 64, 2, "64x48", 5, 1, 1
+    unknown = set(args.codecs.split(",")) - set(CODECS)
+    if unknown:
+        parser.error(f"--codecs: unknown {', '.join(sorted(unknown))}; known: {', '.join(CODECS)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and args.out is not None and args.out.resolve().parent == RESULTS.resolve():
+        sys.exit(f"--out {args.out}: CPU timings are never committed; write them outside {RESULTS}")
+    width, height = (int(v) for v in args.clip_size.split("x"))
+    with tempfile.TemporaryDirectory(prefix="vipo-bench-loader-") as folder:
+        pairs = make_jpeg_pairs(args.pairs, args.size)
+        clips = {codec: [make_clip(Path(folder) / f"{codec}-{i}{CODECS[codec][1]}", codec, width, height, args.frames,
+                                   seed=i) for i in range(args.clips)]
+                 for codec in args.codecs.split(",")}  # fmt: skip
+        rows = bench_images(pairs, args.repeats, cuda) + bench_video(clips, args.repeats)
+    device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    report = {
+        "kind": "loader", "smoke": args.smoke, "device": device, "device_type": "cuda" if cuda else "cpu",
+        "cpu_count": os.cpu_count(), "nvdec": dali.nvdec_available(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": provenance.commit(), "versions": provenance.versions("PIL", "av", "nvidia.dali"),
+        "shapes": {"jpeg": [args.size, args.size, 3], "jpeg_pairs": args.pairs,
+                   "jpeg_bytes_mean": int(np.mean([len(b) for pair in pairs for b in pair])),
+                   "clip": [args.frames, height, width, 3], "clips_per_codec": args.clips, "codecs": args.codecs},
+        "rows": rows, "ratios": _ratios(rows),
+    }  # fmt: skip
+    for row in rows:
+        figure = f"{row['pairs_per_s']:.1f} pairs/s" if "pairs_per_s" in row else (
+            f"{row['frames_per_s']:.1f} frames/s" if "frames_per_s" in row else row.get("unsupported") or row.get("error"))
+        print(f"{row['kind']:5} {row.get('codec') or '':5} {row['backend']:10} {figure}")
+    for name, ratio in report["ratios"].items():
+        print(f"{name}: {ratio:.2f}x")
+    out = args.out or (RESULTS / f"loader-{device.replace(' ', '_')}-{report['date'][:10]}.json" if cuda else None)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    else:
+        print("CPU run: nothing written (pass --out to keep it outside results/)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
