@@ -1,4 +1,4 @@
-"""Assertion helpers for numeric tests."""
+"""Helpers the tests share: numeric assertions, tiny models and their configs, weight snapshots."""
 
 import torch
 
@@ -68,3 +68,46 @@ def make_sd15_folder(root, *, resolution: int = 16):
                                        requires_safety_checker=False)  # fmt: skip
     pipeline.save_pretrained(root, safe_serialization=True)
     return root
+
+
+def tiny_family_config(tmp_path, family, *overrides):
+    """A one-step run config of `family`'s tiny architecture on procedural pairs."""
+    from vipo.engine.config import load_config
+
+    return load_config(None, [
+        f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=16", "data.resolution=16",
+        "train.batch_pairs=2", "train.max_steps=1", "train.log_every_steps=1",
+        "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
+    ])  # fmt: skip
+
+
+_TINY_ADAPTERS: dict = {}
+
+
+def tiny_adapter(family):
+    """One random-weight tiny adapter per family, shared by the tests that only read it."""
+    if family not in _TINY_ADAPTERS:
+        from vipo.engine.models import build_model
+
+        torch.manual_seed(0)
+        cfg = tiny_family_config("unused", family)
+        _TINY_ADAPTERS[family] = build_model(cfg.model, torch.device("cpu"), vocabulary=None)
+    return _TINY_ADAPTERS[family]
+
+
+def snapshot(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module) -> set:
+    """Names of the tensors of `module` that differ from the snapshot `before`."""
+    after = module.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def stored_numel(module) -> int:
+    """Elements of the stored weights: parameters and persistent buffers."""
+    stored = module.state_dict().keys()
+    return sum(p.numel() for p in module.parameters()) + sum(
+        b.numel() for n, b in module.named_buffers() if n in stored
+    )

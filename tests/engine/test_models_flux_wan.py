@@ -2,39 +2,21 @@
 latents, their flow-matching conventions and conditioning, folder checks, and the real
 architecture configs (sized on the meta device)."""
 
-import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vipo.engine.config import load_config
 from vipo.engine.errors import RunError
 from vipo.engine.models import build_model, load_architecture
 from vipo.engine.models.flux import image_ids, pack_latents, unpack_latents
 from vipo.engine.trainer import Trainer
 from vipo.kernels import sample_errors
 
+from vipo_testing import changed, snapshot, stored_numel, tiny_adapter, tiny_family_config
+
 FAMILIES = ["flux", "wan"]
 PROMPTS = ["a red circle", "a blue square on green"]
-
-
-def tiny_config(tmp_path, family, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=16", "data.resolution=16",
-            "train.batch_pairs=2", "train.max_steps=1", "train.log_every_steps=1",
-            "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
-        ],
-    )  # fmt: skip
-
-
-@functools.cache
-def tiny_adapter(family):
-    """One random-weight tiny adapter per family, shared by the tests that only read it."""
-    torch.manual_seed(0)
-    return build_model(tiny_config("unused", family).model, torch.device("cpu"), vocabulary=None)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -45,15 +27,6 @@ def adapter(request):
 def frozen_parts(adapter):
     names = ("text_encoder", "text_encoder_2", "vae")
     return {name: getattr(adapter, name) for name in names if getattr(adapter, name, None) is not None}
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed(before, module):
-    after = module.state_dict()
-    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def latents_for(adapter, rows, generator, frames=3):
@@ -81,7 +54,7 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_dpo_step_changes_the_policy_and_not_the_reference_encoders_or_vae(tmp_path, family):
-    trainer = Trainer(tiny_config(tmp_path, family), progress=False)
+    trainer = Trainer(tiny_family_config(tmp_path, family), progress=False)
     assert trainer.adapter.family == family and trainer.adapter.prediction_type == "flow"
     policy_before = snapshot(trainer.adapter.network)
     reference_before = snapshot(trainer.reference.network)
@@ -102,7 +75,7 @@ def test_a_dpo_step_changes_the_policy_and_not_the_reference_encoders_or_vae(tmp
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_sft_step_on_winners_trains_without_a_reference(tmp_path, family):
-    trainer = Trainer(tiny_config(tmp_path, family, "loss.objective=sft"), progress=False)
+    trainer = Trainer(tiny_family_config(tmp_path, family, "loss.objective=sft"), progress=False)
     assert trainer.reference is None
     before = snapshot(trainer.adapter.network)
     metrics = trainer.train_step()
@@ -312,20 +285,12 @@ def test_predict_repeats_the_conditioning_for_pairs_and_keeps_it_for_single_rows
 def test_a_model_path_without_the_family_subfolders_names_them(tmp_path, family, present, named):
     for name in present:
         (tmp_path / name).mkdir()
-    cfg = tiny_config(tmp_path, family, f"model.path={tmp_path}")
+    cfg = tiny_family_config(tmp_path, family, f"model.path={tmp_path}")
     with pytest.raises(RunError, match=named):
         build_model(cfg.model, torch.device("cpu"))
 
 
 # -- architecture configs --------------------------------------------------------------------
-
-
-def _numel(module) -> int:
-    """Elements of the stored weights: parameters and persistent buffers."""
-    stored = module.state_dict().keys()
-    return sum(p.numel() for p in module.parameters()) + sum(
-        b.numel() for n, b in module.named_buffers() if n in stored
-    )
 
 
 @pytest.mark.parametrize("name", ["flux1-dev", "flux-tiny"])
@@ -366,13 +331,13 @@ def test_real_flux1_dev_and_wan21_configs_have_the_published_sizes():
     flux, wan = load_architecture("flux1-dev"), load_architecture("wan2.1-t2v-1.3b")
     with torch.device("meta"):  # shapes only: no memory, no init time
         sizes = {
-            "flux transformer": _numel(FluxTransformer2DModel(**flux["transformer"])),
-            "flux clip-l": _numel(CLIPTextModel(CLIPTextConfig(**flux["text_encoder"]))),
-            "flux t5-xxl": _numel(T5EncoderModel(T5Config(**flux["text_encoder_2"]))),
-            "flux vae": _numel(AutoencoderKL(**flux["vae"])),
-            "wan transformer": _numel(WanTransformer3DModel(**wan["transformer"])),
-            "wan umt5-xxl": _numel(UMT5EncoderModel(UMT5Config(**wan["text_encoder"]))),
-            "wan vae": _numel(AutoencoderKLWan(**wan["vae"])),
+            "flux transformer": stored_numel(FluxTransformer2DModel(**flux["transformer"])),
+            "flux clip-l": stored_numel(CLIPTextModel(CLIPTextConfig(**flux["text_encoder"]))),
+            "flux t5-xxl": stored_numel(T5EncoderModel(T5Config(**flux["text_encoder_2"]))),
+            "flux vae": stored_numel(AutoencoderKL(**flux["vae"])),
+            "wan transformer": stored_numel(WanTransformer3DModel(**wan["transformer"])),
+            "wan umt5-xxl": stored_numel(UMT5EncoderModel(UMT5Config(**wan["text_encoder"]))),
+            "wan vae": stored_numel(AutoencoderKLWan(**wan["vae"])),
         }
     expected = {  # (low, high) around the published checkpoints
         "flux transformer": (11.8e9, 12.0e9), "flux clip-l": (1.22e8, 1.25e8), "flux t5-xxl": (4.7e9, 4.8e9),

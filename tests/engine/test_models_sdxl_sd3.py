@@ -1,38 +1,19 @@
 """SDXL and SD3.5 adapters: a training step at tiny size, their conditioning layouts and noise
 conventions, folder checks, and the real architecture configs (sized on the meta device)."""
 
-import functools
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vipo.engine.config import load_config
 from vipo.engine.errors import RunError
 from vipo.engine.models import build_model, load_architecture
 from vipo.engine.trainer import Trainer
 
+from vipo_testing import changed, snapshot, stored_numel, tiny_adapter, tiny_family_config
+
 FAMILIES = ["sdxl", "sd3"]
 PROMPTS = ["a red circle", "a blue square on green"]
-
-
-def tiny_config(tmp_path, family, *overrides):
-    return load_config(
-        None,
-        [
-            f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=16", "data.resolution=16",
-            "train.batch_pairs=2", "train.max_steps=1", "train.log_every_steps=1",
-            "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
-        ],
-    )  # fmt: skip
-
-
-@functools.cache
-def tiny_adapter(family):
-    """One random-weight tiny adapter per family, shared by the tests that only read it."""
-    torch.manual_seed(0)
-    cfg = tiny_config("unused", family)
-    return build_model(cfg.model, torch.device("cpu"), vocabulary=None)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -48,15 +29,6 @@ def sd3():
 def text_encoders(adapter):
     names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     return {name: getattr(adapter, name) for name in names if hasattr(adapter, name)}
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed(before, module):
-    after = module.state_dict()
-    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def latents_for(adapter, rows, generator):
@@ -77,7 +49,7 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_dpo_step_changes_the_policy_and_not_the_reference_or_text_encoders(tmp_path, family):
-    trainer = Trainer(tiny_config(tmp_path, family), progress=False)
+    trainer = Trainer(tiny_family_config(tmp_path, family), progress=False)
     assert trainer.adapter.family == family
     policy_before = snapshot(trainer.adapter.network)
     reference_before = snapshot(trainer.reference.network)
@@ -96,7 +68,7 @@ def test_a_dpo_step_changes_the_policy_and_not_the_reference_or_text_encoders(tm
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("winners_only", ["true", "false"])
 def test_an_sft_step_trains_without_a_reference(tmp_path, family, winners_only):
-    cfg = tiny_config(tmp_path, family, "loss.objective=sft", f"loss.winners_only={winners_only}")
+    cfg = tiny_family_config(tmp_path, family, "loss.objective=sft", f"loss.winners_only={winners_only}")
     trainer = Trainer(cfg, progress=False)
     assert trainer.reference is None
     before = snapshot(trainer.adapter.network)
@@ -257,20 +229,12 @@ def test_vae_latents_are_shifted_and_scaled_and_time_ids_count_pixels(adapter):
 def test_a_model_path_without_the_family_subfolders_names_them(tmp_path, family, present, named):
     for name in present:
         (tmp_path / name).mkdir()
-    cfg = tiny_config(tmp_path, family, f"model.path={tmp_path}")
+    cfg = tiny_family_config(tmp_path, family, f"model.path={tmp_path}")
     with pytest.raises(RunError, match=named):
         build_model(cfg.model, torch.device("cpu"))
 
 
 # -- architecture configs --------------------------------------------------------------------
-
-
-def _numel(module) -> int:
-    """Elements of the stored weights: parameters (tied ones once, as T5's embeddings) and
-    persistent buffers (SD3's 384 x 384 positional table: 0.23B of SD3.5-Medium's 2.47B)."""
-    stored = module.state_dict().keys()
-    buffers = sum(b.numel() for name, b in module.named_buffers() if name in stored)
-    return sum(p.numel() for p in module.parameters()) + buffers
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sdxl-tiny"])
@@ -315,13 +279,13 @@ def test_real_sdxl_and_sd35_medium_configs_have_the_published_sizes():
     sdxl, sd35 = load_architecture("sdxl"), load_architecture("sd3.5-medium")
     with torch.device("meta"):  # shapes only: no memory, no init time
         sizes = {
-            "sdxl unet": _numel(UNet2DConditionModel(**sdxl["unet"])),
-            "sdxl clip-l": _numel(CLIPTextModel(CLIPTextConfig(**sdxl["text_encoder"]))),
-            "sdxl clip-g": _numel(CLIPTextModelWithProjection(CLIPTextConfig(**sdxl["text_encoder_2"]))),
-            "sdxl vae": _numel(AutoencoderKL(**sdxl["vae"])),
-            "sd3.5m transformer": _numel(SD3Transformer2DModel(**sd35["transformer"])),
-            "sd3.5m t5": _numel(T5EncoderModel(T5Config(**sd35["text_encoder_3"]))),
-            "sd3.5m vae": _numel(AutoencoderKL(**sd35["vae"])),
+            "sdxl unet": stored_numel(UNet2DConditionModel(**sdxl["unet"])),
+            "sdxl clip-l": stored_numel(CLIPTextModel(CLIPTextConfig(**sdxl["text_encoder"]))),
+            "sdxl clip-g": stored_numel(CLIPTextModelWithProjection(CLIPTextConfig(**sdxl["text_encoder_2"]))),
+            "sdxl vae": stored_numel(AutoencoderKL(**sdxl["vae"])),
+            "sd3.5m transformer": stored_numel(SD3Transformer2DModel(**sd35["transformer"])),
+            "sd3.5m t5": stored_numel(T5EncoderModel(T5Config(**sd35["text_encoder_3"]))),
+            "sd3.5m vae": stored_numel(AutoencoderKL(**sd35["vae"])),
         }
     expected = {  # (low, high) around the published checkpoints
         "sdxl unet": (2.55e9, 2.58e9), "sdxl clip-l": (1.22e8, 1.25e8), "sdxl clip-g": (6.9e8, 7.0e8),

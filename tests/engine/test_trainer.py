@@ -11,6 +11,8 @@ from vipo.engine.models.base import repeat_pairs
 from vipo.engine.models.tokenizer import WordTokenizer, check_tokenizer
 from vipo.engine.trainer import Trainer
 
+from vipo_testing import changed, snapshot
+
 
 def tiny_config(tmp_path, *overrides):
     return load_config(
@@ -21,15 +23,6 @@ def tiny_config(tmp_path, *overrides):
             "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
         ],
     )  # fmt: skip
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed(before, module):
-    after = module.state_dict()
-    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 def read_metrics(run_dir):
