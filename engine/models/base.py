@@ -59,9 +59,15 @@ class DiffusionAdapter(ABC):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Conditioning tensors for B prompts (no grad)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents of [N, 3, H, W] pixels in [-1, 1] (no grad)."""
+        """Latents of [N, 3, H, W] pixels in [-1, 1] (no grad): a posterior sample with a
+        generator, its mean without; the pixels themselves for a model without a VAE (`self.vae`
+        None, the tiny pixel-space variants). Families set `vae` and `dtype`."""
+        pixels = pixels.to(self.device)
+        if self.vae is None:
+            return pixels.to(self.dtype)
+        return vae_latents(self.vae, pixels, generator).to(self.dtype)
 
     @abstractmethod
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FlowMatchingAdapter, load_architecture, require_subfolders, rows_for, token_ids, vae_latents
+from .base import FlowMatchingAdapter, load_architecture, require_subfolders, rows_for, token_ids
 from .tokenizer import WordTokenizer, check_tokenizer
 
 T5_MAX_TOKENS = 512  # FluxPipeline's default max_sequence_length (FLUX.1-dev)
@@ -72,13 +72,6 @@ class FluxAdapter(FlowMatchingAdapter):
         t5_ids = token_ids(self.tokenizer_2, prompts, self.t5_max_tokens).to(self.device)
         hidden = self.text_encoder_2(t5_ids).last_hidden_state
         return {"encoder_hidden_states": hidden.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        pixels = pixels.to(self.device)
-        if self.vae is None:
-            return pixels.to(self.dtype)
-        return vae_latents(self.vae, pixels, generator).to(self.dtype)
 
     def predict(self, network: nn.Module, x_t, t, cond):
         cond = rows_for(cond, x_t.shape[0])

@@ -26,7 +26,6 @@ from .base import (
     require_subfolders,
     rows_for,
     token_ids,
-    vae_latents,
 )
 from .tokenizer import WordTokenizer, check_tokenizer
 
@@ -59,13 +58,6 @@ class SD3Adapter(FlowMatchingAdapter):
         hidden = torch.cat([clip, hidden_t5], dim=-2)  # CLIP tokens, then T5 tokens
         pooled = torch.cat([pooled_l, pooled_g], dim=-1)
         return {"encoder_hidden_states": hidden.to(self.dtype), "pooled_projections": pooled.to(self.dtype)}
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        pixels = pixels.to(self.device)
-        if self.vae is None:
-            return pixels.to(self.dtype)
-        return vae_latents(self.vae, pixels, generator).to(self.dtype)
 
     def predict(self, network: nn.Module, x_t, t, cond):
         cond = rows_for(cond, x_t.shape[0])

@@ -22,7 +22,6 @@ from .base import (
     require_subfolders,
     rows_for,
     token_ids,
-    vae_latents,
 )
 from .tokenizer import WordTokenizer, check_tokenizer
 
@@ -44,13 +43,6 @@ class SD15Adapter(DiffusionAdapter):
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         hidden = self.text_encoder(token_ids(self.tokenizer, prompts).to(self.device)).last_hidden_state
         return {"encoder_hidden_states": hidden.to(self.dtype)}
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        pixels = pixels.to(self.device)
-        if self.vae is None:
-            return pixels.to(self.dtype)
-        return vae_latents(self.vae, pixels, generator).to(self.dtype)
 
     def sample_timesteps(self, n, generator):
         return torch.randint(0, len(self.alphas_cumprod), (n,), generator=generator, device=generator.device)
