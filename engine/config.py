@@ -164,6 +164,10 @@ class ParallelConfig:
         "not with reference.mode=adapter)",
     )
     cpu_offload: bool = _f(False, "fsdp: keep sharded weights, grads and optimizer state in host memory")
+    shard_size: int = _f(
+        0, "fsdp: ranks a model is sharded over; 0 = all of them. Less (e.g. 8, a node) = hybrid sharding "
+        "(HSDP): shard inside each group of shard_size ranks, replicate across groups",
+    )
     deepspeed_config: str | None = _f(
         None, "zero2/zero3: your own DeepSpeed JSON; vipo fills batch sizes and clipping from the recipe"
     )

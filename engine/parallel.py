@@ -101,6 +101,10 @@ def check_config(parallel_cfg) -> None:
             f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "
             "offload_optimizer / offload_param in parallel.deepspeed_config"
         )
+    if parallel_cfg.shard_size < 0:
+        raise ConfigError(f"parallel.shard_size must be >= 0, got {parallel_cfg.shard_size}")
+    if parallel_cfg.shard_size and strategy != "fsdp":
+        raise ConfigError(f"parallel.shard_size (hybrid sharding) is for strategy fsdp, got {strategy!r}")
     if parallel_cfg.deepspeed_config and strategy not in DEEPSPEED:
         raise ConfigError(f"parallel.deepspeed_config needs strategy zero2 or zero3, got {strategy!r}")
     if parallel_cfg.deepspeed_config and not Path(parallel_cfg.deepspeed_config).is_file():
@@ -200,11 +204,20 @@ def apply_ddp(network: nn.Module, world: World) -> nn.Module:
 def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: str) -> nn.Module:
     """FSDP2 in place: each block, then the root (which holds what no block owns). bf16 weights
     in forward/backward with fp32 gradient reduction under mixed_precision=bf16; the sharded
-    fp32 weights stay the optimizer's."""
+    fp32 weights stay the optimizer's. With parallel.shard_size < world size the mesh is 2-D
+    (replicate x shard) and FSDP2 runs hybrid sharding: gathers stay inside a shard group
+    (NVLink), only the gradient all-reduce crosses groups (InfiniBand)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    shard = min(parallel_cfg.shard_size or world.size, world.size)  # one node or less: plain FSDP
+    if world.size % shard:
+        raise RunError(f"parallel.shard_size={shard} must divide the {world.size} processes")
+    if shard == world.size:
+        mesh = init_device_mesh(world.device.type, (world.size,))
+    else:  # HSDP: shard inside groups of `shard` ranks (a node), replicate across the groups
+        mesh = init_device_mesh(world.device.type, (world.size // shard, shard),
+                                mesh_dim_names=("replicate", "shard"))  # fmt: skip
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision == "bf16"

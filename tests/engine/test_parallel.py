@@ -19,6 +19,7 @@ import torch
 
 from vipo.engine.config import ConfigError, load_config
 from vipo.engine.errors import RunError
+from vipo.engine.parallel import check_run_config
 
 HERE = Path(__file__).resolve()
 RECIPE = """\
@@ -216,6 +217,23 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, on
         assert trainer.world.size == 1
     assert_same_curve(read_metrics(first)[-2:], one_process["metrics"][2:], "fsdp 2 -> 1 rank at step 2")
     assert not list(root.glob(".*tmp*"))  # the torn write was cleared by the next save of step 4
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_matches_one_process(recipe, one_process, tmp_path):
+    # shard_size=1 on 2 ranks: a 2-D (replicate=2, shard=1) mesh, FSDP2's HSDP path, where the
+    # gradient all-reduce crosses the replicate groups as it would cross nodes.
+    run = tmp_path / "run"
+    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=fsdp",
+              "parallel.shard_size=1", "-q"]  # fmt: skip
+    launch(torchrun(*common), tmp_path)
+    assert_same_curve(read_metrics(run), one_process["metrics"], "hsdp (replicate 2 x shard 1)")
+    assert (run / "checkpoints" / "step-000004" / "dcp").is_dir()
+
+
+def test_hybrid_sharding_settings_are_checked(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="parallel.shard_size \\(hybrid sharding\\) is for strategy fsdp"):
+        check_run_config(load_config(recipe, ["parallel.strategy=ddp", "parallel.shard_size=8"]))
 
 
 @pytest.mark.slow
