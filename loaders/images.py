@@ -15,10 +15,12 @@ over them.
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,6 +192,57 @@ class SkipLog:
 
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
+
+
+class CountedSource:
+    """What the map-style sources share: the epoch of their random draws, skip counters, and a
+    bad pair counted once however often it is asked for. Call `_start_counts` in __init__."""
+
+    def _start_counts(self, name: str, kinds: Sequence[str]) -> None:
+        self.skips = SkipLog(name, kinds)
+        self.epoch = 0
+        self._counted_bad: set[int] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the random crop/flip/frame draws (keyed by seed, epoch and pair id)."""
+        self.epoch = epoch
+
+    def vocabulary(self) -> None:
+        """Real data goes with real tokenizers."""
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return self.skips.stats()
+
+    def _bad(self, index: int, bad: BadSample) -> BadSample:
+        if index not in self._counted_bad:
+            self._counted_bad.add(index)
+            self.skips.skip(bad.kind, bad.ref, bad.reason)
+        return bad
+
+
+def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL manifest; SourceError naming the
+    file and line on the first line that is not a JSON object (a manifest is written by a script,
+    and a broken line means the script is broken)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SourceError(f"manifest not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: not UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SourceError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(item, dict):
+            raise SourceError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        yield where, item
 
 
 class SkipBadSamples:

@@ -16,13 +16,20 @@ counted while the manifest is loaded.
 """
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import BadSample, PairTransform, SkipLog, SourceError, decode_image, image_size
+from .images import (
+    BadSample,
+    CountedSource,
+    PairTransform,
+    SourceError,
+    decode_image,
+    image_size,
+    jsonl_objects,
+)
 from .records import PairRecord
 
 log = logging.getLogger(__name__)
@@ -43,24 +50,9 @@ class ManifestEntry:
 def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     """Every pair of the manifest, paths resolved; SourceError on the first bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SourceError(f"manifest not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{path}: not UTF-8 text ({err})") from None
     base = path.parent
     entries = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SourceError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(item, dict):
-            raise SourceError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    for where, item in jsonl_objects(path):
         for key in ("prompt", "winner", "loser"):
             if key not in item:
                 raise SourceError(f"{where}: missing key {key!r} (keys found: {', '.join(item) or 'none'})")
@@ -81,14 +73,12 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     return entries
 
 
-class ManifestPairs:
+class ManifestPairs(CountedSource):
     """Map-style source over a JSONL manifest."""
 
     def __init__(self, path: str | os.PathLike, transform: PairTransform, *, check_files: bool = False):
         self.path, self.transform = Path(path), transform
-        self.skips = SkipLog(f"manifest {self.path}", SKIP_KINDS)
-        self.epoch = 0
-        self._counted_bad: set[int] = set()
+        self._start_counts(f"manifest {self.path}", SKIP_KINDS)
         entries = read_manifest(self.path)
         if check_files:
             kept = []
@@ -106,22 +96,6 @@ class ManifestPairs:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def vocabulary(self) -> None:
-        return None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch of the random crop/flip draws (they are keyed by seed, epoch and pair id)."""
-        self.epoch = epoch
-
-    def stats(self) -> dict[str, int]:
-        return self.skips.stats()
-
-    def _bad(self, index: int, bad: BadSample) -> BadSample:
-        if index not in self._counted_bad:  # counted once per pair, however often it is asked for
-            self._counted_bad.add(index)
-            self.skips.skip(bad.kind, bad.ref, bad.reason)
-        return bad
 
     def __getitem__(self, index: int) -> PairRecord:
         if not 0 <= index < len(self.entries):

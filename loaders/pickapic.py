@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .images import BadSample, PairTransform, SkipLog, SourceError, decode_image, image_size
+from .images import BadSample, CountedSource, PairTransform, SourceError, decode_image, image_size
 from .records import PairRecord
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             raise SourceError(f"{path}: column {name} has type {kind}, expected {ok.__name__[3:]}")
 
 
-class PickapicPairs:
+class PickapicPairs(CountedSource):
     """Map-style Pick-a-Pic v2 source; `len()` counts the pairs kept after the label filters."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], transform: PairTransform,
@@ -93,10 +93,8 @@ class PickapicPairs:
         self.files = parquet_files(paths)
         self.transform, self.keep_ties = transform, keep_ties
         self.cache_row_groups = max(1, cache_row_groups)
-        self.skips = SkipLog("pickapic", SKIP_KINDS)
-        self.epoch = 0
+        self._start_counts("pickapic", SKIP_KINDS)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
-        self._counted_bad: set[int] = set()
         self._build_index()
 
     # -- the index ----------------------------------------------------------------------------
@@ -144,16 +142,6 @@ class PickapicPairs:
     def __len__(self) -> int:
         return len(self.row_of)
 
-    def vocabulary(self) -> None:
-        return None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch of the random crop/flip draws (they are keyed by seed, epoch and pair id)."""
-        self.epoch = epoch
-
-    def stats(self) -> dict[str, int]:
-        return self.skips.stats()
-
     def _row_group(self, file_index: int, group: int) -> pa.Table:
         key = (file_index, group)
         if key in self._cache:
@@ -174,12 +162,6 @@ class PickapicPairs:
         caption = table["caption"][row].as_py()
         images = [table[f"jpg_{k}"][row].as_py() for k in (0, 1)]
         return f"pickapic-{uids[0]}-{uids[1]}", caption, images, winner
-
-    def _bad(self, index: int, bad: BadSample) -> BadSample:
-        if index not in self._counted_bad:  # counted once per pair, however often it is asked for
-            self._counted_bad.add(index)
-            self.skips.skip(bad.kind, bad.ref, bad.reason)
-        return bad
 
     def __getitem__(self, index: int) -> PairRecord:
         pair_id, caption, images, winner = self._row(index)

@@ -16,14 +16,13 @@ raises BadSample and is counted and logged in `stats()` by kind; wrap the source
 """
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import dali
-from .images import BadSample, SkipLog, SourceError, stable_hash
+from .images import BadSample, CountedSource, SourceError, jsonl_objects, stable_hash
 from .records import PairRecord
 from .video import FrameSampling, plan_pair, probe
 
@@ -31,7 +30,7 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
 SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short")
 
 
-class VideoPairManifest:
+class VideoPairManifest(CountedSource):
     """`size` is the output (height, width) of both clips (None: each pair's winner size);
     `buckets` (loaders/buckets.py, (width, height) sizes, instead of `size`): each pair is resized
     and cropped to the bucket of its winner's aspect ratio, as the paper trains Wan on 16:9 and
@@ -48,52 +47,35 @@ class VideoPairManifest:
         self.path = Path(path)
         self.sampling, self.size, self.backend, self.device, self.seed = sampling, size, backend, device, seed
         self.entries = self._read(self.path)
-        self.skips = SkipLog(f"video manifest {self.path}", SKIP_KINDS)
+        self._start_counts(f"video manifest {self.path}", SKIP_KINDS)
         self.decoded: Counter[str] = Counter()
-        self.epoch = 0
 
     @staticmethod
     def _read(path: Path) -> list[dict]:
         root, entries = path.parent, []
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
+        for where, row in jsonl_objects(path):
+            for key in ("prompt", "winner", "loser"):
+                if not isinstance(row.get(key), str) or not row[key]:
+                    raise SourceError(f"{where}: missing or empty string field {key!r}")
+            for key in ("winner", "loser"):
+                if Path(row[key]).suffix.lower() not in VIDEO_SUFFIXES:
                     raise SourceError(
-                        f"{where}: not valid JSON ({error.msg} at column {error.colno})"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise SourceError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                for key in ("prompt", "winner", "loser"):
-                    if not isinstance(row.get(key), str) or not row[key]:
-                        raise SourceError(f"{where}: missing or empty string field {key!r}")
-                for key in ("winner", "loser"):
-                    if Path(row[key]).suffix.lower() not in VIDEO_SUFFIXES:
-                        raise SourceError(
-                            f"{where}: {key} {row[key]!r} is not one of {', '.join(VIDEO_SUFFIXES)}"
-                        )
-                if row["winner"] == row["loser"]:
-                    raise SourceError(f"{where}: winner and loser are the same clip {row['winner']!r}")
-                digest = hashlib.sha1(
-                    "\0".join((row["prompt"], row["winner"], row["loser"])).encode()
-                ).hexdigest()
-                pair_id = str(row.get("id") or f"video-{digest[:16]}")
-                entries.append({"id": pair_id, "prompt": row["prompt"], "category": str(row.get("category") or ""),
-                                "winner": str(root / row["winner"]), "loser": str(root / row["loser"])})  # fmt: skip
+                        f"{where}: {key} {row[key]!r} is not one of {', '.join(VIDEO_SUFFIXES)}"
+                    )
+            if row["winner"] == row["loser"]:
+                raise SourceError(f"{where}: winner and loser are the same clip {row['winner']!r}")
+            digest = hashlib.sha1(
+                "\0".join((row["prompt"], row["winner"], row["loser"])).encode()
+            ).hexdigest()
+            pair_id = str(row.get("id") or f"video-{digest[:16]}")
+            entries.append({"id": pair_id, "prompt": row["prompt"], "category": str(row.get("category") or ""),
+                            "winner": str(root / row["winner"]), "loser": str(root / row["loser"])})  # fmt: skip
         if not entries:
             raise SourceError(f"{path}: no pairs")
         return entries
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch of the random start draws (keyed by seed, epoch and pair id)."""
-        self.epoch = epoch
 
     def __getitem__(self, index: int) -> PairRecord:
         if not 0 <= index < len(self.entries):
@@ -129,10 +111,6 @@ class VideoPairManifest:
                 self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
                 sizes.append(None)
         return sizes
-
-    def vocabulary(self) -> None:
-        """Video models use their real tokenizers."""
-        return None
 
     def stats(self) -> dict[str, int]:
         """Counters of this process: skips by kind, pairs decoded, clips per backend, and clips
