@@ -111,3 +111,26 @@ def stored_numel(module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(
         b.numel() for n, b in module.named_buffers() if n in stored
     )
+
+
+def write_clip_tokenizer(folder, words, max_length=16):
+    """A CLIP BPE tokenizer over `words` (each word a chain of merges), from vocab/merges files."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens, merges = [], []
+    for word in sorted(set(words)):
+        parts = [*word[:-1], word[-1] + "</w>"]
+        tokens += parts
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+            tokens.append(parts[0])
+    # Start and end of text last, as in CLIP's vocabulary (49406, 49407): OpenAI's CLIP pools the
+    # text at the largest token id.
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*tokens, "<|startoftext|>", "<|endoftext|>"]))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges)))
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)

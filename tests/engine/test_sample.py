@@ -14,6 +14,8 @@ from vipo.engine.sample import latent_shape, read_prompts, sample, write_video
 from vipo.engine.sampling import ddim_sample
 from vipo.engine.trainer import Trainer
 
+from vipo_testing import write_clip_tokenizer
+
 PROMPTS = ["a red circle on the left", "a blue square on the top"]
 
 
@@ -105,26 +107,6 @@ def test_a_flow_matching_run_samples_by_euler_steps_independent_of_batching(tmp_
         assert np.abs(image - pixels(tmp_path / "all", row)).max() <= 1
 
 
-def write_clip_tokenizer(folder, words):
-    """A CLIP BPE tokenizer over `words` (whole words as single merges), written as vocab/merges."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens = ["<|startoftext|>", "<|endoftext|>"]
-    merges = []
-    for word in sorted(set(words)):
-        parts = [*word[:-1], word[-1] + "</w>"]
-        tokens += parts
-        while len(parts) > 1:
-            merges.append((parts[0], parts[1]))
-            parts = [parts[0] + parts[1], *parts[2:]]
-            tokens.append(parts[0])
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges)))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
 def tiny_sd_pipeline(folder, tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -141,7 +123,8 @@ def tiny_sd_pipeline(folder, tmp_path):
                         norm_num_groups=8, layers_per_block=1)  # fmt: skip
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-        max_position_embeddings=tokenizer.model_max_length, eos_token_id=1, bos_token_id=0, pad_token_id=1,
+        max_position_embeddings=tokenizer.model_max_length, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))  # fmt: skip
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,

@@ -22,6 +22,8 @@ from vipo.engine.scoring.evaluation import open_pairs, pair_agreement
 from vipo.engine.scoring.table import summarize, to_markdown
 from vipo.loaders.procedural import COLOURS, ProceduralPairs
 
+from vipo_testing import write_clip_tokenizer
+
 WORDS = "a an the on of red green blue yellow circle square triangle left right top bottom cat".split()
 
 
@@ -32,27 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def write_clip_tokenizer(folder, words=WORDS, max_length=16):
-    """A CLIP BPE tokenizer over `words` (each word a chain of merges), from vocab/merges files."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens, merges = [], []
-    for word in sorted(set(words)):
-        parts = [*word[:-1], word[-1] + "</w>"]
-        tokens += parts
-        while len(parts) > 1:
-            merges.append((parts[0], parts[1]))
-            parts = [parts[0] + parts[1], *parts[2:]]
-            tokens.append(parts[0])
-    # Start and end of text last, as in CLIP's vocabulary (49406, 49407): OpenAI's CLIP pools the
-    # text at the largest token id.
-    vocab = {token: i for i, token in enumerate(dict.fromkeys([*tokens, "<|startoftext|>", "<|endoftext|>"]))}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges)))
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def tiny_clip_config(vocab_size, projection_dim=16):
@@ -75,7 +56,7 @@ def clip_dir(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = tmp_path_factory.mktemp("clip")
-    tokenizer = write_clip_tokenizer(folder / "tok")
+    tokenizer = write_clip_tokenizer(folder / "tok", WORDS)
     torch.manual_seed(0)
     CLIPModel(tiny_clip_config(len(tokenizer))).save_pretrained(folder)
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -262,7 +243,7 @@ def test_openclip_conversion_matches_an_independent_forward_of_the_original_layo
 
 
 def test_a_converted_hpsv2_checkpoint_is_a_folder_the_hpsv2_scorer_loads(tmp_path):
-    tokenizer = write_clip_tokenizer(tmp_path / "tok")
+    tokenizer = write_clip_tokenizer(tmp_path / "tok", WORDS)
     state = random_openclip_state(vocab=len(tokenizer))
     torch.save({"state_dict": state}, tmp_path / "HPS_v2.1_compressed.pt")  # the release wraps its weights
     out = convert_hpsv2(tmp_path / "HPS_v2.1_compressed.pt", tmp_path / "tok", tmp_path / "hps",
