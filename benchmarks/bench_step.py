@@ -901,14 +901,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_step_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as err:
-        print(f"bench_step: error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:
-        print(f"bench_step: error: {err}", file=sys.stderr)
-        return 1
+    from vipo.engine.cli import run_command
+
+    args = parser.parse_args(argv)
+    return run_command(lambda: run(args), prog="bench_step")
 
 
 if __name__ == "__main__":

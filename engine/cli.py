@@ -162,14 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    return run_command(lambda: args.func(args))
+
+
+def run_command(command, prog: str = "vipo") -> int:
+    """`command()`'s exit status, with vipo's errors as one line on stderr: 2 for a usage or
+    config error, 1 for a run error, 130 for an interrupt; no traceback for any of them."""
     try:
-        return args.func(args)
+        return command()
     except ConfigError as err:
-        print(f"vipo: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"vipo: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("vipo: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
