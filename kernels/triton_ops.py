@@ -20,6 +20,7 @@ equal sums afterwards; the loss depends on exactly that difference.
 """
 
 import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -30,7 +31,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this to fill every output buffer with NaN before the kernels write it.
 POISON_OUTPUTS = False
 
-_WEIGHT_NONE, _WEIGHT_FLAT, _WEIGHT_3D = 0, 1, 2
+# Element-weight modes: none; a map laid out like each row; broadcast dims with any strides.
+_WEIGHT_NONE, _WEIGHT_MAP, _WEIGHT_BROADCAST = 0, 1, 2
 
 
 def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -48,12 +50,13 @@ def _load_weight(
     weight_ptr, row, offs, mask,
     w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE: tl.constexpr,
 ):  # fmt: skip
-    """fp32 element weights for flat indices `offs` of one row, read through broadcast strides
-    (mode 1: one stride; mode 2: three dims of sizes (-, w_size1, w_size2)); 1.0 without weights."""
-    if WEIGHT_MODE == 0:
-        return 1.0
+    """fp32 element weights for flat indices `offs` of one row. Mode 1: a map laid out like the
+    row (contiguous, vector loads); mode 2: three broadcast dims of sizes (-, w_size1, w_size2)
+    and any strides (spatial maps, frame weights, per-channel or per-sample weights). Callers
+    skip it in mode 0 (no weights). One return, at the end: the compiler, unlike the
+    interpreter, does not stop at a `return` inside a constexpr `if`."""
     if WEIGHT_MODE == 1:
-        w_offs = row * w_row_stride + offs * w_stride2
+        w_offs = row * w_row_stride + offs
     else:
         i2 = offs % w_size2
         rest = offs // w_size2
@@ -62,29 +65,52 @@ def _load_weight(
 
 
 @triton.jit
+def _row_program(n_elems, BLOCK: tl.constexpr, OFFS_64: tl.constexpr):
+    """(chunk, row, row_start, lanes) of a streaming program. Row starts are int64: 2B rows pass
+    2^31 elements long before one row does (a Wan 720p batch of 8 pairs has 1.2e9 in a tensor).
+    Offsets inside a row are int32, which keeps the index arithmetic (the broadcast weights'
+    div/mod above all) cheap, unless the launcher found a row offset that can reach 2^31."""
+    chunk = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK)
+    if OFFS_64:
+        chunk = chunk.to(tl.int64)
+        lanes = lanes.to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    return chunk, row, row * n_elems, lanes
+
+
+# Integers that only index or count are not specialised: each specialisation (divisible by 16,
+# equal to 1) would be one more JIT compile on a GPU whenever a batch or bucket shape changes.
+# n_elems and a weight map's row stride stay specialised: their alignment decides the load widths.
+_NOT_SPECIALIZED = ("n_rows", "n_chunks", "iters", "w_size1", "w_size2", "w_stride0", "w_stride1", "w_stride2")
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _errors_partial_kernel(
     pred_ptr, target_ptr, ref_ptr, weight_ptr, partial_ptr,
-    n_elems, n_rows, n_chunks,
+    n_elems, n_rows, n_chunks, iters,
     w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
-    HAS_REF: tl.constexpr, WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    HAS_REF: tl.constexpr, WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, OFFS_64: tl.constexpr,
 ):  # fmt: skip
     # Reads pred, target (ref, weight) once; writes 1 (or 3 with ref) fp32 partial sums.
-    chunk = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
-    row_start = row * n_elems
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    chunk, row, row_start, lanes = _row_program(n_elems, BLOCK, OFFS_64)
     acc_pol = tl.zeros([BLOCK], dtype=tl.float32)
     acc_ref = tl.zeros([BLOCK], dtype=tl.float32)
     acc_gap = tl.zeros([BLOCK], dtype=tl.float32)
-    for it in range(ITERS):
-        offs = (chunk * ITERS + it) * BLOCK + lanes
+    # `iters` is a runtime bound: a constexpr one would be one more compiled variant per value.
+    for it in range(iters):
+        offs = (chunk * iters + it) * BLOCK + lanes
         mask = offs < n_elems
         p = tl.load(pred_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(target_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
         dp = p - y
-        w = _load_weight(
-            weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE
-        )
+        if WEIGHT_MODE == 0:
+            w = 1.0
+        else:
+            w = _load_weight(
+                weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+                WEIGHT_MODE,
+            )  # fmt: skip
         acc_pol += w * dp * dp
         if HAS_REF:
             r = tl.load(ref_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
@@ -120,7 +146,7 @@ def _log1p(x):
     return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_pairs", "n_chunks"))
 def _poly_dpo_head_kernel(
     partial_ptr, ref_err_ptr, pair_weight_ptr,
     loss_ptr, stats_ptr, logits_ptr, prob_ptr, policy_err_ptr, ref_err_out_ptr, coef_ptr,
@@ -191,28 +217,29 @@ def _to_bf16_rtne(x):
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED[2:])
 def _poly_dpo_grad_kernel(
     pred_ptr, target_ptr, weight_ptr, coef_ptr, grad_scale_ptr, grad_ptr,
-    n_elems,
+    n_elems, iters,
     w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
-    WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
+    WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, OFFS_64: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
 ):  # fmt: skip
     # Reads pred, target (weight) once; writes grad once.
-    chunk = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
-    row_start = row * n_elems
+    chunk, row, row_start, lanes = _row_program(n_elems, BLOCK, OFFS_64)
     scale = tl.load(coef_ptr + row).to(tl.float32) * tl.load(grad_scale_ptr).to(tl.float32)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    for it in range(ITERS):
-        offs = (chunk * ITERS + it) * BLOCK + lanes
+    for it in range(iters):
+        offs = (chunk * iters + it) * BLOCK + lanes
         mask = offs < n_elems
         p = tl.load(pred_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(target_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
-        w = _load_weight(
-            weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE
-        )
-        g = scale * w * (p - y)
+        if WEIGHT_MODE == 0:
+            g = scale * (p - y)
+        else:
+            w = _load_weight(
+                weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+                WEIGHT_MODE,
+            )  # fmt: skip
+            g = scale * w * (p - y)
         if ROUND_BF16_BY_BITS:
             g = _to_bf16_rtne(g)
         tl.store(grad_ptr + row_start + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -220,6 +247,28 @@ def _poly_dpo_grad_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
+
+
+class Launch(NamedTuple):
+    """One kernel launch, built but not run. `run()` launches it; `vipo.kernels.aot` binds the
+    same arguments for a GPU target and compiles them ahead of time, with no GPU."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.options)
+
+
+# Element-weight dtypes the streaming kernels read as they are; others are converted (bool masks
+# to uint8, anything else to float32) with one copy at the weight's own, usually small, size.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
+
+# Options every launch passes. FMA contraction is stated, not left to the default, which
+# Triton 3.10 changes (3.9 warns about it).
+_COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 
 def _weight_layout(weight: torch.Tensor | None, shape: torch.Size):
@@ -231,7 +280,9 @@ def _weight_layout(weight: torch.Tensor | None, shape: torch.Size):
     if weight is None:
         return None, _WEIGHT_NONE, 0, 1, 1, 0, 0, 0
     if weight.dtype == torch.bool:
-        weight = weight.to(torch.uint8)  # a copy of the mask at its own (small) size
+        weight = weight.to(torch.uint8)
+    elif weight.dtype not in WEIGHT_DTYPES:
+        weight = weight.to(torch.float32)
     expanded = weight.expand(shape)
     dims = []
     for size, stride in zip(shape[1:], expanded.stride()[1:], strict=True):
@@ -245,37 +296,74 @@ def _weight_layout(weight: torch.Tensor | None, shape: torch.Size):
         expanded = expanded.contiguous()
         dims = [(expanded[0].numel(), 1)]
     row_stride = expanded.stride(0)
-    if len(dims) <= 1:
-        stride = dims[0][1] if dims else 0
-        return expanded, _WEIGHT_FLAT, row_stride, 1, 1, 0, 0, stride
+    if len(dims) == 1 and dims[0][1] == 1:
+        return expanded, _WEIGHT_MAP, row_stride, 1, 1, 0, 0, 1
     while len(dims) < 3:
         dims.insert(0, (1, 0))
     (_, st0), (s1, st1), (s2, st2) = dims
-    return expanded, _WEIGHT_3D, row_stride, s1, s2, st0, st1, st2
+    return expanded, _WEIGHT_BROADCAST, row_stride, s1, s2, st0, st1, st2
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device; None where the kernels run in the interpreter."""
+    if INTERPRET or device.type != "cuda":
+        return None
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _grid_config(n_elems: int, n_rows: int, dtype: torch.dtype, device: torch.device):
-    """(BLOCK, ITERS, n_chunks, num_warps). A heuristic keyed on N, 2B, dtype and device, not an
-    autotuner: it never times anything inside a training step, and the interpreter (tests) can
-    run only one config. Each program covers BLOCK * ITERS elements of one row."""
-    if INTERPRET or device.type != "cuda":
+# BLOCK of the streaming kernels on a GPU: 16 KiB of 16-bit or 8 KiB of 32-bit input per program
+# and iteration, 16 elements a thread (two 128-bit loads of each 16-bit input, four of each
+# 32-bit one). One BLOCK per dtype, also for rows shorter than a block (the tail is masked):
+# every extra BLOCK would be one more compiled variant for work too small to matter.
+_BLOCK = {torch.bfloat16: 4096, torch.float16: 4096, torch.float32: 2048}
+_ELEMS_PER_THREAD = 16
+_MAX_ITERS = 64
+
+
+def grid_config(n_elems: int, n_rows: int, dtype: torch.dtype, sms: int | None):
+    """(BLOCK, iters, n_chunks, num_warps) of the streaming kernels for rows of N elements on a GPU
+    with `sms` SMs (None: the interpreter). A heuristic keyed on N, 2B, dtype and the SM count, not
+    an autotuner: it never times anything inside a training step, and the interpreter (tests) can
+    run only one config. Each program covers BLOCK * iters elements of one row."""
+    if sms is None:
         # Each interpreted program costs ~2 ms: few programs, large blocks.
         block = max(16, min(triton.next_power_of_2(n_elems), 8192))
         return block, 1, triton.cdiv(n_elems, block), 4
-    block = 4096 if dtype in (torch.bfloat16, torch.float16) else 2048
-    block = max(128, min(block, triton.next_power_of_2(n_elems)))
+    block = _BLOCK.get(dtype, 2048)
     blocks_per_row = triton.cdiv(n_elems, block)
-    # Enough programs to fill every SM several times over; the rest of the work goes into ITERS.
-    target_programs = 8 * _sm_count(device)
+    # Enough programs to fill every SM several times over; the rest of the work goes into iters,
+    # which never exceeds the blocks a row has.
+    target_programs = 8 * sms
     iters = 1
-    while iters < 64 and n_rows * triton.cdiv(blocks_per_row, iters * 2) >= target_programs:
+    while (
+        iters < _MAX_ITERS
+        and 2 * iters <= blocks_per_row
+        and n_rows * triton.cdiv(blocks_per_row, 2 * iters) >= target_programs
+    ):
         iters *= 2
-    num_warps = 8 if block >= 4096 else 4
+    num_warps = block // (32 * _ELEMS_PER_THREAD)
     return block, iters, triton.cdiv(n_elems, block * iters), num_warps
+
+
+def head_config(n_pairs: int, n_chunks: int, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the head kernel: pairs and chunks summed per tile. On a GPU one tile
+    shape (the head is one program over O(B) values): 32 x 32 with 4 warps uses no stack on
+    sm_90, where 64 x 64 spilled 1.4 KiB (measured by vipo.kernels.aot). The interpreter sizes
+    tiles to the data."""
+    if not interpret:
+        return 32, 32
+    return max(16, min(triton.next_power_of_2(n_pairs), 64)), max(16, min(triton.next_power_of_2(n_chunks), 1024))
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _needs_int64_offsets(n_elems: int, block: int, iters: int, weight: torch.Tensor | None) -> bool:
+    """Whether an offset inside a row can pass int32: the last program's lanes reach
+    n_chunks * iters * BLOCK - 1, and a broadcast weight's in-row offset its largest stride sum."""
+    covered = triton.cdiv(n_elems, block * iters) * block * iters
+    weight_span = 0 if weight is None else sum((s - 1) * st for s, st in zip(weight.shape[1:], weight.stride()[1:], strict=True))
+    return max(covered, weight_span + 1) > _INT32_MAX
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -283,39 +371,88 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _partials(pred, target, ref, weight):
-    """Launch the partial-sum kernel; returns (partial [streams, 2B, chunks], N)."""
+def _row_count(pred: torch.Tensor) -> tuple[int, int]:
     n_rows = pred.shape[0]
-    n_elems = pred.numel() // n_rows
     if n_rows > 65535:
         raise ValueError(f"the fused loss takes at most 65535 rows (2B) per call, got {n_rows}")
-    block, iters, n_chunks, num_warps = _grid_config(n_elems, n_rows, pred.dtype, pred.device)
+    return n_rows, pred.numel() // n_rows
+
+
+def partials_launch(pred, target, ref, weight, sms: int | None):
+    """The partial-sum launch -> (Launch, partial [streams, 2B, chunks], N)."""
+    n_rows, n_elems = _row_count(pred)
+    block, iters, n_chunks, num_warps = grid_config(n_elems, n_rows, pred.dtype, sms)
     w, mode, w_rs, w_s1, w_s2, w_st0, w_st1, w_st2 = _weight_layout(weight, pred.shape)
     streams = 3 if ref is not None else 1
     partial = _new((streams, n_rows, n_chunks), pred)
-    _errors_partial_kernel[(n_chunks, n_rows)](
-        pred, target, ref if ref is not None else pred, w if w is not None else pred, partial,
-        n_elems, n_rows, n_chunks,
-        w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
-        HAS_REF=ref is not None, WEIGHT_MODE=mode, BLOCK=block, ITERS=iters, num_warps=num_warps,
-    )  # fmt: skip
-    return partial, n_elems
+    launch = Launch(
+        _errors_partial_kernel,
+        (n_chunks, n_rows),
+        (
+            pred, target, ref if ref is not None else pred, w if w is not None else pred, partial,
+            n_elems, n_rows, n_chunks, iters,
+            w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
+        ),  # fmt: skip
+        dict(
+            HAS_REF=ref is not None, WEIGHT_MODE=mode, BLOCK=block,
+            OFFS_64=_needs_int64_offsets(n_elems, block, iters, w), num_warps=num_warps, **_COMPILE_OPTIONS,
+        ),  # fmt: skip
+    )
+    return launch, partial, n_elems
 
 
-def _grad(grad_scale, pred, target, weight, coef):
-    n_rows = pred.shape[0]
-    n_elems = pred.numel() // n_rows
-    block, iters, n_chunks, num_warps = _grid_config(n_elems, n_rows, pred.dtype, pred.device)
+def head_launch(partial, ref_err, pair_weight, n_elems, beta: float, alpha: float, has_ref_pred: bool, sms):
+    """The one-program head launch -> (Launch, (loss, stats, logits, prob, policy_err, ref_err, coef))."""
+    n_rows, n_chunks = partial.shape[1], partial.shape[2]
+    n_pairs = n_rows // 2
+    outputs = (
+        _new((), partial),  # loss
+        _new((2,), partial),  # stats: accuracy, margin
+        _new((n_pairs,), partial),  # logits
+        _new((n_pairs,), partial),  # prob
+        _new((n_rows,), partial),  # policy_err
+        _new((n_rows,), partial),  # ref_err
+        _new((n_rows,), partial),  # coef
+    )
+    block_p, block_c = head_config(n_pairs, n_chunks, interpret=sms is None)
+    launch = Launch(
+        _poly_dpo_head_kernel,
+        (1,),
+        (
+            partial, ref_err if ref_err is not None else partial, pair_weight if pair_weight is not None else partial,
+            *outputs,
+            n_pairs, n_chunks, 1.0 / n_elems, float(beta), float(alpha), float(beta) / (n_pairs * n_elems),
+            1.0 / beta if beta != 0 else 0.0,
+        ),  # fmt: skip
+        dict(
+            HAS_REF_PRED=has_ref_pred, HAS_PAIR_WEIGHT=pair_weight is not None,
+            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **_COMPILE_OPTIONS,
+        ),  # fmt: skip
+    )
+    return launch, outputs
+
+
+def grad_launch(grad_scale, pred, target, weight, coef, sms: int | None):
+    """The gradient launch -> (Launch, grad in pred's dtype)."""
+    n_rows, n_elems = _row_count(pred)
+    block, iters, n_chunks, num_warps = grid_config(n_elems, n_rows, pred.dtype, sms)
     w, mode, w_rs, w_s1, w_s2, w_st0, w_st1, w_st2 = _weight_layout(weight, pred.shape)
     grad = _new(pred.shape, pred, dtype=pred.dtype)
-    _poly_dpo_grad_kernel[(n_chunks, n_rows)](
-        pred, target, w if w is not None else pred, coef, grad_scale, grad,
-        n_elems,
-        w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
-        WEIGHT_MODE=mode, BLOCK=block, ITERS=iters,
-        ROUND_BF16_BY_BITS=INTERPRET and pred.dtype == torch.bfloat16, num_warps=num_warps,
-    )  # fmt: skip
-    return grad
+    launch = Launch(
+        _poly_dpo_grad_kernel,
+        (n_chunks, n_rows),
+        (
+            pred, target, w if w is not None else pred, coef, grad_scale, grad,
+            n_elems, iters,
+            w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
+        ),  # fmt: skip
+        dict(
+            WEIGHT_MODE=mode, BLOCK=block, OFFS_64=_needs_int64_offsets(n_elems, block, iters, w),
+            ROUND_BF16_BY_BITS=sms is None and pred.dtype == torch.bfloat16,
+            num_warps=num_warps, **_COMPILE_OPTIONS,
+        ),  # fmt: skip
+    )
+    return launch, grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,27 +474,15 @@ def poly_dpo_fwd(
     ref_err [2B], coef [2B] (for backward)."""
     policy_pred, target = _flat(policy_pred), _flat(target)
     ref_pred = _flat(ref_pred) if ref_pred is not None else None
-    ref_err = _flat(ref_err) if ref_err is not None else None
-    pair_weight = _flat(pair_weight) if pair_weight is not None else None
-    n_rows = policy_pred.shape[0]
-    n_pairs = n_rows // 2
-    partial, n_elems = _partials(policy_pred, target, ref_pred, elem_weight)
-    n_chunks = partial.shape[2]
-    loss = _new((), policy_pred)
-    stats = _new((2,), policy_pred)
-    logits, prob = _new((n_pairs,), policy_pred), _new((n_pairs,), policy_pred)
-    policy_err, ref_err_out, coef = (_new((n_rows,), policy_pred) for _ in range(3))
-    block_p = max(16, min(triton.next_power_of_2(n_pairs), 64))
-    block_c = max(16, min(triton.next_power_of_2(n_chunks), 64 if not INTERPRET else 1024))
-    _poly_dpo_head_kernel[(1,)](
-        partial, ref_err if ref_err is not None else partial, pair_weight if pair_weight is not None else partial,
-        loss, stats, logits, prob, policy_err, ref_err_out, coef,
-        n_pairs, n_chunks, 1.0 / n_elems, float(beta), float(alpha), float(beta) / (n_pairs * n_elems),
-        1.0 / beta if beta != 0 else 0.0,
-        HAS_REF_PRED=ref_pred is not None, HAS_PAIR_WEIGHT=pair_weight is not None,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
-    )  # fmt: skip
-    return loss, stats, logits, prob, policy_err, ref_err_out, coef
+    # 2B and B values: read by the head kernel as float32, whatever they came in.
+    ref_err = ref_err.to(torch.float32).contiguous() if ref_err is not None else None
+    pair_weight = pair_weight.to(torch.float32).contiguous() if pair_weight is not None else None
+    sms = sm_count(policy_pred.device)
+    launch, partial, n_elems = partials_launch(policy_pred, target, ref_pred, elem_weight, sms)
+    launch.run()
+    launch, outputs = head_launch(partial, ref_err, pair_weight, n_elems, beta, alpha, ref_pred is not None, sms)
+    launch.run()
+    return outputs
 
 
 @poly_dpo_fwd.register_fake
@@ -384,7 +509,10 @@ def poly_dpo_bwd(
     coef: torch.Tensor,
 ) -> torch.Tensor:
     """grad[row] = grad_scale * coef[row] * elem_weight * (pred - target), in pred's dtype."""
-    return _grad(_flat(grad_scale), _flat(pred), _flat(target), elem_weight, _flat(coef))
+    pred = _flat(pred)
+    launch, grad = grad_launch(_flat(grad_scale), pred, _flat(target), elem_weight, _flat(coef), sm_count(pred.device))
+    launch.run()
+    return grad
 
 
 @poly_dpo_bwd.register_fake
@@ -427,7 +555,9 @@ poly_dpo_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_con
 @torch.library.custom_op("vipo::sample_errors", mutates_args=())
 def sample_errors_op(pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None) -> torch.Tensor:
     """Per-sample mean of elem_weight * (pred - target)^2 -> fp32 [2B]."""
-    partial, n_elems = _partials(_flat(pred), _flat(target), None, elem_weight)
+    pred = _flat(pred)
+    launch, partial, n_elems = partials_launch(pred, _flat(target), None, elem_weight, sm_count(pred.device))
+    launch.run()
     # A fixed-order sum over a few chunks per row: deterministic.
     return partial[0].sum(dim=1) * (1.0 / n_elems)
 

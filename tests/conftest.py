@@ -11,6 +11,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from vipo_testing import AOT_TABLE  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -28,3 +30,10 @@ def seed(request) -> int:
     request.node.user_properties.append(("seed", value))
     torch.manual_seed(value)
     return value
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    table = config.stash.get(AOT_TABLE, None)
+    if table:
+        terminalreporter.write_sep("-", "fused kernels compiled ahead of time (tests/kernels/test_compile.py)")
+        terminalreporter.write_line(table)

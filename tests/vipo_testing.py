@@ -1,6 +1,10 @@
 """Helpers the tests share: numeric assertions, tiny models and their configs, weight snapshots."""
 
+import pytest
 import torch
+
+# The ahead-of-time compile table of tests/kernels/test_compile.py, printed at the end of the run.
+AOT_TABLE = pytest.StashKey[str]()
 
 
 def error_vs(actual: torch.Tensor, expected: torch.Tensor) -> float:
