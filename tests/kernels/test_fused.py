@@ -362,3 +362,75 @@ def test_compiled_training_step_has_no_graph_break_and_same_result(seed):
 def test_cuda_kernels_match_float64(seed, dtype, shape):
     policy, ref, target = make_batch(2, shape, dtype, device="cuda")
     check_against_float64(policy, target, ref, beta=5000.0, alpha=8.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "pred_shape, weight_shape",
+    [((6, 4, 64, 64), (6, 1, 64, 64)), ((4, 16, 5, 18, 32), (4, 1, 5, 1, 1)), ((6, 4, 61, 61), (6, 4, 61, 61))],
+)
+def test_cuda_broadcast_and_full_weights_match_float64(seed, pred_shape, weight_shape):
+    policy, ref, target = make_batch(pred_shape[0] // 2, pred_shape[1:], torch.bfloat16, device="cuda")
+    weight = torch.rand(weight_shape, device="cuda")
+    check_against_float64(policy, target, ref, beta=3000.0, alpha=2.0, elem_weight=weight)
+
+
+@pytest.mark.gpu
+def test_cuda_results_are_bit_identical_run_to_run(seed):
+    policy, ref, target = make_batch(8, (16, 21, 45, 80), torch.bfloat16, device="cuda")
+    first, grad1 = run_fused(policy, target, ref_pred=ref, beta=500.0, alpha=8.0)
+    second, grad2 = run_fused(policy, target, ref_pred=ref, beta=500.0, alpha=8.0)
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True)) and torch.equal(grad1, grad2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row_elems", [2**29 + 5, 2**31 + 64], ids=["rows-past-2^31-in-all", "one-row-past-2^31"])
+def test_cuda_kernels_address_tensors_past_2_31_elements(seed, row_elems):
+    """Row starts past 2^31 (int64) and, for a row longer than 2^31, int64 offsets inside it
+    (OFFS_64). The float64 truth is summed chunk by chunk to stay within memory."""
+    rows = 4 if row_elems < 2**31 else 2
+    need = 7 * rows * row_elems * 2 + 2**32  # five bf16 tensors, the float32 noise, float64 chunks
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    target = torch.randn(rows, row_elems, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ref = target + torch.randn(rows, row_elems, device="cuda", dtype=torch.bfloat16, generator=gen)
+    policy = ref + (0.05 * torch.randn(rows, row_elems, device="cuda", generator=gen)).bfloat16()
+    out, grad = run_fused(policy, target, ref_pred=ref, beta=1e6, alpha=8.0)
+    chunk = 2**27
+
+    def truth_errors(pred):
+        sums = torch.zeros(rows, dtype=torch.float64, device="cuda")
+        for start in range(0, row_elems, chunk):
+            d = pred[:, start : start + chunk].double() - target[:, start : start + chunk].double()
+            sums += d.square().sum(dim=1)
+        return sums / row_elems
+
+    policy_err, ref_err = truth_errors(policy), truth_errors(ref)
+    oracle = reference.poly_dpo_from_errors(policy_err, ref_err, beta=1e6, alpha=8.0)
+    assert_close(out.policy_err, policy_err, atol=1e-6, rtol=1e-5, name="policy_err")
+    assert_close(out.ref_err, ref_err, atol=1e-6, rtol=1e-5, name="ref_err")
+    assert_close(out.loss, oracle.loss, atol=1e-3, rtol=1e-3, name="loss")
+    # The gradient at both ends of every row: coef[row] * (p - y), coef from the float64 head.
+    p = oracle.prob
+    coef_w = (1 - p) * (1 + 8.0 * p) * 1e6 / (rows // 2 * row_elems)
+    coef = torch.cat([coef_w, -coef_w])
+    for piece in (slice(0, 4096), slice(row_elems - 4096, row_elems)):
+        expected = coef[:, None] * (policy[:, piece].double() - target[:, piece].double())
+        assert_close(grad[:, piece].double(), expected, atol=2**-7 * expected.abs().max().item(), name="grad")
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_step_has_no_graph_break(seed):
+    torch._dynamo.reset()
+    model = torch.nn.Linear(64, 64).cuda()
+    x, target = torch.randn(16, 64, device="cuda"), torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        ref_pred = model(x) + 0.1 * torch.randn(16, 64, device="cuda")
+
+    def forward_loss(inputs):
+        return poly_dpo_loss(model(inputs), target, ref_pred=ref_pred, beta=50.0, alpha=8.0).loss
+
+    eager = forward_loss(x)
+    compiled = torch.compile(forward_loss, fullgraph=True)(x)
+    assert_close(compiled, eager, atol=1e-6, rtol=1e-6, name="loss")
