@@ -72,6 +72,11 @@ class DataConfig:
     hflip_prob: float = _f(0.0, "horizontal flip probability, drawn once per pair")
     keep_ties: bool = _f(False, "pickapic: keep tied pairs (SFT only: ties never reach a preference loss)")
     check_files: bool = _f(False, "manifest: drop pairs with missing files up front (counted) instead of at read")
+    allow_outside_root: bool = _f(
+        False,
+        "manifest / video: let entries point outside the manifest's folder (absolute paths, '..', symlinks "
+        "that lead out); refused by default, naming the path",
+    )
     num_frames: int = _f(17, "video: frames per clip (1 + 4k for Wan)")
     frame_stride: int = _f(1, "video: take every n-th frame (ignored when fps is set)")
     fps: float = _f(0.0, "video: resample clips to this frame rate by timestamps; 0 = use frame_stride")
@@ -139,7 +144,10 @@ class TrainConfig:
     seed: int = _f(0, "seed for weights, data order, noise and timesteps")
     log_every_steps: int = _f(20, "steps between metric logs")
     output_dir: str = _f("runs/demo", "where metrics and checkpoints go")
-    checkpoint_every_steps: int = _f(0, "steps between checkpoints; 0 = only at the end")
+    checkpoint_every_steps: int = _f(0, "steps between checkpoints; 0 = only at the end (and on SIGTERM / SIGINT)")
+    checkpoint_every_minutes: float = _f(
+        0.0, "minutes between checkpoints, measured on rank 0 and agreed by all ranks; 0 = off"
+    )
     max_nonfinite_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite losses in a row")
     device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
     mixed_precision: Literal["no", "bf16"] = _f(
@@ -231,6 +239,7 @@ class RunConfig:
             ("data.resolution", self.data.resolution, 8),
             ("data.prefetch_batches", self.data.prefetch_batches, 0),
             ("train.checkpoint_every_steps", self.train.checkpoint_every_steps, 0),
+            ("train.checkpoint_every_minutes", self.train.checkpoint_every_minutes, 0),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),
             ("train.batch_pairs", self.train.batch_pairs, 1),
             ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
