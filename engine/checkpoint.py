@@ -11,14 +11,19 @@ previous checkpoint whole; `latest` names the newest complete one and is written
         rng.safetensors        the noise generator's state (one per rank for per-rank noise)
         state.json             step, data position, non-finite counters, format, world size
         config.yaml            the resolved run config
+        manifest.json          size and SHA-256 of every file above (integrity.py), written last
     <output_dir>/checkpoints/latest
 
 Sharded formats need a file system every rank sees (one node, or a shared file system across
 nodes): each rank writes its shards into the temporary folder, rank 0 renames it after a barrier.
+
+Reading never runs code from the checkpoint: safetensors, JSON and weights-only pickles here, and
+safe_load.py's allow-lists for what torch.distributed.checkpoint and DeepSpeed read.
 """
 
 import json
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -31,6 +36,15 @@ from torch import nn
 
 from .config import to_dict
 from .errors import RunError
+from .integrity import MANIFEST, check, resolve_checkpoint, write_manifest
+from .safe_load import (
+    dcp_planner,
+    dcp_reader,
+    deepspeed_loads,
+    read_dcp_metadata,
+    refusal,
+    unsupported_global,
+)
 
 DEEPSPEED_TAG = "deepspeed"
 
@@ -40,9 +54,9 @@ def _trainable_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items() if k in names}
 
 
-def _paths(out_dir: Path, step: int) -> tuple[Path, Path, Path]:
+def _paths(out_dir: Path, step: int, suffix: str = "") -> tuple[Path, Path, Path]:
     root = Path(out_dir) / "checkpoints"
-    return root, root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    return root, root / f"step-{step:06d}{suffix}", root / f".step-{step:06d}{suffix}.tmp"
 
 
 def _fsync_tree(path: Path) -> None:
@@ -53,34 +67,38 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _write_trainer_state(tmp: Path, step: int, state: dict, cfg) -> None:
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+    state = {"step": step, **state, "manifest": MANIFEST}
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def _publish(tmp: Path, final: Path, root: Path) -> None:
-    """tmp becomes `final`, then `latest` names it. A checkpoint already at `final` (a resumed
-    run saving the same step again) stays whole until the new one is in place."""
+def _publish(tmp: Path, final: Path, root: Path, *, latest: bool = True) -> None:
+    """tmp becomes `final`, then `latest` names it (unless `latest` is False: a checkpoint kept for
+    inspection that no resume should pick). A checkpoint already at `final` (a resumed run saving
+    the same step again) stays whole until the new one is in place."""
     _fsync_tree(tmp)
     old = None
     if final.exists():
         old = root / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    latest_tmp = root / f".latest.tmp-{os.getpid()}"
-    latest_tmp.write_text(final.name, encoding="utf-8")
-    os.replace(latest_tmp, root / "latest")
+    if latest:
+        latest_tmp = root / f".latest.tmp-{os.getpid()}"
+        latest_tmp.write_text(final.name, encoding="utf-8")
+        os.replace(latest_tmp, root / "latest")
     if old is not None:
         shutil.rmtree(old)
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, network, optimizer, scheduler, generator, state: dict, cfg, rng: dict | None = None
+    out_dir: Path, step: int, network, optimizer, scheduler, generator, state: dict, cfg, rng: dict | None = None,
+    *, latest: bool = True, suffix: str = "",
 ) -> Path:
     """One process (or rank 0 of a ddp run, whose replicas are identical). `rng` replaces the
     generator's state when there is one stream per rank."""
-    root, final, _ = _paths(out_dir, step)
+    root, final, tmp = _paths(out_dir, step, suffix)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
+    tmp = tmp.with_name(f"{tmp.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -90,17 +108,19 @@ def save_checkpoint(
     )
     save_file(rng or {"noise_generator": generator.get_state()}, tmp / "rng.safetensors")
     _write_trainer_state(tmp, step, {"format": "safetensors", **state}, cfg)
-    _publish(tmp, final, root)
+    write_manifest(tmp)
+    _publish(tmp, final, root, latest=latest)
     return final
 
 
 def save_sharded_checkpoint(
-    out_dir: Path, step: int, *, world, network, optimizer, scheduler, engine, rng: dict, state: dict, cfg
+    out_dir: Path, step: int, *, world, network, optimizer, scheduler, engine, rng: dict, state: dict, cfg,
+    latest: bool = True, suffix: str = "",
 ) -> Path:
     """Every rank calls this. FSDP writes with torch.distributed.checkpoint (each rank its
     shards, keyed by parameter name so any world size can read them); ZeRO with DeepSpeed's
     save_checkpoint. Rank 0 adds the trainer's state and publishes after a barrier."""
-    root, final, tmp = _paths(out_dir, step)
+    root, final, tmp = _paths(out_dir, step, suffix)
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a crash mid-write
@@ -120,7 +140,10 @@ def save_sharded_checkpoint(
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
         save_file(rng, tmp / "rng.safetensors")
         _write_trainer_state(tmp, step, {"format": fmt, "world_size": world.size, **state}, cfg)
-        _publish(tmp, final, root)
+    world.barrier()
+    write_manifest(tmp, world)  # every rank hashes a share of the files
+    if world.is_main:
+        _publish(tmp, final, root, latest=latest)
     world.barrier()
     return final
 
@@ -135,9 +158,39 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def checkpoint_state(path: Path) -> dict:
     """state.json of a checkpoint; `format` is safetensors for checkpoints that predate it."""
-    state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RunError(f"{file}: unreadable ({type(err).__name__}: {err})") from None
     state.setdefault("format", "safetensors")
+    if state["format"] not in ("safetensors", "dcp", "deepspeed"):
+        raise RunError(f"{file}: unknown checkpoint format {state['format']!r} (safetensors, dcp or deepspeed)")
     return state
+
+
+@contextmanager
+def reading(file: Path):
+    """Any failure to read `file` (truncated, zeroed, wrong kind) as one line naming it. DCP
+    reports a reader's error inside a CheckpointException (a BaseException): it is unwrapped."""
+    try:
+        yield
+    except (RunError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # safetensors, torch.load and DCP raise many kinds
+        failures = getattr(err, "failures", None)
+        if isinstance(failures, dict) and failures:
+            inner = [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
+            for exc in inner:
+                if isinstance(exc, RunError):
+                    raise exc from None
+            err = inner[0]
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise refusal(file, unsupported_global(err)) from None  # torch.load(weights_only=True) said no
+        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise RunError(f"{file}: unreadable ({type(err).__name__}{': ' + text if text else ''})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,15 +222,15 @@ def _dcp_weights(path: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(Path(path) / "dcp"))
-    metadata = reader.read_metadata()
+    folder = Path(path) / "dcp"
+    metadata = read_dcp_metadata(folder)
     weights = {
         key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    with _single_process_ok():
-        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    with _single_process_ok(), reading(folder):
+        dcp.load({"model": weights}, storage_reader=dcp_reader(folder), planner=dcp_planner(folder), no_dist=True)
     return weights
 
 
@@ -185,12 +238,38 @@ def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
     """fp32 trainable tensors of a ZeRO checkpoint, merged from every rank's partitions."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True))
+    with deepspeed_loads(), reading(Path(path) / DEEPSPEED_TAG):
+        return dict(
+            get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        )
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights of a checkpoint of any format, whole, on the CPU."""
+def trusted_checkpoint(path: Path, what: str) -> Path:
+    """`path` as a checkpoint to read weights from (`what` names who asks, e.g. model.init_from):
+    a checkpoint folder that passes its integrity check, or a run folder's newest checkpoint that
+    passes (falling back past damaged ones with a warning naming the damaged file). A damaged
+    checkpoint named explicitly is refused: which weights to use is the caller's choice."""
     path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{what}: {path} is not a folder (a run folder or one of its checkpoints/step-N)")
+    if not (path / "state.json").is_file():
+        if not (path / "checkpoints").is_dir():
+            raise RunError(f"{what}: {path} is neither a vipo checkpoint (no state.json) nor a run folder "
+                           "(no checkpoints/)")  # fmt: skip
+        found = resolve_checkpoint(path, what=f"read for {what}", set_aside=False)
+        if found is None:
+            raise RunError(f"{what}: {path} is a run folder without checkpoints")
+        return found
+    problem = check(path)
+    if problem:
+        raise RunError(f"{what}: checkpoint {path} is damaged ({problem}); name an older one of that run")
+    return path
+
+
+def read_weights(path: Path, what: str = "model.init_from") -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint of any format, whole, on the CPU, after its
+    integrity check (`trusted_checkpoint`)."""
+    path = trusted_checkpoint(path, what)
     fmt = checkpoint_state(path)["format"] if (path / "state.json").is_file() else "safetensors"
     if fmt == "dcp":
         return _dcp_weights(path)
@@ -198,17 +277,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return _deepspeed_weights(path)
     file = path / "model.safetensors"
     if not file.is_file():
-        raise RunError(f"model.init_from: no model.safetensors in {path}")
-    return load_file(file)
+        raise RunError(f"{what}: {path} has no model.safetensors (not a vipo checkpoint folder)")
+    with reading(file):
+        return load_file(file)
 
 
-def load_weights(path: Path, network) -> None:
+def load_weights(path: Path, network, what: str = "model.init_from") -> None:
     """Start `network` from a checkpoint's weights (every tensor it has must match); any format."""
-    weights = read_weights(path)
+    weights = read_weights(path, what)
     own = network.state_dict()
     unknown = [k for k in weights if k not in own]
     if unknown:
-        raise RunError(f"{path}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}")
+        raise RunError(f"{what}: {path}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}")
+    mismatched = [k for k, v in weights.items() if v.shape != own[k].shape]
+    if mismatched:
+        key = mismatched[0]
+        raise RunError(f"{what}: {path}: {key} is {tuple(weights[key].shape)}, the model's {tuple(own[key].shape)}")
     network.load_state_dict(weights, strict=False)
 
 
@@ -216,19 +300,25 @@ def load_checkpoint(path: Path, network, optimizer, scheduler, generator=None) -
     """Restore weights, optimizer, schedule and (given `generator`) the noise generator of a
     safetensors checkpoint (one process / ddp); returns state.json."""
     path = Path(path)
-    weights = load_file(path / "model.safetensors")
+    with reading(path / "model.safetensors"):
+        weights = load_file(path / "model.safetensors")
     missing = set(_trainable_state(network)) - set(weights)
     if missing:
-        raise ValueError(
-            f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
-        )
-    network.load_state_dict(weights, strict=False)
-    opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(opt_state["optimizer"])
-    scheduler.load_state_dict(opt_state["scheduler"])
+        raise RunError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+    with reading(path / "model.safetensors"):
+        network.load_state_dict(weights, strict=False)
+    with reading(path / "optimizer.pt"):
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
     if generator is not None:
-        generator.set_state(load_file(path / "rng.safetensors")["noise_generator"])
+        generator.set_state(read_rng(path)["noise_generator"])
     return checkpoint_state(path)
+
+
+def read_rng(path: Path) -> dict[str, torch.Tensor]:
+    with reading(Path(path) / "rng.safetensors"):
+        return load_file(Path(path) / "rng.safetensors")
 
 
 def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine) -> tuple[dict, dict]:
@@ -236,25 +326,29 @@ def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine
     path = Path(path)
     state = checkpoint_state(path)
     if state["format"] == "deepspeed":
-        loaded, _ = engine.load_checkpoint(
-            str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
+        with deepspeed_loads(), reading(path / DEEPSPEED_TAG):
+            loaded, _ = engine.load_checkpoint(
+                str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )  # fmt: skip
         if loaded is None:
             raise RunError(f"{path}: DeepSpeed found no checkpoint in {path / DEEPSPEED_TAG}")
     else:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        folder = path / "dcp"
+        read_dcp_metadata(folder)  # refused here, in one line, rather than inside DCP's collectives
         target = _dcp_state(network, optimizer)
-        with _single_process_ok():
-            dcp.load(target, checkpoint_id=path / "dcp")
+        with _single_process_ok(), reading(folder):
+            dcp.load(target, storage_reader=dcp_reader(folder), planner=dcp_planner(folder))
         set_state_dict(
             network, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],
             options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )  # fmt: skip
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
-    return state, load_file(path / "rng.safetensors")
+    with reading(path / "scheduler.pt"):
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
+    return state, read_rng(path)
 
 
 # ---------------------------------------------------------------------------------------------

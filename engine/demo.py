@@ -15,6 +15,7 @@ is the reference).
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,10 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     sft_cfg, dpo_cfg = _stage_configs(cfg, out)
+    for stage in (out / "sft", out / "dpo"):  # the demo starts over: its own earlier stage runs go
+        if stage.exists():
+            log.info("replacing the earlier demo run in %s", stage)
+            shutil.rmtree(stage)
 
     log.info("stage 1: SFT on winners, %d steps", sft_cfg.train.max_steps)
     Trainer(sft_cfg, progress=progress).train()

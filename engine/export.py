@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import load_weights, trusted_checkpoint
 from .config import load_config
 from .errors import RunError
 from .models import add_lora, build_model
@@ -27,20 +27,18 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def find_checkpoint(run: Path, step: int | None = None) -> Path:
-    """A run folder's checkpoint at `step` (latest when None), or a checkpoint folder itself."""
+    """A run folder's checkpoint at `step` (its newest good one when None), or a checkpoint
+    folder itself, after the integrity check."""
     run = Path(run)
-    if (run / "model.safetensors").is_file():
-        return run
     if step is not None:
         path = run / "checkpoints" / f"step-{step:06d}"
         if not path.is_dir():
             known = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
             raise RunError(f"{run}: no checkpoint at step {step} (found: {', '.join(known) or 'none'})")
-        return path
-    path = latest_checkpoint(run)
-    if path is None:
-        raise RunError(f"{run}: no checkpoints/ with a completed checkpoint (is it a vipo run folder?)")
-    return path
+        return trusted_checkpoint(path, "export")
+    if not (run / "state.json").is_file() and not (run / "checkpoints").is_dir():
+        raise RunError(f"{run}: not a vipo run folder (no checkpoints/) nor a checkpoint folder (no state.json)")
+    return trusted_checkpoint(run, "export")
 
 
 def load_trained(checkpoint: Path, device: torch.device | None = None):
@@ -55,7 +53,7 @@ def load_trained(checkpoint: Path, device: torch.device | None = None):
         load_weights(Path(cfg.model.init_from), adapter.network)
     if cfg.model.lora_rank:
         add_lora(adapter.network, cfg.model.lora_rank)
-    load_weights(checkpoint, adapter.network)
+    load_weights(checkpoint, adapter.network, what="export")
     return adapter, cfg
 
 

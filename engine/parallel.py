@@ -68,6 +68,15 @@ class World:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return dict(zip(values, (stacked / self.size).unbind(), strict=True))
 
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of a small CPU tensor over ranks (one all-reduce): how every
+        rank takes the same decision from flags that only some ranks raised."""
+        if not self.distributed or self.size == 1:
+            return values
+        reduced = values.to(self.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return reduced.cpu()
+
     def gather(self, obj):
         """A picklable object from every rank, as a list on every rank."""
         if not self.distributed or self.size == 1:

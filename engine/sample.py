@@ -82,16 +82,15 @@ def plan(prompts: list[str], n: int, seed: int) -> list[Job]:
 
 def resolve_source(path: str | Path) -> tuple[str, Path]:
     """("diffusers", folder) or ("checkpoint", checkpoint folder) for a SOURCE argument."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import trusted_checkpoint
 
     path = Path(path)
     if (path / "model_index.json").is_file():
         return "diffusers", path
     if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
-        return "checkpoint", path
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return "checkpoint", latest
+        return "checkpoint", trusted_checkpoint(path, "sample")
+    if (path / "checkpoints").is_dir():
+        return "checkpoint", trusted_checkpoint(path, "sample")
     raise RunError(
         f"{path}: not a run folder (checkpoints/latest), a checkpoint folder (model.safetensors + "
         "config.yaml) or a diffusers model folder (model_index.json)"

@@ -15,7 +15,11 @@ INSTALL_HINT = "pip install 'vipo[track]'"
 
 class MetricSinks:
     def __init__(self, out_dir: Path, report_to: list[str], *, run_name: str | None = None,
-                 config: dict | None = None, append: bool = False, enabled: bool = True):  # fmt: skip
+                 config: dict | None = None, append: bool = False, resume_step: int | None = None,
+                 enabled: bool = True):  # fmt: skip
+        """`append`: a resumed run. Rows after `resume_step` (written by the run that stopped after
+        its last checkpoint) and a half-written last line are dropped first, so every step has
+        one row."""
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._jsonl = None
@@ -23,14 +27,19 @@ class MetricSinks:
         self._wandb = None
         if not enabled:
             return
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a" if append else "w", encoding="utf-8")
+        path = self.out_dir / "metrics.jsonl"
+        if append and resume_step is not None and path.is_file():
+            _truncate_rows(path, resume_step)
+        self._jsonl = open(path, "a" if append else "w", encoding="utf-8")
         name = run_name or self.out_dir.resolve().name
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise ConfigError(f"train.report_to has tensorboard, which is not installed ({INSTALL_HINT})") from err
-            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            # purge_step: a resumed run hides the events the stopped run logged past its checkpoint.
+            purge = resume_step + 1 if append and resume_step is not None else None
+            self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
         if "wandb" in report_to:
             try:
                 import wandb
@@ -74,3 +83,23 @@ class MetricSinks:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _truncate_rows(path: Path, last_step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `last_step`; drop later ones and a torn last line."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row.get("step", 0)) <= last_step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("%s: dropped %d rows past step %d (the stopped run's, after its checkpoint)", path, dropped, last_step)

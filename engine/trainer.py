@@ -18,29 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import parallel
 from .checkpoint import (
     checkpoint_state,
     export_full_weights,
-    latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
     load_weights,
+    read_rng,
     save_checkpoint,
     save_sharded_checkpoint,
 )
 from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
 from .errors import RunError
+from .integrity import resolve_checkpoint, step_folders
 from .models import LORA_TARGETS, add_lora, build_model
 from .objectives import PairBatch, forward_loss
 from .parallel import pick_device  # noqa: F401  (historical import path)
 from .precompute import CacheBatchSource, LatentPairBatch, cached_forward_loss, open_cache
 from .reference import build_reference
 from .sinks import MetricSinks
+from .stopping import RunFolder, Stopped, StopRequests, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +239,7 @@ class Trainer:
         sums = self.world.mean(sums)  # every rank then takes the same decision below
         finite = bool(torch.isfinite(sums["loss"]))  # the one host sync of a step
         if not finite:
-            self.nonfinite_total += 1
-            self.nonfinite_in_row += 1
-            log.warning(
-                "step %d: non-finite loss, update skipped (%d in a row)", self.step + 1, self.nonfinite_in_row
-            )
+            self._count_nonfinite("loss")
         else:
             self.nonfinite_in_row = 0
         grad_norm = self._update(finite)
@@ -260,9 +257,16 @@ class Trainer:
         if self.engine is not None:
             skipped = self.engine.skipped_steps
             self.engine.step()  # the boundary: DeepSpeed clips, and skips a non-finite gradient itself
-            if not finite and self.engine.skipped_steps == skipped:
-                raise RunError(f"step {self.step + 1}: non-finite loss but DeepSpeed applied the update")
             norm = self.engine.get_global_grad_norm()
+            applied = self.engine.skipped_steps == skipped
+            if applied and (not finite or (norm is not None and not math.isfinite(float(norm)))):
+                raise RunError(
+                    f"step {self.step + 1}: DeepSpeed applied an update with a non-finite "
+                    f"{'loss' if not finite else 'gradient norm'}; the weights are not saved. Resume from the "
+                    "last checkpoint (--resume), e.g. with a lower optim.lr"
+                )
+            if finite and not applied:  # DeepSpeed found an overflow in the gradients
+                self._count_nonfinite("gradient (DeepSpeed skipped the update)")
             return torch.tensor(float("nan") if norm is None or not finite else float(norm))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -271,8 +275,17 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
             grad_norm = grad_norm.full_tensor()
+        if not bool(torch.isfinite(grad_norm)):  # a finite loss with inf / NaN gradients: skip it too
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite("gradient norm")
+            return grad_norm
         self.optimizer.step()
         return grad_norm
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        log.warning("step %d: non-finite %s, update skipped (%d in a row)", self.step + 1, what, self.nonfinite_in_row)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -300,10 +313,13 @@ class Trainer:
         self.generator.manual_seed(seed)
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.out_dir)
+        """Load the newest checkpoint that passes its integrity check (falling back past damaged
+        ones, saying so); False when the run has none."""
+        path = resolve_checkpoint(self.out_dir, self.world if self.world.size > 1 else None)
         if path is None:
             return False
-        fmt = checkpoint_state(path)["format"]
+        state = checkpoint_state(path)
+        fmt = state["format"]
         sharded = self.strategy in ("fsdp", *parallel.DEEPSPEED)
         if fmt == "safetensors" and sharded:
             raise RunError(
@@ -314,22 +330,19 @@ class Trainer:
             raise RunError(f"{path} is a DeepSpeed checkpoint: resume it with parallel.strategy=zero2/zero3")
         if fmt == "dcp" and self.strategy in parallel.DEEPSPEED:
             raise RunError(f"{path} is an FSDP checkpoint: resume it with parallel.strategy=fsdp, ddp or none")
+        if fmt == "deepspeed" and state.get("world_size", self.world.size) != self.world.size:
+            raise RunError(
+                f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({state['world_size']}, "
+                f"here {self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
+            )
+        self.step = state["step"]  # a reseeded per-rank stream is keyed by it
         if fmt == "safetensors":
-            state = load_checkpoint(path, self.network, self.optimizer, self.scheduler)
-            self.step = state["step"]
-            self._restore_rng(load_file(path / "rng.safetensors"))
+            load_checkpoint(path, self.network, self.optimizer, self.scheduler)
+            self._restore_rng(read_rng(path))
         else:
-            saved_world = checkpoint_state(path).get("world_size", self.world.size)
-            if fmt == "deepspeed" and saved_world != self.world.size:
-                raise RunError(
-                    f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({saved_world}, "
-                    f"here {self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
-                )
-            state, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
-                                                 scheduler=self.scheduler, engine=self.engine)  # fmt: skip
-            self.step = state["step"]  # a reseeded per-rank stream is keyed by it
+            _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
+                                             scheduler=self.scheduler, engine=self.engine)  # fmt: skip
             self._restore_rng(rng)
-        self.step = state["step"]
         sampler = dict(state["sampler"])
         # The position counts global batches: a different world size with the same global
         # batch continues the same order. A stream (tar shards) resumes its own position.
@@ -338,25 +351,36 @@ class Trainer:
         ):
             sampler.update(batch_size=self.sampler.batch_size, world_size=self.sampler.world_size)
         self.batches.load_state_dict(sampler)
-        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], state["nonfinite_in_row"]
+        # A resume is a fresh chance: the in-a-row count of non-finite steps starts again.
+        self.nonfinite_total, self.nonfinite_in_row = state["nonfinite_total"], 0
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def save(self) -> Path:
+    def save(self, *, stopped: str | None = None) -> Path:
+        """A checkpoint of this step. `stopped="nonfinite"`: the run is stopping on non-finite
+        losses; the checkpoint is kept for inspection as step-N.nonfinite and never becomes
+        `latest`, so a resume starts from the last good one."""
         state = {"sampler": self.batches.state_dict(), "nonfinite_total": self.nonfinite_total,
                  "nonfinite_in_row": self.nonfinite_in_row}  # fmt: skip
+        if stopped:
+            state["stopped"] = stopped
+        latest = stopped is None
+        suffix = "" if latest else f".{stopped}"
         if self.strategy in ("none", "ddp"):  # replicas: rank 0 writes them all
-            path = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+            path = self.out_dir / "checkpoints" / f"step-{self.step:06d}{suffix}"
             rng = self._rng_states()
             if self.world.is_main:
                 path = save_checkpoint(self.out_dir, self.step, self.network, self.optimizer, self.scheduler,
-                                       self.generator, {**state, "world_size": self.world.size}, self.cfg, rng)  # fmt: skip
+                                       self.generator, {**state, "world_size": self.world.size}, self.cfg, rng,
+                                       latest=latest, suffix=suffix)  # fmt: skip
             self.world.barrier()
         else:
             path = save_sharded_checkpoint(
                 self.out_dir, self.step, world=self.world, network=self.network, optimizer=self.optimizer,
                 scheduler=self.scheduler, engine=self.engine, rng=self._rng_states(), state=state, cfg=self.cfg,
+                latest=latest, suffix=suffix,
             )  # fmt: skip
+        self._saved_at = (self.step, time.monotonic())
         log.info("checkpoint %s", path)
         return path
 
@@ -368,14 +392,42 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def train(self, *, resume: bool = False) -> dict:
+        main = self.world.is_main
+        with RunFolder(self.out_dir, enabled=main), StopRequests() as stops:
+            self.world.barrier()
+            self._start(resume)
+            return self._loop(resume, stops)
+
+    def _start(self, resume: bool) -> None:
+        cfg = self.cfg.train
+        if self.world.is_main:
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8")
+            if not cfg.checkpoint_every_steps and not cfg.checkpoint_every_minutes:
+                log.warning("train.checkpoint_every_steps and train.checkpoint_every_minutes are 0: a crash loses "
+                            "the run's progress (SIGTERM / Ctrl-C still save); set one for a long run")  # fmt: skip
+        if not resume:
+            existing = step_folders(self.out_dir)
+            if existing:
+                raise RunError(
+                    f"train.output_dir {self.out_dir} already holds checkpoints (newest {existing[0].name}); "
+                    "pass --resume to continue that run, or choose another train.output_dir"
+                )
+        elif not self.resume():
+            log.info("no checkpoint in %s: starting from step 0", self.out_dir)
+        self._saved_at = (self.step, time.monotonic())
+
+    def _stop_or_save_due(self, stops: StopRequests) -> tuple[int, bool]:
+        """(signal every rank agrees to stop on, 0 for none; whether a timed checkpoint is due),
+        decided on the same step by every rank (one small all-reduce when there are several)."""
+        minutes = self.cfg.train.checkpoint_every_minutes
+        due = bool(minutes) and self.world.is_main and time.monotonic() - self._saved_at[1] >= 60 * minutes
+        flags = torch.tensor([stops.signum or 0, int(due)], dtype=torch.int64)
+        flags = self.world.max(flags)
+        return int(flags[0]), bool(flags[1])
+
+    def _loop(self, resume: bool, stops: StopRequests) -> dict:
         cfg = self.cfg.train
         main = self.world.is_main
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8")
-        self.world.barrier()
-        if resume and not self.resume():
-            log.info("no checkpoint in %s: starting from step 0", self.out_dir)
         step_pairs = cfg.batch_pairs * cfg.grad_accum_steps  # global
         started = time.perf_counter()
         first_step = self.step
@@ -383,16 +435,16 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective, disable=not self.progress,
                    dynamic_ncols=True)  # fmt: skip
         sinks = MetricSinks(self.out_dir, cfg.report_to, run_name=cfg.run_name, config=to_dict(self.cfg),
-                            append=resume, enabled=main)  # fmt: skip
+                            append=resume, resume_step=self.step, enabled=main)  # fmt: skip
         with sinks:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 bar.update(1)
                 if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    path = self.save()
+                    path = self.save(stopped="nonfinite")
                     raise RunError(
-                        f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}; "
-                        f"stopped with a checkpoint at {path}"
+                        f"{self.nonfinite_in_row} non-finite steps in a row at step {self.step}; stopped. The last "
+                        f"good checkpoint stays the one --resume takes; this step's state is in {path}"
                     )
                 done = self.step == cfg.max_steps
                 if self.step % cfg.log_every_steps == 0 or done:
@@ -408,12 +460,22 @@ class Trainer:
                     sinks.write(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}",
                                     **({"acc": f"{last['accuracy']:.2f}"} if "accuracy" in last else {}))  # fmt: skip
-                if (cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0) or done:
-                    self.save()
+                signum, due = self._stop_or_save_due(stops)
+                every = cfg.checkpoint_every_steps
+                if (every and self.step % every == 0) or done or due or signum:
+                    path = self.save() if self._saved_at[0] != self.step else None
+                    if signum:
+                        bar.close()
+                        where = path or self.out_dir / "checkpoints" / f"step-{self.step:06d}"
+                        raise Stopped(
+                            f"stopped by {signal_name(signum)} at step {self.step} of {cfg.max_steps}; checkpoint "
+                            f"{where}; continue with --resume",
+                            signum,
+                        )
         bar.close()
         seconds = time.perf_counter() - started
-        return {"steps": self.step, "seconds": seconds, "last": last, "out_dir": str(self.out_dir),
-                "nonfinite_total": self.nonfinite_total, "effective_lr": self.lr,
+        return {"steps": self.step, "steps_this_run": self.step - first_step, "seconds": seconds, "last": last,
+                "out_dir": str(self.out_dir), "nonfinite_total": self.nonfinite_total, "effective_lr": self.lr,
                 "loss_is_finite": math.isfinite(last.get("loss", float("nan"))),
                 "is_main": main, "world_size": self.world.size}  # fmt: skip
 

@@ -173,7 +173,7 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, on
     two = read_metrics(resumed)
     assert_same_curve(two, one_process["metrics"], "fsdp on 2 ranks, resumed at step 2")
     assert sorted(p.name for p in (first / "checkpoints" / "step-000002").iterdir()) == [
-        "config.yaml", "dcp", "rng.safetensors", "scheduler.pt", "state.json"]  # fmt: skip
+        "config.yaml", "dcp", "manifest.json", "rng.safetensors", "scheduler.pt", "state.json"]  # fmt: skip
     assert_exported_like(export, one_process)
     # `vipo export` reads the sharded checkpoint in one process: the same weights as the gather.
     from vipo.engine.export import export_run

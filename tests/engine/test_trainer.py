@@ -97,7 +97,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert changed(initial_reference, resumed.adapter.network)
 
 
-def test_non_finite_losses_skip_the_update_and_stop_with_a_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_losses_skip_the_update_and_stop_with_a_checkpoint_no_resume_picks(tmp_path, monkeypatch):
     from vipo.engine import trainer as trainer_module
 
     cfg = tiny_config(tmp_path, "train.max_steps=10", "train.max_nonfinite_steps=2")
@@ -110,11 +110,15 @@ def test_non_finite_losses_skip_the_update_and_stop_with_a_checkpoint(tmp_path, 
 
     monkeypatch.setattr(trainer_module, "forward_loss", poisoned)
     before = snapshot(trainer.adapter.network)
-    with pytest.raises(RunError, match="2 non-finite losses in a row"):
+    with pytest.raises(RunError, match="2 non-finite steps in a row"):
         trainer.train()
     assert not changed(before, trainer.adapter.network)  # no update was applied
     assert trainer.nonfinite_total == 2
-    assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").exists()
+    # Kept for inspection, marked, and not `latest`: a resume starts from the last good checkpoint.
+    stop = tmp_path / "checkpoints" / "step-000002.nonfinite"
+    assert (stop / "model.safetensors").exists()
+    assert json.loads((stop / "state.json").read_text())["stopped"] == "nonfinite"
+    assert not (tmp_path / "checkpoints" / "latest").exists()
 
 
 def test_sft_on_winners_trains_without_a_reference(tmp_path):
@@ -171,8 +175,11 @@ def test_init_from_starts_policy_and_reference_from_a_checkpoint(tmp_path):
 
 
 def test_init_from_a_folder_without_weights_names_it(tmp_path):
-    with pytest.raises(RunError, match=r"model.init_from: no model.safetensors in .*nowhere"):
+    with pytest.raises(RunError, match=r"model.init_from: .*nowhere is not a folder"):
         Trainer(tiny_config(tmp_path, f"model.init_from={tmp_path / 'nowhere'}"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match=r"model.init_from: .*empty is neither a vipo checkpoint"):
+        Trainer(tiny_config(tmp_path, f"model.init_from={tmp_path / 'empty'}"), progress=False)
 
 
 def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
