@@ -2,13 +2,16 @@
 
     cfg = load_config("configs/train/demo.yaml", ["optim.lr=1e-8", "loss.alpha=8"])
 
-Every field carries its doc in `metadata["help"]`. A key the dataclasses do not have, or a value
-of the wrong type, raises ConfigError naming the key, where it came from and what is allowed.
-YAML is read with `yaml.safe_load`; nothing in a config is executed.
+Every field carries its doc in `metadata["help"]`. A key the dataclasses do not have, a value
+of the wrong type or out of range, raises ConfigError naming the key, where it came from and
+what is allowed. YAML is read with a `yaml.SafeLoader` that also refuses a key given twice;
+nothing in a config is executed.
 """
 
 import dataclasses
+import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from vipo.configs import ROOT as CONFIGS_ROOT
+from vipo.configs import builtin_recipes
 
 
 class ConfigError(ValueError):
@@ -149,7 +155,7 @@ class TrainConfig:
         0.0, "minutes between checkpoints, measured on rank 0 and agreed by all ranks; 0 = off"
     )
     max_nonfinite_steps: int = _f(3, "stop (with a checkpoint) after this many non-finite losses in a row")
-    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
+    device: str = _f("auto", "auto (cuda when available), cpu, cuda (this process's GPU) or cuda:N")
     mixed_precision: Literal["no", "bf16"] = _f(
         "no", "bf16: autocast forward passes to bfloat16 (fp32 weights)"
     )
@@ -212,14 +218,31 @@ class RunConfig:
                 f"loss.alpha is {self.loss.alpha} but loss.objective is 'dpo' (alpha 0); "
                 "use loss.objective=poly_dpo for alpha != 0"
             )
+        if self.loss.objective != "sft" and self.loss.beta <= 0:
+            raise ConfigError(
+                f"loss.beta must be > 0 for loss.objective={self.loss.objective}, got {self.loss.beta} "
+                "(0 learns nothing, < 0 trains toward the losers)"
+            )
         if self.reference.mode == "adapter" and self.model.lora_rank < 1:
             raise ConfigError(
                 "reference.mode is 'adapter' but model.lora_rank is 0: the adapter "
                 "reference needs a LoRA policy (set model.lora_rank, or reference.mode=copy)"
             )
+        if self.reference.mode == "precomputed" and not self.data.cache:
+            raise ConfigError(
+                "reference.mode is 'precomputed' but data.cache is not set: the reference table is scored on "
+                "a latent cache (`vipo cache`, then `vipo score-reference`); set data.cache=FOLDER"
+            )
+        if self.reference.table and self.reference.mode != "precomputed":
+            raise ConfigError(f"reference.table is for reference.mode=precomputed, got {self.reference.mode!r}")
         data = self.data
         if data.source != "procedural" and not data.path:
             raise ConfigError(f"data.source is {data.source!r}: set data.path to the data (file, folder or glob)")
+        if data.source == "procedural" and data.path:
+            raise ConfigError(
+                f"data.path is {data.path!r} but data.source is 'procedural', which makes its pairs and reads "
+                "no files: set data.source (manifest, pickapic, shards, video), or drop data.path"
+            )
         if data.keep_ties and self.loss.objective != "sft":
             raise ConfigError("data.keep_ties is only for loss.objective=sft: a tie has no winner for a preference loss")
         if data.source == "shards" and (data.buckets or data.bucket_area):
@@ -233,10 +256,17 @@ class RunConfig:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise ConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
+        if not 0.0 <= data.flip_prob <= 1.0:
+            raise ConfigError(f"data.flip_prob must be in [0, 1], got {data.flip_prob}")
         for key, value, low in (
             ("model.lora_rank", self.model.lora_rank, 0),
             ("data.num_pairs", self.data.num_pairs, 1),
             ("data.resolution", self.data.resolution, 8),
+            ("data.bucket_area", self.data.bucket_area, 0),
+            ("data.bucket_step", self.data.bucket_step, 8),
+            ("data.num_frames", self.data.num_frames, 1),
+            ("data.frame_stride", self.data.frame_stride, 1),
+            ("data.fps", self.data.fps, 0),
             ("data.prefetch_batches", self.data.prefetch_batches, 0),
             ("train.checkpoint_every_steps", self.train.checkpoint_every_steps, 0),
             ("train.checkpoint_every_minutes", self.train.checkpoint_every_minutes, 0),
@@ -245,17 +275,204 @@ class RunConfig:
             ("train.grad_accum_steps", self.train.grad_accum_steps, 1),
             ("train.max_steps", self.train.max_steps, 0),
             ("train.log_every_steps", self.train.log_every_steps, 1),
+            ("train.seed", self.train.seed, 0),
             ("optim.warmup_steps", self.optim.warmup_steps, 0),
+            ("optim.weight_decay", self.optim.weight_decay, 0),
+            ("optim.max_grad_norm", self.optim.max_grad_norm, 0),
+            ("parallel.shard_size", self.parallel.shard_size, 0),
+            ("demo.sft_steps", self.demo.sft_steps, 0),
+            ("demo.held_out_pairs", self.demo.held_out_pairs, 1),
+            ("demo.sample_prompts", self.demo.sample_prompts, 1),
         ):
             if value < low:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        for key, value in (("optim.lr", self.optim.lr), ("demo.sft_lr", self.demo.sft_lr)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        if not all(0.0 <= beta < 1.0 for beta in self.optim.betas):
+            raise ConfigError(f"optim.betas: each AdamW beta must be in [0, 1), got {list(self.optim.betas)}")
+        if self.train.seed >= 2**63:  # torch and numpy generators take 64-bit seeds; vipo adds offsets
+            raise ConfigError(f"train.seed must be < 2**63, got {self.train.seed}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.train.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {self.train.device!r}")
+        for sink in set(self.train.report_to):
+            if self.train.report_to.count(sink) > 1:
+                raise ConfigError(f"train.report_to names {sink!r} twice: {self.train.report_to}")
+        _check_buckets(data)
+        if data.source == "procedural" and not data.cache and self.train.batch_pairs > data.num_pairs:
+            raise ConfigError(
+                f"train.batch_pairs={self.train.batch_pairs} is more than the {data.num_pairs} pairs of the data set "
+                f"(data.num_pairs={data.num_pairs}): set train.batch_pairs to at most {data.num_pairs}, or "
+                f"data.num_pairs to at least {self.train.batch_pairs}"
+            )
+        _check_paths(self)
+        if self.model.path is None:  # with model.path the weights' folder decides; model.config is unused
+            _check_architecture(self.model)
         return self
+
+
+def _check_buckets(data: DataConfig) -> None:
+    if data.buckets and data.bucket_area:
+        raise ConfigError(
+            "data.buckets and data.bucket_area are both set: give the bucket list, or the area to make "
+            "buckets at, not both"
+        )
+    for size in data.buckets:
+        if min(size) < 8:
+            raise ConfigError(f"data.buckets: each [width, height] must be at least [8, 8], got {list(size)}")
+        if data.buckets.count(size) > 1:
+            raise ConfigError(f"data.buckets: {list(size)} is given twice")
+    if data.bucket_area and data.bucket_area < data.bucket_step**2:
+        raise ConfigError(
+            f"data.bucket_area={data.bucket_area} is less than one square of data.bucket_step="
+            f"{data.bucket_step} ({data.bucket_step**2} pixels): no bucket fits"
+        )
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """Paths whose kind is wrong already: a folder where one file belongs, a file where a folder
+    goes, an empty string (an unset shell variable, `model.path=$MODEL`) where None means 'off'."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for name, tp in _field_types(type(values)).items():
+            if tp == (str | None) and getattr(values, name) == "":
+                raise ConfigError(f"{section.name}.{name} is empty: give a value, or null to leave it unset")
+    data = cfg.data
+    if data.source in ("manifest", "video") and Path(data.path).is_dir():
+        raise ConfigError(
+            f"data.path {data.path} is a folder, but data.source={data.source} reads one JSONL manifest "
+            "file: name the .jsonl file (a folder is for data.source=pickapic or shards)"
+        )
+    output_dir = cfg.train.output_dir
+    if not output_dir.strip():
+        raise ConfigError("train.output_dir is empty: name the run folder (e.g. train.output_dir=runs/my-run)")
+    for folder in (Path(output_dir), *Path(output_dir).parents):
+        if folder.exists():
+            if folder == Path(output_dir) and not folder.is_dir():
+                raise ConfigError(f"train.output_dir {output_dir} is a file, not a folder: choose another one")
+            if not folder.is_dir():
+                raise ConfigError(f"train.output_dir {output_dir} lies under {folder}, which is a file: "
+                                  "choose another one")  # fmt: skip
+            break
+
+
+def architecture_path(name_or_path: str) -> Path:
+    """configs/models/NAME.json for a name (`sd15-tiny`), the path itself for a .json path."""
+    path = Path(name_or_path)
+    return path if path.suffix == ".json" else CONFIGS_ROOT / "models" / f"{name_or_path}.json"
+
+
+def _check_architecture(model: ModelConfig) -> None:
+    """model.config exists, is a JSON object, and is an architecture of model.family."""
+    path = architecture_path(model.config)
+    known = sorted(p.stem for p in (CONFIGS_ROOT / "models").glob("*.json"))
+    if not path.is_file():
+        raise ConfigError(f"model.config: no architecture config {model.config!r} (known: {', '.join(known)})")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"model.config {path}: not UTF-8 text, not an architecture JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"model.config {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    if not isinstance(arch, dict):
+        raise ConfigError(f"model.config {path}: an architecture config is a JSON object, got {_shown(arch, 60)}")
+    family = arch.get("family")
+    if not isinstance(family, str):
+        raise ConfigError(
+            f"model.config {path} names no \"family\" (got {family!r}): add \"family\": \"{model.family}\" "
+            f"if it is a {model.family} architecture"
+        )
+    if family != model.family:
+        same = [name for name in known if _family_of(name) == model.family]
+        raise ConfigError(
+            f"model.config {model.config!r} is an architecture of family {family!r}, but model.family is "
+            f"{model.family!r}: use a config of family {model.family!r} ({', '.join(same) or 'none shipped'}), "
+            f"or model.family={family}"
+        )
+
+
+def _family_of(name: str) -> str | None:
+    try:
+        return json.loads(architecture_path(name).read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+SECTIONS = ", ".join(f.name for f in dataclasses.fields(RunConfig))
+# A data file given where a recipe belongs, and the source that reads it.
+DATA_SUFFIXES = {".parquet": "pickapic", ".jsonl": "manifest", ".tar": "shards"}
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no tags, nothing executed) that refuses a key given twice in one
+    mapping, where safe_load keeps the last one without a word."""
+
+    def construct_document(self, node):
+        self._root = node
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    earlier = first_line.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error names it
+                    break
+                if earlier is not None:
+                    raise _DuplicateKey(
+                        f"line {line}: key '{self._prefix(node)}{key}' is given twice (first at line {earlier}); "
+                        "YAML would keep only the last"
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+    def _prefix(self, target: yaml.Node) -> str:
+        """'loss.' for the mapping under `loss:`, found from the document's root (errors only)."""
+        stack, seen = [(self._root, "")], set()
+        while stack:
+            node, prefix = stack.pop()
+            if node is target:
+                return prefix
+            if isinstance(node, yaml.MappingNode) and id(node) not in seen:
+                seen.add(id(node))
+                stack += [(v, f"{prefix}{k.value}.") for k, v in node.value if isinstance(k, yaml.ScalarNode)]
+        return ""
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, and what (PyYAML's own text spans several)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        what = "; ".join(p for p in (err.context, err.problem) if p)
+        if "constructor for the tag" in what:
+            what += " (recipes are plain YAML: no tags)"
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+    return "not valid YAML: " + " ".join(str(err).split())
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def _type_name(tp: Any) -> str:
@@ -274,7 +491,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     `1e-8` as a string) but never silently truncated."""
 
     def bad() -> ConfigError:
-        return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+        return ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {_shown(value)}")
 
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -300,7 +517,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin in (tuple, list):
         args = typing.get_args(tp)
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = _safe_load(value) if value.strip().startswith("[") else value.split(",")
+            except yaml.YAMLError:
+                raise bad() from None
         if not isinstance(value, (list, tuple)):
             raise bad()
         if origin is tuple:
@@ -323,6 +543,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return int(value)
         if isinstance(value, str):
             try:
+                return int(value)  # exact, however long
+            except ValueError:
+                pass
+            try:
                 number = float(value)
             except ValueError:
                 raise bad() from None
@@ -332,17 +556,16 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad() from None
-        else:
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) else None
+        except ValueError:
+            raise bad() from None
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if number is None:
             raise bad()
         if not math.isfinite(number):
-            raise bad()
+            raise ConfigError(f"{where}: {key} must be a finite float, got {_shown(value)}")
         return number
     if tp is str:
         if isinstance(value, str):
@@ -359,9 +582,12 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix or 'the config'} must be a mapping, got {data!r}")
     types_ = _field_types(cls)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping of its keys "
+            f"({', '.join(types_)}), got {_shown(data)}"
+        )
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -383,25 +609,91 @@ def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if child is None:  # `loss:` with nothing under it in the file
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"{where}: '{key}' goes below '{part}', which is not a section")
         node = child
     node[parts[-1]] = value
 
 
+def _check_override_key(item: str, key: str) -> None:
+    """Refuse a key with an empty part, one below a value, or a whole section; a name the
+    sections lack is left to _build, whose message lists what the section allows."""
+    if "" in key.split("."):
+        raise ConfigError(f"override {item!r}: {key!r} has an empty part; keys are section.key (see `vipo config keys`)")
+    section, walked = RunConfig, []
+    for part in key.split("."):
+        if section is None:
+            raise ConfigError(f"override {item!r}: {'.'.join(walked)} is a value, not a section")
+        types_ = _field_types(section)
+        if part not in types_:
+            return
+        walked.append(part)
+        section = types_[part] if dataclasses.is_dataclass(types_[part]) else None
+    if section is not None:
+        example = dataclasses.fields(section)[0].name
+        raise ConfigError(
+            f"override {item!r}: {key} is a section; set its keys one by one (e.g. {key}.{example}=...)"
+        )
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`["optim.lr=1e-8", "loss.alpha=8"]` -> [("optim.lr", "1e-8"), ("loss.alpha", 8)]."""
+    """`["optim.lr=1e-8", "loss.alpha=8"]` -> [("optim.lr", "1e-8"), ("loss.alpha", 8)].
+    A key given twice takes its last value, as a later command-line flag does."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _check_override_key(item, key)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        parsed.append((key.strip(), value))
+        parsed.append((key, value))
     return parsed
+
+
+def _read_recipe(path: Path) -> dict:
+    """The recipe file's mapping, or a ConfigError naming the file and what is wrong with it."""
+
+    def not_a_recipe(why: str) -> ConfigError:
+        return ConfigError(f"{path} is not a recipe (YAML): {why}")
+
+    suffix = path.suffix.lower()
+    if suffix in DATA_SUFFIXES and path.is_file():
+        source = DATA_SUFFIXES[suffix]
+        raise not_a_recipe(f"{suffix} is data; to read it, give data.source={source} data.path={path}")
+    try:
+        if path.is_file() and path.stat().st_size > MAX_RECIPE_BYTES:
+            raise not_a_recipe(f"{path.stat().st_size} bytes, where a recipe is a few KB of text")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        hint = f" (built-in recipes: {', '.join(builtin_recipes())})" if path.parent == CONFIGS_ROOT / "train" else ""
+        raise ConfigError(f"recipe file not found: {path}{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
+    except OSError as err:  # permissions, a file where a folder of the path should be, ...
+        raise ConfigError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise not_a_recipe(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        tree = _safe_load(text)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise not_a_recipe(_yaml_problem(err)) from None
+    if tree is None:
+        raise ConfigError(f"recipe {path} is empty: a recipe sets some of the sections {SECTIONS} "
+                          "(see configs/train/demo.yaml)")  # fmt: skip
+    if not isinstance(tree, dict):
+        kind = {str: "text", list: "a list", int: "a number", float: "a number"}.get(type(tree), type(tree).__name__)
+        raise not_a_recipe(f"it holds {kind} ({_shown(tree, 60)}), not a mapping of sections ({SECTIONS})")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -410,16 +702,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     where = "defaults"
     if path is not None:
         where = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"recipe file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        tree = _read_recipe(Path(path))
     # The file alone first, so that its mistakes are named as the file's.
     _build(RunConfig, tree, "", where)
     for key, value in parse_overrides(overrides or []):

@@ -8,12 +8,25 @@ the same order.
 import numpy as np
 
 
+class BatchLargerThanData(ValueError):
+    """The data set cannot fill one global batch: a setting to change (train.batch_pairs, global
+    over all ranks), not damaged data."""
+
+    def __init__(self, num_items: int, batch_size: int, world_size: int = 1):
+        self.num_items, self.batch_size, self.world_size = num_items, batch_size, world_size
+        ranks = f" ({batch_size} per rank x {world_size} ranks)" if world_size > 1 else ""
+        most = num_items // world_size * world_size
+        fit = f"at most {most} fit" + (f", a multiple of {world_size} ranks" if world_size > 1 else "")
+        super().__init__(
+            f"train.batch_pairs={batch_size * world_size}{ranks} is more than the {num_items} pairs of the "
+            f"data set ({fit if most else f'{world_size} ranks need {world_size} pairs or more'})"
+        )
+
+
 class PairSampler:
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size * world_size > num_items:
-            raise ValueError(
-                f"{num_items} pairs cannot fill one global batch of {batch_size} x {world_size} ranks"
-            )
+            raise BatchLargerThanData(num_items, batch_size, world_size)
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.batch_in_epoch = 0, 0
