@@ -28,8 +28,21 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes end in one line, like every other vipo error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _load(recipe: str | None, overrides: list[str]):
-    return load_config(find_recipe(recipe) if recipe else find_recipe("demo"), overrides)
+    path = find_recipe(recipe or "demo")
+    if recipe and not path.exists() and Path(recipe).suffix not in (".yaml", ".yml"):
+        raise ConfigError(
+            f"recipe {recipe!r} not found: no such file, and no built-in recipe of that name "
+            f"(built-in: {', '.join(builtin_recipes())})"
+        )
+    return load_config(path, overrides)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -63,7 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     shown = ", ".join(
         f"{k} {last[k]:.4g}" for k in ("loss", "accuracy", "margin", "pairs_per_s") if k in last
     )
-    print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s; {shown}")
+    ran = summary.get("steps_this_run", summary["steps"])
+    resumed = f" (resumed at step {summary['steps'] - ran})" if ran != summary["steps"] else ""
+    print(f"trained {ran} steps to step {summary['steps']}{resumed} in {summary['seconds']:.1f} s; {shown}")
     print(f"run folder: {summary['out_dir']} (metrics.jsonl, checkpoints/)")
     return 0
 
@@ -96,7 +111,7 @@ def cmd_config_keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vipo",
         description="Preference optimization (Diffusion-DPO, Poly-DPO) for image and video generators.",
     )
@@ -110,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)"
     )
     demo.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
-    demo.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    demo.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="train with a recipe (SFT, Diffusion-DPO or Poly-DPO)")
     train.add_argument("recipe", help="recipe file or built-in name (see `vipo config keys`)")
-    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    train.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     train.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
     )
@@ -136,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub.required = True
     show = config_sub.add_parser("show", help="print a recipe with defaults and overrides resolved")
     show.add_argument("recipe", help="recipe file or built-in name")
-    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     show.add_argument("--json", action="store_true", help="JSON instead of YAML")
     show.set_defaults(func=cmd_config_show)
     keys = config_sub.add_parser("keys", help="list every config key with its type, default and meaning")
@@ -154,9 +169,24 @@ def _split_recipe(args: argparse.Namespace) -> None:
         args.recipe = None
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that overrides may also follow a flag (`vipo train demo -q loss.alpha=8`):
+    argparse ends a positional list at the first flag and would call the rest unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if (
+        extra
+        and isinstance(getattr(args, "overrides", None), list)
+        and not any(a.startswith("-") for a in extra)
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     _split_recipe(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -167,15 +197,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(command, prog: str = "vipo") -> int:
     """`command()`'s exit status, with vipo's errors as one line on stderr: 2 for a usage or
-    config error, 1 for a run error, 130 for an interrupt; no traceback for any of them."""
+    config error, 1 for a run error, 128 + the signal for a run stopped by one after its
+    checkpoint (SIGTERM 143, SIGINT 130), 130 for an interrupt; no traceback for any of them."""
     try:
         return command()
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
+        code = getattr(err, "exit_code", 1)
+        if not getattr(err, "quiet", False):
+            print(f"{prog}: {'error: ' if code == 1 else ''}{err}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

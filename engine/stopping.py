@@ -31,11 +31,13 @@ _REPEAT_GRACE_S = 1.0
 
 
 class Stopped(RunError):
-    """The run stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal."""
+    """The run stopped on a signal after saving a checkpoint; `exit_code` is 128 + the signal.
+    `quiet` on every rank but 0: one line for the run, not one per rank."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, quiet: bool = False):
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.quiet = quiet
 
 
 def signal_name(signum: int) -> str:

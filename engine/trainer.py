@@ -471,6 +471,7 @@ class Trainer:
                             f"stopped by {signal_name(signum)} at step {self.step} of {cfg.max_steps}; checkpoint "
                             f"{where}; continue with --resume",
                             signum,
+                            quiet=not main,
                         )
         bar.close()
         seconds = time.perf_counter() - started
