@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 import torch
 
+from vipo.loaders.images import SourceError
 from vipo.loaders.procedural import ProceduralPairs
 from vipo.loaders.records import PairRecord
 from vipo.loaders.sampler import PairSampler
@@ -40,7 +41,7 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
     """The pair source `data.source` names; data errors become RunErrors naming file and field."""
     if data_cfg.source == "procedural":
         return ProceduralPairs(data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed)
-    from vipo.loaders.images import PairTransform, SkipBadSamples, SourceError
+    from vipo.loaders.images import PairTransform, SkipBadSamples
 
     buckets = _buckets(data_cfg)
     try:
@@ -54,7 +55,8 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
             )  # fmt: skip
             size = None if buckets else (data_cfg.resolution, data_cfg.resolution)
             return SkipBadSamples(VideoPairManifest(data_cfg.path, sampling, size=size, buckets=buckets,
-                                                    backend=data_cfg.video_backend, seed=seed))  # fmt: skip
+                                                    backend=data_cfg.video_backend, seed=seed,
+                                                    allow_outside_root=data_cfg.allow_outside_root))  # fmt: skip
         transform = PairTransform(None if buckets else data_cfg.resolution, buckets=buckets,
                                   random_crop=data_cfg.random_crop, flip_prob=data_cfg.hflip_prob, seed=seed)  # fmt: skip
         if data_cfg.source == "pickapic":
@@ -64,17 +66,19 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
         if data_cfg.source == "manifest":
             from vipo.loaders.manifest import ManifestPairs
 
-            return SkipBadSamples(ManifestPairs(data_cfg.path, transform, check_files=data_cfg.check_files))
+            return SkipBadSamples(ManifestPairs(data_cfg.path, transform, check_files=data_cfg.check_files,
+                                                allow_outside_root=data_cfg.allow_outside_root))  # fmt: skip
         if data_cfg.source == "shards":
             from vipo.loaders.shards import ShardPairs
 
             return ShardPairs(data_cfg.path, transform, seed=seed, rank=rank, world_size=world_size)
-    except (SourceError, FileNotFoundError, ValueError) as err:
+    except (SourceError, OSError, ValueError) as err:
         raise RunError(f"data ({data_cfg.source} {data_cfg.path}): {err}") from None
     raise RunError(f"data.source {data_cfg.source!r} is not known")
 
 
-BAD_KINDS = ("skipped_corrupt", "skipped_missing", "skipped_short", "skipped_incomplete", "skipped_corrupt_shards")
+BAD_KINDS = ("skipped_corrupt", "skipped_missing", "skipped_not_a_file", "skipped_short", "skipped_incomplete",
+             "skipped_corrupt_shards")  # fmt: skip
 MIN_ATTEMPTS_FOR_BAD_FRACTION = 50
 
 
@@ -101,6 +105,7 @@ class BatchStream:
     `max_bad_fraction`: once at least MIN_ATTEMPTS_FOR_BAD_FRACTION pairs were tried, a share of
     bad files (BAD_KINDS) above it stops the run with a RunError naming the counts: one corrupt
     file in a million is a counted skip, a tenth of the data set unreadable is a broken mount.
+    A data set in which every pair tried is bad stops however small it is, naming the first bad file.
     """
 
     def __init__(self, source, batch_pairs: int, seed: int, rank: int = 0, world_size: int = 1, *,
@@ -115,18 +120,11 @@ class BatchStream:
         self._iterator = None
         self._pending: deque[Future] = deque()
         self._executor: ThreadPoolExecutor | None = None
-        if self.streaming:
-            self.sampler = None
-        else:
-            buckets = getattr(getattr(source, "transform", None), "buckets", None) or getattr(source, "buckets", None)
-            if buckets is not None:
-                from vipo.loaders.buckets import BucketBatchSampler
-
-                self.sampler = BucketBatchSampler(buckets.assign(source.image_sizes()), batch_pairs, seed, rank,
-                                                  world_size)  # fmt: skip
-            else:
-                self.sampler = PairSampler(len(source), batch_pairs, seed, rank, world_size)
-        self._position = self._current_position()
+        buckets = None
+        if not self.streaming:
+            transform = getattr(source, "transform", None)
+            buckets = getattr(transform, "buckets", None) or getattr(source, "buckets", None)
+        sizes = source.image_sizes() if buckets is not None else None  # a header scan: counts bad files
         self._stats = self._source_stats()
         # Bad files found before the first batch (a header scan for buckets, check_files) were
         # found among all pairs: judge them against the whole set, and later ones against pairs served.
@@ -135,6 +133,18 @@ class BatchStream:
         if self._bad_at_start:
             scanned = self._bad_at_start if self.streaming else max(len(source), self._bad_at_start)
             self._check_bad(self._bad_at_start, scanned)
+        try:
+            if self.streaming:
+                self.sampler = None
+            elif buckets is not None:
+                from vipo.loaders.buckets import BucketBatchSampler
+
+                self.sampler = BucketBatchSampler(buckets.assign(sizes), batch_pairs, seed, rank, world_size)
+            else:
+                self.sampler = PairSampler(len(source), batch_pairs, seed, rank, world_size)
+        except ValueError as err:
+            raise RunError(f"data: {err}; lower train.batch_pairs or add pairs") from None
+        self._position = self._current_position()
 
     # -- producing batches (the caller's thread, or the one prefetch thread) ----------------------
 
@@ -153,11 +163,16 @@ class BatchStream:
                 records = [next(self._iterator) for _ in range(self.batch_pairs)]
             except StopIteration:
                 raise RunError("the shard stream ended (data.path holds fewer pairs than the run needs)") from None
+            except SourceError as err:  # the stream found no usable pair in a whole pass
+                raise RunError(f"data: {err}") from None
         else:
             indices = self.sampler.next_batch()
             if hasattr(self.source, "set_epoch"):
                 self.source.set_epoch(self.sampler.epoch)
-            records = [self.source[i] for i in indices]
+            try:
+                records = [self.source[i] for i in indices]
+            except SourceError as err:  # SkipBadSamples found no good pair to stand in
+                raise RunError(f"data: {err}; check the data with `vipo data stats`") from None
         return records, self._current_position(), self._source_stats()
 
     def _submit(self) -> None:
@@ -212,9 +227,13 @@ class BatchStream:
         return indices, self.sampler.epoch
 
     def _check_bad(self, bad: int, tried: int) -> None:
+        kinds = ", ".join(f"{kind}={self._stats[kind]}" for kind in BAD_KINDS if self._stats.get(kind))
+        if tried and bad >= tried:
+            examples = self.source.skip_examples() if hasattr(self.source, "skip_examples") else {}
+            first = next((examples[kind] for kind in BAD_KINDS if kind in examples), "?")
+            raise RunError(f"data: all {tried} pairs tried are bad files ({kinds}); first: {first}")
         if tried < MIN_ATTEMPTS_FOR_BAD_FRACTION or bad / tried <= self.max_bad_fraction:
             return
-        kinds = ", ".join(f"{kind}={self._stats[kind]}" for kind in BAD_KINDS if self._stats.get(kind))
         raise RunError(
             f"data: {bad} of {tried} pairs tried were bad files ({bad / tried:.1%}: {kinds}), more than "
             f"data.max_bad_fraction={self.max_bad_fraction}; check the data with `vipo data stats` "

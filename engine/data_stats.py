@@ -4,12 +4,12 @@
     print(format_report(report))                 # or json.dumps(report)
 
 The report counts usable pairs, skips by reason (ties, unlabeled, identical and bad labels are
-data policy; missing, corrupt, short and incomplete are damage that training would skip), the
-resolution and aspect-ratio histograms of winners and losers, frames per clip and codecs for
-video, and pairs per category. Sizes come from image headers (PIL reads the header, not the
-pixels) and clip probes (packets, no decoding), so a pass over Pick-a-Pic costs a read of its
-image bytes, not a decode of them; `decode=True` decodes every image, the only way to find a
-JPEG cut short after its header.
+data policy; missing, corrupt, not_a_file (a folder or FIFO named like an image), short and
+incomplete are damage that training would skip), the resolution and aspect-ratio histograms of
+winners and losers, frames per clip and codecs for video, and pairs per category. Sizes come from
+image headers (PIL reads the header, not the pixels) and clip probes (packets, no decoding), so a
+pass over Pick-a-Pic costs a read of its image bytes, not a decode of them; `decode=True` decodes
+every image, the only way to find a JPEG cut short after its header.
 """
 
 import json
@@ -97,7 +97,7 @@ def _pair_sizes(tally: _Tally, winner, loser, ref: str, category: str, decode: b
 def _manifest(data_cfg, tally: _Tally, progress: bool, decode: bool) -> None:
     from vipo.loaders.manifest import read_manifest
 
-    entries = read_manifest(data_cfg.path)
+    entries = read_manifest(data_cfg.path, allow_outside_root=data_cfg.allow_outside_root)
     with _progress(len(entries), progress) as bar:
         for entry in entries:
             tally.rows += 1
@@ -143,7 +143,7 @@ def _video(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
     from vipo.loaders.video import FrameSampling, probe
     from vipo.loaders.video_manifest import VideoPairManifest
 
-    entries = VideoPairManifest._read(Path(data_cfg.path))
+    entries = VideoPairManifest._read(Path(data_cfg.path), data_cfg.allow_outside_root)
     sampling = FrameSampling(data_cfg.num_frames, stride=None if data_cfg.fps else data_cfg.frame_stride,
                              fps=data_cfg.fps or None, start="start", require_4k_plus_1=model_cfg.family == "wan")  # fmt: skip
     with _progress(len(entries), progress) as bar:
@@ -205,10 +205,10 @@ def _procedural(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
 
 
 KINDS = {
-    "manifest": ("skipped_missing", "skipped_corrupt"),
+    "manifest": ("skipped_missing", "skipped_corrupt", "skipped_not_a_file"),
     "pickapic": ("skipped_ties", "skipped_unlabeled", "skipped_identical", "skipped_bad_label", "skipped_missing",
                  "skipped_corrupt"),
-    "video": ("skipped_missing", "skipped_corrupt", "skipped_short"),
+    "video": ("skipped_missing", "skipped_corrupt", "skipped_short", "skipped_not_a_file"),
     "shards": ("skipped_missing", "skipped_corrupt", "skipped_incomplete", "skipped_corrupt_shards"),
     "procedural": (),
 }  # fmt: skip
@@ -230,7 +230,7 @@ def collect(data_cfg, model_cfg, *, progress: bool = True, decode: bool = False)
             _shards(data_cfg, tally, progress, decode)
         else:
             _procedural(data_cfg, model_cfg, tally, progress)
-    except (SourceError, FileNotFoundError, ValueError) as err:
+    except (SourceError, OSError, ValueError) as err:
         raise RunError(f"data ({data_cfg.source} {data_cfg.path}): {err}") from None
     return tally.report(data_cfg.source, data_cfg.path, video=data_cfg.source == "video")
 

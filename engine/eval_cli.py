@@ -57,7 +57,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     from .scoring.evaluation import open_pairs, pair_agreement
 
     source = open_pairs(args.source, pairs=args.pairs, resolution=args.resolution, flip_prob=args.flip_prob,
-                        seed=args.seed)  # fmt: skip
+                        seed=args.seed, allow_outside_root=args.allow_outside_root)  # fmt: skip
     result = pair_agreement(source, _scorers(args), easy_margin=args.easy_margin, progress=not args.quiet)
     suggestion = result["suggestion"] if args.suggest_alpha else None
     print(format_report(result["stats"], suggestion))
@@ -159,6 +159,8 @@ def add_commands(sub) -> None:
     agree.add_argument("--flip-prob", type=float, default=0.3, help="procedural noisy: share of flipped labels")
     agree.add_argument("--seed", type=int, default=0, help="procedural: seed")
     agree.add_argument("--out", help="folder for agreement.json and pair_scores.jsonl")
+    agree.add_argument("--allow-outside-root", action="store_true",
+                       help="let manifest paths point outside the manifest's folder (absolute, '..', symlinks)")
     agree.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     agree.set_defaults(func=cmd_agreement)
 

@@ -43,6 +43,7 @@ from vipo.loaders.cache import (
     write_cache,
     write_json_atomic,
 )
+from vipo.loaders.images import SourceError
 
 from .config import ConfigError, load_config, to_dict
 from .errors import RunError
@@ -481,7 +482,7 @@ def run_cache(cfg, *, pairs_per_shard: int = 256, batch_pairs: int | None = None
         return write_cache(source, AdapterEncoder(adapter), cfg.data.cache, cache_fingerprint(cfg),
                            pairs_per_shard=pairs_per_shard, batch_pairs=batch_pairs or cfg.train.batch_pairs,
                            dtype=dtype, rank=rank, world_size=world_size, progress=progress)  # fmt: skip
-    except CacheError as err:
+    except (CacheError, SourceError) as err:  # SourceError: e.g. every pair tried is a bad file
         raise RunError(str(err)) from None
 
 

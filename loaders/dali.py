@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import BadSample, decode_image
+from .images import BadSample, decode_image, regular_file
 from .video import ClipInfo, ClipPlan, decode_pyav
 
 logger = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ def _decode_dali(clips: list[tuple[ClipInfo, ClipPlan]], device: str) -> list[np
 
 
 def _read_bytes(path: str) -> np.ndarray:
+    regular_file(path, path, "clip")  # np.fromfile on a FIFO would block forever
     try:
         return np.fromfile(path, dtype=np.uint8)
     except OSError as error:

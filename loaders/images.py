@@ -8,9 +8,13 @@ to winner and loser alike: a crop or flip that differs between the two images of
 a preference signal the model could learn instead of the prompt. Its random draws come from
 (seed, epoch, pair id), so any rank, worker or resumed run makes the same decisions for a pair.
 
-A sample that cannot be used (corrupt bytes, missing file) raises `BadSample`; sources count
-these in `stats()` and log them, and `SkipBadSamples` lets a consumer of a map-style source step
-over them.
+A sample that cannot be used (corrupt bytes, missing file, a path that is no regular file)
+raises `BadSample`; sources count these in `stats()` and log them, and `SkipBadSamples` lets a
+consumer of a map-style source step over them. Every data file named by a path is checked with
+`regular_file` before it is opened: a FIFO named like an image would block open() forever.
+
+Manifests name their files relative to the manifest's folder; `ManifestRoot` keeps them inside
+it (lexically and after symlinks) unless the data set's owner allows otherwise.
 """
 
 import hashlib
@@ -18,6 +22,7 @@ import io
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,10 +43,19 @@ class BadSample(Exception):
         super().__init__(f"{ref}: {reason}")
         self.ref, self.reason, self.kind = ref, reason, kind
 
+    def __reduce__(self):  # Exception pickles its args (the message) alone: keep all three
+        return type(self), (self.ref, self.reason, self.kind)
+
 
 class SourceError(ValueError):
     """A data set as a whole is unusable (missing column, malformed manifest line): the message
     names the file, and the line or column."""
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: for error messages about a value read from data."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,31 +66,74 @@ class SourceError(ValueError):
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
-def _open(source: ImageInput) -> Image.Image:
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular_file(path: str | os.PathLike, ref: str | None = None, what: str = "image") -> None:
+    """BadSample unless `path` is (a symlink to) a regular file: skipped_missing when it is not
+    there, skipped_not_a_file for a folder, FIFO, socket or device. A FIFO would block the open()
+    that follows until something writes to it, that is, forever."""
+    ref = ref or os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise BadSample(ref, f"{what} file not found: {os.fspath(path)}", "skipped_missing") from None
+    except OSError as err:  # permission denied on a folder, a symlink loop, a name too long
+        raise BadSample(ref, f"cannot read {what} file {os.fspath(path)}: {err.strerror or err}") from None
+    except ValueError as err:  # a NUL character in the name
+        raise BadSample(ref, f"cannot read {what} file {os.fspath(path)!r}: {err}") from None
+    if not stat.S_ISREG(mode):
+        raise BadSample(ref, f"{os.fspath(path)} is {_file_kind(mode)}, not a regular {what} file",
+                        "skipped_not_a_file")  # fmt: skip
+
+
+def _open(source: ImageInput, ref: str) -> Image.Image:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(bytes(source)))
+    regular_file(source, ref)
     return Image.open(source)
 
 
 def _reason(err: BaseException, source: ImageInput) -> tuple[str, str]:
-    if isinstance(err, FileNotFoundError):
+    if isinstance(err, FileNotFoundError):  # removed between the check and the open
         return f"image file not found: {os.fspath(source)}", "skipped_missing"
     return f"cannot decode image ({type(err).__name__}: {err})", "skipped_corrupt"
 
 
+# 16-bit (and 32-bit integer) greyscale, e.g. a 16-bit PNG: PIL's convert("RGB") clips these to
+# 255 instead of scaling, which turns nearly every pixel white. 16-bit RGB(A) and grey+alpha
+# PNGs already come as 8-bit RGB(A) from PIL (it keeps the high byte).
+_WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits a channel: 16-bit grey scaled as round(v * 255 / 65535), transparent
+    pixels composited on white (the RGB hidden under alpha 0 is arbitrary, often black)."""
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey = ((values * 255 + 65535 // 2) // 65535).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(source: ImageInput, ref: str | None = None) -> Image.Image:
-    """The fully decoded RGB image, turned upright by its EXIF orientation. Transparent pixels
-    are composited on white: the RGB hidden under alpha 0 is arbitrary (often black)."""
+    """The fully decoded RGB image (8 bits a channel), turned upright by its EXIF orientation;
+    see `_to_rgb` for 16-bit and transparent images."""
     ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
     try:
-        with _open(source) as image:
+        with _open(source, ref) as image:
             image.load()  # a truncated file fails here, not later inside a transform
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(image))
     except _DECODE_ERRORS as err:
         reason, kind = _reason(err, source)
         raise BadSample(ref, reason, kind) from err
@@ -87,7 +144,7 @@ def image_size(source: ImageInput, ref: str | None = None) -> tuple[int, int]:
     return without decoding pixels (buckets are assigned from this)."""
     ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
     try:
-        with _open(source) as image:
+        with _open(source, ref) as image:
             width, height = image.size
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except _DECODE_ERRORS as err:
@@ -183,9 +240,11 @@ class SkipLog:
     def __init__(self, name: str, kinds: Sequence[str], log_first: int = 10, log_every: int = 1000):
         self.name, self.log_first, self.log_every = name, log_first, log_every
         self.counts: Counter[str] = Counter({kind: 0 for kind in kinds})
+        self.examples: dict[str, str] = {}  # kind -> "ref: reason" of its first skip
 
     def skip(self, kind: str, ref: str, reason: str) -> None:
         self.counts[kind] += 1
+        self.examples.setdefault(kind, f"{ref}: {reason}")
         count = self.counts[kind]
         if count <= self.log_first or count % self.log_every == 0:
             log.warning("%s: %s %s: %s (%d so far)", self.name, kind, ref, reason, count)
@@ -214,6 +273,10 @@ class CountedSource:
     def stats(self) -> dict[str, int]:
         return self.skips.stats()
 
+    def skip_examples(self) -> dict[str, str]:
+        """The first skip of each kind, "ref: reason": what an error about bad data points to."""
+        return dict(self.skips.examples)
+
     def _bad(self, index: int, bad: BadSample) -> BadSample:
         if index not in self._counted_bad:
             self._counted_bad.add(index)
@@ -224,14 +287,16 @@ class CountedSource:
 def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
     """("file:line", object) for each non-blank line of a JSONL manifest; SourceError naming the
     file and line on the first line that is not a JSON object (a manifest is written by a script,
-    and a broken line means the script is broken)."""
+    and a broken line means the script is broken). A UTF-8 byte order mark is allowed."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise SourceError(f"manifest not found: {path}") from None
     except UnicodeDecodeError as err:
         raise SourceError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:  # a folder, no permission
+        raise SourceError(f"cannot read manifest {path}: {err.strerror or err}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -240,9 +305,68 @@ def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise SourceError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise SourceError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(item, dict):
             raise SourceError(f"{where}: expected a JSON object, got {type(item).__name__}")
         yield where, item
+
+
+class ManifestRoot:
+    """Where a manifest's relative paths start (its folder), and the fence its entries stay
+    inside: a manifest is data, often from elsewhere, and an entry "../../home/me/.ssh/id.png"
+    or a symlink leading out would read files its author never meant to publish. `path()`
+    refuses an entry that leaves the folder lexically ('..', an absolute path elsewhere) or once
+    symlinks are resolved, unless `allow_outside_root`.
+
+        root = ManifestRoot(manifest_path, allow_outside_root=False)
+        winner = root.path(item["winner"], where="pairs.jsonl:3", key="winner")
+    """
+
+    def __init__(self, manifest: str | os.PathLike, allow_outside_root: bool = False):
+        self.base = Path(manifest).parent
+        self.allow_outside_root = allow_outside_root
+        # Plain strings and os.path, not pathlib: a manifest has millions of paths to check.
+        self._lexical_root = os.path.abspath(self.base)
+        self._real_root = os.path.realpath(self.base)
+        self._real_folders: dict[str, str] = {}  # a folder's resolved path, resolved once
+
+    @staticmethod
+    def _inside(path: str, root: str) -> bool:
+        return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+    def _resolved(self, path: str) -> str:
+        """`path` with every symlink resolved (a symlink loop stays as far as it resolves: it
+        leads nowhere, and opening it is a counted skip)."""
+        parent, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        folder = self._real_folders.get(parent)
+        if folder is None:
+            folder = self._real_folders[parent] = os.path.realpath(parent)
+        return os.path.join(folder, name)
+
+    def path(self, raw: str, where: str, key: str) -> Path:
+        """The entry `raw` of line `where` as a path to open."""
+        if "\0" in raw:
+            raise SourceError(
+                f"{where}: {key} path {shown(raw)} holds a NUL character, which no file name can"
+            )
+        path = self.base / raw
+        if self.allow_outside_root:
+            return path
+        joined = os.path.join(self._lexical_root, raw)  # an absolute `raw` replaces the root
+        if not self._inside(os.path.normpath(joined), self._lexical_root):
+            why = "an absolute path elsewhere" if os.path.isabs(raw) else "its '..' leads out"
+        else:
+            resolved = self._resolved(joined)
+            if self._inside(resolved, self._real_root):
+                return path
+            why = f"through a symlink it is {resolved}"
+        raise SourceError(
+            f"{where}: {key} path {raw!r} is outside the manifest's folder {self._lexical_root} ({why}); "
+            "put the file under that folder, or set data.allow_outside_root=true to allow paths outside it"
+        )
 
 
 class SkipBadSamples:
@@ -260,6 +384,7 @@ class SkipBadSamples:
         self.source, self.max_consecutive = source, max_consecutive
         self.bad: set[int] = set()
         self.replaced = 0
+        self.first_bad = ""  # "ref: reason" of the first bad pair met: what the all-bad error names
 
     def __len__(self) -> int:
         return len(self.source)
@@ -274,15 +399,18 @@ class SkipBadSamples:
                 continue
             try:
                 record = self.source[candidate]
-            except BadSample:
+            except BadSample as bad:
                 self.bad.add(candidate)
+                self.first_bad = self.first_bad or f"{bad.ref}: {bad.reason}"
                 continue
             self.replaced += int(step > 0)
             return record
-        raise RuntimeError(
-            f"{min(self.max_consecutive, size)} pairs in a row from index {index} are unreadable "
-            f"({len(self.bad)} bad so far; stats {self.stats()}): the data set looks broken"
-        )
+        stats = self.source.stats()
+        counts = ", ".join(f"{kind}={n}" for kind, n in stats.items() if n and kind.startswith("skipped"))
+        first = self.first_bad or "?"
+        tried = min(self.max_consecutive, size)
+        what = f"all {size} pairs tried" if tried == size else f"{tried} pairs in a row from index {index}"
+        raise SourceError(f"{what} are bad files ({counts}): the data set looks broken; first: {first}")
 
     def stats(self) -> dict[str, int]:
         return {**self.source.stats(), "replaced_bad_indices": self.replaced}

@@ -4,15 +4,18 @@
      "category": "composition", "id": "fox-0001"}
 
 `category`, `id` and `weight` (a finite number >= 0 scaling the pair in a preference loss,
-default 1) are optional; other keys are ignored. Relative image paths are relative to
-the manifest's folder, so a data set can be moved or mounted anywhere. Blank lines are allowed.
-A malformed line is a SourceError naming the file and the line number: a manifest is written by
-a script, and a broken line means the script is broken.
+default 1; it must stay finite as float32) are optional; other keys are ignored. Image paths are
+relative to the manifest's folder, so a data set can be moved or mounted anywhere, and must stay
+inside it ('..', absolute paths elsewhere and symlinks that lead out are refused, naming the
+line, unless `allow_outside_root=True`). Blank lines are allowed. A malformed line is a
+SourceError naming the file and the line number: a manifest is written by a script, and a broken
+line means the script is broken.
 
 Without an `id` the pair's id is "manifest-" + a hash of (prompt, winner, loser) as written:
 stable across runs and insensitive to line order. A missing image file is a counted skip when
 the pair is read (`BadSample`, kind skipped_missing), or, with `check_files=True`, dropped and
-counted while the manifest is loaded.
+counted while the manifest is loaded. A path that is a folder, FIFO or device is a counted skip
+of its own kind (skipped_not_a_file), never opened.
 """
 
 import hashlib
@@ -21,20 +24,26 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .images import (
     BadSample,
     CountedSource,
+    ManifestRoot,
     PairTransform,
     SourceError,
     decode_image,
     image_size,
     jsonl_objects,
+    regular_file,
+    shown,
 )
 from .records import PairRecord
 
 log = logging.getLogger(__name__)
 
-SKIP_KINDS = ("skipped_missing", "skipped_corrupt")
+SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_not_a_file")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a weight above it is inf in the loss
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,23 @@ class ManifestEntry:
     weight: float = 1.0
 
 
-def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
-    """Every pair of the manifest, paths resolved; SourceError on the first bad line."""
+def pair_weight(value, where: str) -> float:
+    """A line's "weight" as a float, or SourceError: a bool or non-number, a negative weight
+    (it would train toward the loser), NaN, and one above float32's largest (1e300 becomes inf
+    in the loss, then NaN steps) are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= FLOAT32_MAX:
+        raise SourceError(
+            f"{where}: 'weight' must be a finite number >= 0, got {shown(value)} (a per-pair loss weight; at most "
+            f"{FLOAT32_MAX:.3g}, so that it stays finite as float32; leave it out for 1)"
+        )
+    return float(value)
+
+
+def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) -> list[ManifestEntry]:
+    """Every pair of the manifest, paths resolved against its folder and kept inside it (see
+    ManifestRoot); SourceError on the first bad line."""
     path = Path(path)
-    base = path.parent
+    root = ManifestRoot(path, allow_outside_root)
     entries = []
     for where, item in jsonl_objects(path):
         for key in ("prompt", "winner", "loser"):
@@ -58,17 +80,17 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
                 raise SourceError(f"{where}: missing key {key!r} (keys found: {', '.join(item) or 'none'})")
         for key in ("prompt", "winner", "loser", "category", "id"):
             if key in item and not isinstance(item[key], str):
-                raise SourceError(f"{where}: {key!r} must be a string, got {item[key]!r}")
+                raise SourceError(
+                    f"{where}: {key!r} must be a string, got {type(item[key]).__name__} {shown(item[key])}"
+                )
         if not item["winner"] or not item["loser"]:
             raise SourceError(f"{where}: empty image path")
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-            raise SourceError(f"{where}: 'weight' must be a finite number >= 0, got {weight!r}")
+        weight = pair_weight(item.get("weight", 1.0), where)
+        winner, loser = (root.path(item[key], where, key) for key in ("winner", "loser"))
         digest = hashlib.sha1("\0".join((item["prompt"], item["winner"], item["loser"])).encode()).hexdigest()
         entries.append(ManifestEntry(
             id=item.get("id") or f"manifest-{digest[:16]}", prompt=item["prompt"],
-            winner=base / item["winner"], loser=base / item["loser"], category=item.get("category", ""),
-            weight=float(weight),
+            winner=winner, loser=loser, category=item.get("category", ""), weight=weight,
         ))  # fmt: skip
     return entries
 
@@ -76,21 +98,27 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
 class ManifestPairs(CountedSource):
     """Map-style source over a JSONL manifest."""
 
-    def __init__(self, path: str | os.PathLike, transform: PairTransform, *, check_files: bool = False):
+    def __init__(self, path: str | os.PathLike, transform: PairTransform, *, check_files: bool = False,
+                 allow_outside_root: bool = False):  # fmt: skip
         self.path, self.transform = Path(path), transform
         self._start_counts(f"manifest {self.path}", SKIP_KINDS)
-        entries = read_manifest(self.path)
+        entries = read_manifest(self.path, allow_outside_root=allow_outside_root)
+        if not entries:
+            raise SourceError(f"{self.path}: no pairs (the manifest has no non-blank lines)")
         if check_files:
             kept = []
             for entry in entries:
-                absent = [p for p in (entry.winner, entry.loser) if not p.is_file()]
-                if absent:
-                    self.skips.skip("skipped_missing", entry.id, f"image file not found: {absent[0]}")
+                try:
+                    for image in (entry.winner, entry.loser):
+                        regular_file(image, entry.id)
+                except BadSample as bad:
+                    self.skips.skip(bad.kind, bad.ref, bad.reason)
                 else:
                     kept.append(entry)
             entries = kept
         if not entries:
-            raise SourceError(f"{self.path}: no usable pairs (skipped: {self.skips.stats()})")
+            first = next(iter(self.skips.examples.values()), "")
+            raise SourceError(f"{self.path}: no usable pairs (skipped: {self.skips.stats()}); first: {first}")
         self.entries = entries
         log.info("manifest %s: %d pairs; %s", self.path, len(entries), self.skips.stats())
 

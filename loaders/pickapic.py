@@ -60,11 +60,20 @@ def parquet_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             if not found:
                 raise SourceError(f"no .parquet files in {entry}")
             files += found
-        elif entry.is_file():
+        elif entry.exists():
             files.append(entry)
         else:
             raise SourceError(f"no such parquet file or folder: {entry}")
+    for file in files:  # a FIFO would block the reader forever; a folder named x.parquet fails later
+        if not file.is_file():
+            raise SourceError(f"{file} is not a regular file: a parquet shard must be one")
     return files
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # pandas categoricals
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _check_schema(path: Path, schema: pa.Schema) -> None:
@@ -83,6 +92,11 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
         if not (ok(kind) or (name.startswith("label") and pa.types.is_integer(kind))
                 or (name.startswith("jpg") and pa.types.is_large_binary(kind))):  # fmt: skip
             raise SourceError(f"{path}: column {name} has type {kind}, expected {ok.__name__[3:]}")
+    if not _is_text(schema.field("caption").type):
+        raise SourceError(
+            f"{path}: column caption has type {schema.field('caption').type}, expected string (the prompt "
+            "text): write the captions as strings"
+        )
 
 
 class PickapicPairs(CountedSource):

@@ -25,7 +25,8 @@ epochs (or `epochs` passes) and never ends on its own mid-run.
 
 A sample that cannot be used (corrupt image or json, missing prompt or image) is a counted,
 logged skip; a shard that cannot be read to its end is counted as skipped_corrupt_shards and the
-stream moves on to the next one.
+stream moves on to the next one. A stream whose shards hold no usable pair at all raises
+SourceError, naming the first skip, instead of going round its epochs forever.
 """
 
 import glob
@@ -64,8 +65,10 @@ def shard_files(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         shards = found
     files = [Path(s) for s in shards]
     for file in files:
-        if not file.is_file():
+        if not file.exists():
             raise SourceError(f"no such shard: {file}")
+        if not file.is_file():  # a FIFO would block the tar reader until something writes to it
+            raise SourceError(f"{file} is not a regular file: a tar shard must be one")
     return files
 
 
@@ -119,6 +122,7 @@ class ShardPairs:
         self.shards_crc = zlib.crc32("\n".join(p.name for p in self.shards).encode())
         self.skips = SkipLog("shards", SKIP_KINDS)
         self.epoch, self.shard_pos, self.sample_offset = 0, 0, 0
+        self._barren: set[Path] = set()  # shards read whole, since the last usable pair, without one
 
     def shards_for(self, epoch: int) -> list[Path]:
         """This stream's shards in epoch `epoch`, in reading order."""
@@ -133,11 +137,16 @@ class ShardPairs:
     def stats(self) -> dict[str, int]:
         return self.skips.stats()
 
+    def skip_examples(self) -> dict[str, str]:
+        """The first skip of each kind, "ref: reason"."""
+        return dict(self.skips.examples)
+
     def __iter__(self) -> Iterator[PairRecord]:
         """Records from the current position on. One live iterator per object: it moves the
         position that `state_dict` reports."""
         while self.epochs is None or self.epoch < self.epochs:
             mine = self.shards_for(self.epoch)
+            whole_pass, yielded = self.shard_pos == 0 and self.sample_offset == 0, False
             while self.shard_pos < len(mine):
                 path = mine[self.shard_pos]
                 try:
@@ -145,12 +154,30 @@ class ShardPairs:
                         self.sample_offset = position + 1
                         record = self._record(path, key, parts)
                         if record is not None:
+                            yielded = True
                             yield record
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
                     self.skips.skip("skipped_corrupt_shards", str(path),
                                     f"unreadable after sample {self.sample_offset} ({type(err).__name__}: {err})")  # fmt: skip
                 self.shard_pos, self.sample_offset = self.shard_pos + 1, 0
+            if yielded:
+                self._barren.clear()
+            elif whole_pass:
+                self._stop_if_barren(mine)
             self.epoch, self.shard_pos = self.epoch + 1, 0
+
+    def _stop_if_barren(self, mine: list[Path]) -> None:
+        """SourceError once every shard this stream can ever be given was read whole without one
+        usable pair (all of them when the order is shuffled, else its fixed share): the stream
+        would otherwise go round its epochs forever without yielding."""
+        self._barren.update(mine)
+        if self.shuffle_shards and not self._barren >= set(self.shards):
+            return
+        counts = ", ".join(f"{kind}={n}" for kind, n in self.skips.stats().items() if n)
+        first = next(iter(self.skips.examples.values()), "the shards hold no samples")
+        raise SourceError(
+            f"no usable pair in the {len(self._barren)} shard(s) of this stream ({counts or 'empty'}); first: {first}"
+        )
 
     def _record(self, path: Path, key: str, parts: dict[str, bytes]) -> PairRecord | None:
         ref = f"{path.name}:{key}"

@@ -24,11 +24,10 @@ frames. Frame sampling (FrameSampling):
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from .images import BadSample
+from .images import BadSample, regular_file
 
 START_POLICIES = ("start", "center", "random")
 SHORT_CLIP_POLICIES = ("skip", "loop")
@@ -67,8 +66,7 @@ def probe(path) -> ClipInfo:
     import av
 
     path = str(path)
-    if not Path(path).is_file():
-        raise BadSample(path, "no such file", "skipped_missing")
+    regular_file(path, path, "clip")  # a FIFO named like a clip would block av.open forever
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -241,6 +239,7 @@ def decode_pyav(info: ClipInfo, plan: ClipPlan) -> np.ndarray:
     first, last = min(wanted), max(wanted)
     by_pts = {p: i for i, p in enumerate(info.pts)} if info.pts is not None else None
     kept: dict[int, np.ndarray] = {}
+    regular_file(info.path, info.path, "clip")  # probed as a file, but it may have been swapped since
     try:
         with av.open(info.path) as container:
             stream = container.streams.video[0]

@@ -3,10 +3,12 @@
     {"prompt": "a cat surfing", "winner": "clips/0001_a.mp4", "loser": "clips/0001_b.webm",
      "category": "motion", "id": "0001"}
 
-Paths are relative to the manifest's folder (or absolute); clips are mp4, webm or mkv in any
-codec ffmpeg decodes. `category` and `id` are optional; without an id a pair is named by a hash
-of its prompt and paths, so it keeps its id when lines are added or reordered (the latent cache
-keys on it).
+Paths are relative to the manifest's folder and must stay inside it ('..', absolute paths
+elsewhere and symlinks that lead out are refused, naming the line, unless
+`allow_outside_root=True`); clips are mp4, webm or mkv in any codec ffmpeg decodes. `category`
+and `id` are optional; without an id a pair is named by a hash of its prompt and paths, so it
+keeps its id when lines are added or reordered (the latent cache keys on it). A clip path that
+is a folder or FIFO is a counted skip (skipped_not_a_file), never opened.
 
 `pairs[i]` probes both clips, plans them together (loaders/video.py: same frames, same
 resize/crop, one random draw per pair from (seed, epoch, pair id), as the image sources'
@@ -22,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from . import dali
-from .images import BadSample, CountedSource, SourceError, jsonl_objects, stable_hash
+from .images import BadSample, CountedSource, ManifestRoot, SourceError, jsonl_objects, shown, stable_hash
 from .records import PairRecord
 from .video import FrameSampling, plan_pair, probe
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
-SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short")
+SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short", "skipped_not_a_file")
 
 
 class VideoPairManifest(CountedSource):
@@ -35,10 +37,11 @@ class VideoPairManifest(CountedSource):
     `buckets` (loaders/buckets.py, (width, height) sizes, instead of `size`): each pair is resized
     and cropped to the bucket of its winner's aspect ratio, as the paper trains Wan on 16:9 and
     1:1 clips at once -- batch it with BucketBatchSampler over `image_sizes()`.
-    `backend` "auto" | "dali" | "pyav" and `device` "auto" | "cpu" | "mixed" go to dali.decode_clips."""
+    `backend` "auto" | "dali" | "pyav" and `device` "auto" | "cpu" | "mixed" go to dali.decode_clips.
+    `allow_outside_root`: let entries name clips outside the manifest's folder."""
 
     def __init__(self, path, sampling: FrameSampling, size: tuple[int, int] | None = None, backend: str = "auto",
-                 device: str = "auto", seed: int = 0, buckets=None):  # fmt: skip
+                 device: str = "auto", seed: int = 0, buckets=None, allow_outside_root: bool = False):  # fmt: skip
         if size is not None and buckets is not None:
             raise ValueError("VideoPairManifest takes size= or buckets=, not both")
         self.buckets = buckets
@@ -46,16 +49,20 @@ class VideoPairManifest(CountedSource):
         dali.check_choice(device, dali.DEVICES, "DALI device")
         self.path = Path(path)
         self.sampling, self.size, self.backend, self.device, self.seed = sampling, size, backend, device, seed
-        self.entries = self._read(self.path)
+        self.entries = self._read(self.path, allow_outside_root)
         self._start_counts(f"video manifest {self.path}", SKIP_KINDS)
         self.decoded: Counter[str] = Counter()
 
     @staticmethod
-    def _read(path: Path) -> list[dict]:
-        root, entries = path.parent, []
+    def _read(path: Path, allow_outside_root: bool = False) -> list[dict]:
+        root, entries = ManifestRoot(path, allow_outside_root), []
         for where, row in jsonl_objects(path):
             for key in ("prompt", "winner", "loser"):
-                if not isinstance(row.get(key), str) or not row[key]:
+                if key in row and not isinstance(row[key], str):
+                    raise SourceError(
+                        f"{where}: {key!r} must be a string, got {type(row[key]).__name__} {shown(row[key])}"
+                    )
+                if not row.get(key):
                     raise SourceError(f"{where}: missing or empty string field {key!r}")
             for key in ("winner", "loser"):
                 if Path(row[key]).suffix.lower() not in VIDEO_SUFFIXES:
@@ -69,7 +76,8 @@ class VideoPairManifest(CountedSource):
             ).hexdigest()
             pair_id = str(row.get("id") or f"video-{digest[:16]}")
             entries.append({"id": pair_id, "prompt": row["prompt"], "category": str(row.get("category") or ""),
-                            "winner": str(root / row["winner"]), "loser": str(root / row["loser"])})  # fmt: skip
+                            "winner": str(root.path(row["winner"], where, "winner")),
+                            "loser": str(root.path(row["loser"], where, "loser"))})  # fmt: skip
         if not entries:
             raise SourceError(f"{path}: no pairs")
         return entries

@@ -155,12 +155,12 @@ class ManifestImages:
     reward models do their own resizing, so no training transform is applied. A missing or
     corrupt image is a counted, logged skip."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, allow_outside_root: bool = False):
         from vipo.loaders.images import SourceError
         from vipo.loaders.manifest import read_manifest
 
         try:
-            self.entries = read_manifest(path)
+            self.entries = read_manifest(path, allow_outside_root=allow_outside_root)
         except SourceError as err:
             raise RunError(str(err)) from None
         self.skipped = 0
@@ -194,7 +194,8 @@ class RecordImages:
         return record.prompt, record.winner, record.loser
 
 
-def open_pairs(spec: str, *, pairs: int = 256, resolution: int = 64, flip_prob: float = 0.3, seed: int = 0):
+def open_pairs(spec: str, *, pairs: int = 256, resolution: int = 64, flip_prob: float = 0.3, seed: int = 0,
+               allow_outside_root: bool = False):
     """`procedural:clean|noisy|shuffled`, or the path of a JSONL manifest."""
     if spec.startswith("procedural:"):
         from vipo.loaders.procedural import REGIMES, ProceduralPairs
@@ -206,7 +207,7 @@ def open_pairs(spec: str, *, pairs: int = 256, resolution: int = 64, flip_prob: 
     path = Path(spec)
     if path.suffix != ".jsonl":
         raise RunError(f"data source {spec!r}: expected procedural:REGIME or a .jsonl manifest")
-    return ManifestImages(path)
+    return ManifestImages(path, allow_outside_root)
 
 
 def score_pairs(source, scorers: dict, progress: bool = True) -> tuple[list[dict], int]:

@@ -49,7 +49,7 @@ def test_manifest_stats_count_pairs_skips_by_reason_sizes_and_categories(tmp_pat
     path = write_manifest(tmp_path)
     report = collect(*data_config("data.source=manifest", f"data.path={path}"), progress=False)
     assert report["rows"] == 5 and report["pairs"] == 3
-    assert report["skipped"] == {"missing": 1, "corrupt": 1}
+    assert report["skipped"] == {"missing": 1, "corrupt": 1, "not_a_file": 0}
     assert "never-written.jpg" in report["skipped_examples"]["missing"]
     assert "w4.jpg" in report["skipped_examples"]["corrupt"]
     assert report["categories"] == {"motion": 2, "(none)": 1}
@@ -128,7 +128,7 @@ def test_video_stats_probe_frames_and_codecs_and_count_short_and_missing_clips(t
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     report = collect(*data_config("data.source=video", f"data.path={tmp_path / 'v.jsonl'}", "data.num_frames=5"),
                      progress=False)  # fmt: skip
-    assert report["pairs"] == 1 and report["skipped"] == {"missing": 1, "corrupt": 0, "short": 1}
+    assert report["pairs"] == 1 and report["skipped"] == {"missing": 1, "corrupt": 0, "short": 1, "not_a_file": 0}
     assert report["frames"] == {"winner": {9: 1}, "loser": {7: 1}}
     assert report["codecs"] == {"h264": 1, "vp9": 1} and report["categories"] == {"motion": 1}
     assert report["resolution"]["winner"] == {"32x24": 1}

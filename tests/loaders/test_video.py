@@ -191,7 +191,7 @@ def test_corrupt_and_missing_files_are_bad_samples_naming_the_file(tmp_path):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(BadSample, match="corrupt.mp4: cannot read the container"):
         probe(corrupt)
-    with pytest.raises(BadSample, match="missing.webm: no such file"):
+    with pytest.raises(BadSample, match="missing.webm: clip file not found"):
         probe(tmp_path / "missing.webm")
 
 
@@ -232,19 +232,19 @@ def test_manifest_yields_pair_records_decoded_with_the_same_decisions(tmp_path):
         pairs.set_epoch(epoch)
         starts.add(round(frame_levels(pairs[0].winner)[0]))
     assert len(starts) > 1  # another epoch, another window
-    assert pairs.stats() == {"skipped_missing": 0, "skipped_corrupt": 0, "skipped_short": 0, "pairs": 9,
-                             "fallbacks": 0, "clips_pyav": 18}  # fmt: skip
+    assert pairs.stats() == {"skipped_missing": 0, "skipped_corrupt": 0, "skipped_short": 0,
+                             "skipped_not_a_file": 0, "pairs": 9, "fallbacks": 0, "clips_pyav": 18}  # fmt: skip
 
 
 def test_manifest_counts_and_raises_a_corrupt_clip(tmp_path):
     write_clip(tmp_path / "good.webm", 8)
     (tmp_path / "bad.mp4").write_bytes(np.random.default_rng(1).bytes(2048))
     path = write_manifest(tmp_path, [{"prompt": "p", "winner": "good.webm", "loser": "bad.mp4"},
-                                     {"prompt": "q", "winner": "good.webm", "loser": "../x/missing.mkv"}])  # fmt: skip
+                                     {"prompt": "q", "winner": "good.webm", "loser": "x/missing.mkv"}])  # fmt: skip
     pairs = VideoPairManifest(path, FrameSampling(4), size=(8, 8), backend="pyav")
     with pytest.raises(BadSample, match="bad.mp4"):
         pairs[0]
-    with pytest.raises(BadSample, match="missing.mkv: no such file"):
+    with pytest.raises(BadSample, match="missing.mkv: clip file not found"):
         pairs[1]
     stats = pairs.stats()
     assert (stats["skipped_corrupt"], stats["skipped_missing"], stats["pairs"]) == (1, 1, 0)
