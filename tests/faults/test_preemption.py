@@ -136,9 +136,12 @@ def torchrun(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exactly(recipe, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exactly(recipe, tmp_path, strategy):
+    if strategy == "zero2":
+        pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=ddp",
+    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", f"parallel.strategy={strategy}",
               "train.batch_pairs=4"]  # fmt: skip
     proc = start(torchrun(*common, "-q"), tmp_path)
     wait_for_rows(proc, run, 2)
@@ -181,3 +184,48 @@ def test_a_rank_killed_mid_run_ends_the_run_and_the_last_checkpoint_resumes_exac
     expected = uninterrupted(tmp_path, step + 2, "train.batch_pairs=4")
     got = [r for r in rows(run) if r["step"] <= step + 2]
     assert_same_losses(got, expected)
+
+
+@pytest.mark.slow
+def test_a_cache_build_with_a_rank_killed_completes_on_rerun_with_the_same_shards(recipe, tmp_path):
+    """`vipo cache` on 2 ranks (torchrun sets RANK / WORLD_SIZE), one killed mid-build: the rerun
+    keeps every finished shard, rebuilds the rest, and the cache equals one built in one go."""
+    from safetensors import safe_open
+
+    from vipo.engine.precompute import open_cache
+
+    def contents(folder: Path) -> dict:
+        found = {}
+        for shard in sorted(folder.glob("shard-*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                found[shard.name] = {key: handle.get_tensor(key).clone() for key in handle.keys()}
+        return found
+
+    cache = tmp_path / "cache"
+    command = ["-m", "vipo.engine", "cache", str(recipe), f"data.cache={cache}", "data.num_pairs=48",
+               "--pairs-per-shard", "2", "-q"]  # fmt: skip
+    proc = start(torchrun(*command), tmp_path)
+    deadline = time.monotonic() + 240
+    while len(list(cache.glob("shard-*.safetensors"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "vipo.engine"], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)
+    proc.wait(timeout=180)
+    finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*.safetensors")}
+    assert 3 <= len(finished) < 24
+    rerun = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert rerun.returncode == 0 and "is complete" in rerun.stdout, rerun.stderr[-3000:]
+    assert {name: (cache / name).stat().st_mtime_ns for name in finished} == finished  # kept, not rewritten
+    clean = tmp_path / "clean"
+    once = subprocess.run([sys.executable, *command[:4], f"data.cache={clean}", *command[5:]], cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert once.returncode == 0, once.stderr[-3000:]
+    got, expected = contents(cache), contents(clean)
+    assert got.keys() == expected.keys() and len(got) == 24
+    for name in expected:
+        assert got[name].keys() == expected[name].keys()
+        assert all(torch.equal(got[name][k], expected[name][k]) for k in expected[name]), name
+    cfg = load_config(recipe, [f"data.cache={cache}", "data.num_pairs=48"])
+    assert len(open_cache(cfg)) == 48
