@@ -366,6 +366,18 @@ class Trainer:
             state["stopped"] = stopped
         latest = stopped is None
         suffix = "" if latest else f".{stopped}"
+        try:
+            path = self._write_checkpoint(state, latest, suffix)
+        except OSError as err:  # a full disk, a quota, a vanished mount: the previous one stays latest
+            raise RunError(
+                f"saving the checkpoint of step {self.step} into {self.out_dir / 'checkpoints'} failed "
+                f"({err.strerror or err}); the previous checkpoint is whole and stays the one --resume takes"
+            ) from None
+        self._saved_at = (self.step, time.monotonic())
+        log.info("checkpoint %s", path)
+        return path
+
+    def _write_checkpoint(self, state: dict, latest: bool, suffix: str) -> Path:
         if self.strategy in ("none", "ddp"):  # replicas: rank 0 writes them all
             path = self.out_dir / "checkpoints" / f"step-{self.step:06d}{suffix}"
             rng = self._rng_states()
@@ -380,8 +392,6 @@ class Trainer:
                 scheduler=self.scheduler, engine=self.engine, rng=self._rng_states(), state=state, cfg=self.cfg,
                 latest=latest, suffix=suffix,
             )  # fmt: skip
-        self._saved_at = (self.step, time.monotonic())
-        log.info("checkpoint %s", path)
         return path
 
     def export(self, out_dir: Path) -> Path | None:

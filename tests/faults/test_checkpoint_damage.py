@@ -269,3 +269,28 @@ def test_a_non_finite_gradient_norm_with_a_finite_loss_skips_the_update(tmp_path
         assert torch.isfinite(metrics["loss"]) and not torch.isfinite(metrics["grad_norm"])
         assert not changed(before, trainer.network)
         assert trainer.nonfinite_total == 1 and trainer.nonfinite_in_row == 1
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(run, monkeypatch, uninterrupted):
+    import errno
+
+    from vipo.engine import checkpoint as checkpoint_module
+
+    real = checkpoint_module.save_file
+
+    def full(tensors, path, *args, **kwargs):
+        if Path(path).name == "rng.safetensors":  # model.safetensors already written: mid-save
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    with Trainer(config(run), progress=False) as trainer:
+        with pytest.raises(RunError, match=r"step 6 .* failed \(No space left on device\); the previous checkpoint"):
+            trainer.train(resume=True)
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    assert check(run / "checkpoints" / "step-000004") is None
+    assert list((run / "checkpoints").glob(".step-000006.tmp-*"))  # the partial save, until the next start
+    monkeypatch.setattr(checkpoint_module, "save_file", real)
+    resume(run)
+    assert not list((run / "checkpoints").glob(".step-*"))
+    assert_continues_like_uninterrupted(run, uninterrupted, from_step=4)
