@@ -6,7 +6,11 @@
 # Every argument is passed to `vipo train` (a recipe, then dotted overrides). Checkpoints of
 # fsdp / zero runs are written by every rank into train.output_dir: put it on a file system all
 # nodes share. Resubmitting with --resume continues from the latest complete checkpoint.
+# --signal: SIGTERM 3 minutes before the time limit; srun hands it to torchrun, which forwards it
+# to every worker, and the run saves a checkpoint at the next step boundary and exits 143 (torchrun
+# gives workers 30 s after forwarding: keep steps plus one save under that, or raise the lead).
 #SBATCH --job-name=vipo
+#SBATCH --signal=TERM@180
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=96
