@@ -105,7 +105,7 @@ def apply_settings(settings: StepSettings, overrides: list[str], where: str) -> 
     """`settings` with KEY=VALUE overrides, each checked against the field's type and choices."""
     fields = {f.name: f for f in dataclasses.fields(StepSettings)}
     changes = {}
-    for key, value in parse_overrides(overrides):
+    for key, value in parse_overrides(overrides, run_config=False):
         if key not in fields:
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(fields)})")
         choices = fields[key].metadata["choices"]

@@ -638,16 +638,18 @@ def _check_override_key(item: str, key: str) -> None:
         )
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+def parse_overrides(overrides: list[str], *, run_config: bool = True) -> list[tuple[str, Any]]:
     """`["optim.lr=1e-8", "loss.alpha=8"]` -> [("optim.lr", "1e-8"), ("loss.alpha", 8)].
-    A key given twice takes its last value, as a later command-line flag does."""
+    A key given twice takes its last value, as a later command-line flag does. `run_config`:
+    keys are RunConfig's dotted ones (checked here); False for other KEY=VALUE settings."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        _check_override_key(item, key)
+        if run_config:
+            _check_override_key(item, key)
         try:
             value = _safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
