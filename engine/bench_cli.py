@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from .errors import RunError
-from .eval_cli import _subcommands
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -70,8 +69,8 @@ def cmd_bench_step(args) -> int:
     return load_harness().run(args)
 
 
-def add_commands(sub) -> None:
-    bench = _subcommands(sub, "bench", "throughput benchmarks (training step)")
+def add_commands(commands) -> None:
+    bench = commands.group("bench", "throughput benchmarks (training step)")
     step = bench.add_parser(
         "step",
         help="pairs/s, MFU, phase split and peak memory of a training step, vipo vs the official-style baseline",

@@ -18,14 +18,47 @@ log = logging.getLogger("vipo")
 
 OVERRIDES_HELP = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
 
-# Subcommands that live next to the code they run: each module defines add_commands(subparsers)
-# and imports its heavy dependencies only inside the command functions.
-COMMAND_MODULES: tuple[str, ...] = (
-    "vipo.engine.export",
-    "vipo.engine.precompute",
-    "vipo.engine.eval_cli",
-    "vipo.engine.bench_cli",
-)
+# Modules that add subcommands of their own, loaded by name (the engine imports nothing of the
+# evaluation part): each defines add_commands(commands) and imports nothing heavy at module level.
+# Installed packages add theirs through the `vipo.commands` entry-point group (benchmarks/ does).
+COMMAND_MODULES: tuple[str, ...] = ("vipo.engine.eval.cli", "vipo.engine.bench_cli")
+ENTRY_POINT_GROUP = "vipo.commands"
+
+
+class Commands:
+    """What a command module adds to: top-level subcommands, and groups (`vipo data ...`) that
+    several modules add actions to."""
+
+    def __init__(self, sub):
+        self.sub = sub
+        self.groups: dict[str, argparse._SubParsersAction] = {}
+
+    def add(self, name: str, help: str) -> argparse.ArgumentParser:
+        return self.sub.add_parser(name, help=help)
+
+    def group(self, name: str, help: str):
+        """The ACTION subparsers of `vipo NAME`, made on first use."""
+        if name not in self.groups:
+            actions = self.add(name, help).add_subparsers(dest=f"{name}_command", metavar="ACTION")
+            actions.required = True
+            self.groups[name] = actions
+        return self.groups[name]
+
+
+def lazy(module: str, function: str):
+    """A command function imported only when its command runs (keeps `vipo --help` fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
+
+
+def _plugins() -> list:
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +68,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _load(recipe: str | None, overrides: list[str]):
+def load_recipe(recipe: str | None, overrides: list[str]):
+    """The RunConfig of a recipe (file or built-in name; `demo` when None) and overrides."""
     path = find_recipe(recipe or "demo")
     if recipe and not path.exists() and Path(recipe).suffix not in (".yaml", ".yml"):
         raise ConfigError(
@@ -45,29 +79,10 @@ def _load(recipe: str | None, overrides: list[str]):
     return load_config(path, overrides)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    cfg = _load(args.recipe, args.overrides)
-    print(
-        "vipo demo: a tiny SD-style model on procedural shape pairs, CPU. Stage 1 SFT on winners, "
-        f"stage 2 {cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g}).",
-        file=sys.stderr,
-    )
-    result = run_demo(cfg, progress=not args.quiet)
-    print(
-        f"held-out preference accuracy {result['held_out_accuracy_before']:.3f} -> "
-        f"{result['held_out_accuracy_after']:.3f} on {result['held_out_pairs']} clean pairs "
-        f"(0.5 = chance; the policy starts as the reference)"
-    )
-    print(f"report: {result['report']}/ (curves.png, samples.png, summary.json)")
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
-    cfg = _load(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     with Trainer(cfg, progress=not args.quiet) as trainer:  # tears down a process group it started
         summary = trainer.train(resume=args.resume)
     if not summary["is_main"]:  # one summary per run, from rank 0
@@ -83,19 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plot(args: argparse.Namespace) -> int:
-    from .report import plot_run
-
-    try:
-        out = plot_run(Path(args.run), Path(args.out) if args.out else None, tuple(args.keys))
-    except (FileNotFoundError, ValueError) as err:
-        raise RunError(str(err)) from None
-    print(f"wrote {out}")
-    return 0
-
-
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = _load(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     if args.json:
         print(json.dumps(to_dict(cfg), indent=2))
     else:
@@ -121,14 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    demo = sub.add_parser(
-        "demo", help="SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)"
-    )
-    demo.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
-    demo.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
-    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(func=cmd_demo)
-
     train = sub.add_parser("train", help="train with a recipe (SFT, Diffusion-DPO or Poly-DPO)")
     train.add_argument("recipe", help="recipe file or built-in name (see `vipo config keys`)")
     train.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
@@ -137,14 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
-
-    plot = sub.add_parser("plot", help="draw a run's metric curves to a PNG")
-    plot.add_argument("run", help="run folder (holds metrics.jsonl)")
-    plot.add_argument("--out", help="PNG path (default: RUN/curves.png)")
-    plot.add_argument(
-        "--keys", nargs="+", default=["loss", "accuracy", "margin", "grad_norm"], help="metrics to draw"
-    )
-    plot.set_defaults(func=cmd_plot)
 
     config = sub.add_parser("config", help="inspect recipes and config keys")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION")
@@ -156,8 +144,41 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     keys = config_sub.add_parser("keys", help="list every config key with its type, default and meaning")
     keys.set_defaults(func=cmd_config_keys)
+
+    export = sub.add_parser("export", help="write a trained run as a diffusers folder (LoRA merged)")
+    export.add_argument("run", help="run folder (its latest good checkpoint) or a checkpoint folder")
+    export.add_argument("--out", required=True, help="new folder to write")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest good one)")
+    export.add_argument("--lora-only", action="store_true", help="save only the LoRA weights")
+    export.set_defaults(func=lazy("vipo.engine.export", "cmd_export"))
+
+    precompute = "dotted overrides, e.g. data.cache=/data/cache train.seed=1"
+    cache = sub.add_parser(
+        "cache", help="encode a recipe's pairs once into data.cache (VAE posteriors, text embeddings)"
+    )
+    cache.add_argument("recipe", help="recipe file or built-in name; data.cache names the folder")
+    cache.add_argument("overrides", nargs="*", default=[], help=precompute)
+    cache.add_argument("--pairs-per-shard", type=int, default=256, help="pairs per safetensors shard (default 256)")
+    cache.add_argument("--batch-pairs", type=int, help="pairs per encoder batch (default: train.batch_pairs)")
+    cache.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                       help="storage dtype of latents and embeddings (default float16)")  # fmt: skip
+    cache.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(func=lazy("vipo.engine.precompute", "cmd_cache"))
+    score = sub.add_parser(
+        "score-reference", help="e_ref of every cached pair per epoch, for reference.mode=precomputed"
+    )
+    score.add_argument("recipe", help="recipe file or built-in name (with data.cache set)")
+    score.add_argument("overrides", nargs="*", default=[], help=precompute)
+    score.add_argument("--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)")
+    score.add_argument("--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)")
+    score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    score.set_defaults(func=lazy("vipo.engine.precompute", "cmd_score_reference"))
+
+    commands = Commands(sub)
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+        importlib.import_module(module).add_commands(commands)
+    for plugin in _plugins():
+        plugin.load()(commands)
     return parser
 
 

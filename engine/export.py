@@ -106,12 +106,3 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_run(Path(args.run), Path(args.out), step=args.step, lora_only=args.lora_only)
     print(f"exported {args.run} to {out}")
     return 0
-
-
-def add_commands(sub) -> None:
-    parser = sub.add_parser("export", help="write a trained run as a diffusers folder (LoRA merged)")
-    parser.add_argument("run", help="run folder (its latest checkpoint) or a checkpoint folder")
-    parser.add_argument("--out", required=True, help="new folder to write")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--lora-only", action="store_true", help="save only the LoRA weights")
-    parser.set_defaults(func=cmd_export)

@@ -30,7 +30,6 @@ import torch
 
 from vipo.kernels import poly_dpo_loss, sample_errors
 from vipo.loaders.cache import (
-    DTYPES,
     CacheError,
     LatentCache,
     describe_differences,
@@ -513,34 +512,3 @@ def cmd_score_reference(args: argparse.Namespace) -> int:
           f"kept {len(summary['kept'])}; "
           f"table {summary['folder']}, complete epochs: {complete}")  # fmt: skip
     return 0
-
-
-def add_commands(sub) -> None:
-    overrides = "dotted overrides, e.g. data.cache=/data/cache train.seed=1"
-    cache = sub.add_parser(
-        "cache", help="encode a recipe's pairs once into data.cache (VAE posteriors, text embeddings)"
-    )
-    cache.add_argument("recipe", help="recipe file or built-in name; data.cache names the folder")
-    cache.add_argument("overrides", nargs="*", help=overrides)
-    cache.add_argument(
-        "--pairs-per-shard", type=int, default=256, help="pairs per safetensors shard (default 256)"
-    )
-    cache.add_argument("--batch-pairs", type=int, help="pairs per encoder batch (default: train.batch_pairs)")
-    cache.add_argument("--dtype", choices=list(DTYPES), default="float16",
-                       help="storage dtype of latents and embeddings (default float16)")  # fmt: skip
-    cache.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    cache.set_defaults(func=cmd_cache)
-
-    score = sub.add_parser(
-        "score-reference", help="e_ref of every cached pair per epoch, for reference.mode=precomputed"
-    )
-    score.add_argument("recipe", help="recipe file or built-in name (with data.cache set)")
-    score.add_argument("overrides", nargs="*", help=overrides)
-    score.add_argument(
-        "--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)"
-    )
-    score.add_argument(
-        "--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)"
-    )
-    score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    score.set_defaults(func=cmd_score_reference)

@@ -191,7 +191,7 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
 
 
 def test_held_out_accuracy_is_one_half_when_policy_is_the_reference_and_tracks_the_sign(tmp_path):
-    from vipo.engine.evaluate import held_out_accuracy
+    from vipo.engine.eval.evaluate import held_out_accuracy
     from vipo.loaders.procedural import ProceduralPairs
 
     trainer = Trainer(tiny_config(tmp_path), progress=False)

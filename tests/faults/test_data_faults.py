@@ -23,8 +23,8 @@ from PIL import Image
 
 from vipo.engine.config import load_config
 from vipo.engine.data import BatchStream, build_source
-from vipo.engine.data_stats import collect
 from vipo.engine.errors import RunError
+from vipo.engine.eval.data_stats import collect
 from vipo.loaders import dali
 from vipo.loaders.images import BadSample, PairTransform, SourceError, decode_image
 from vipo.loaders.manifest import ManifestPairs, read_manifest

@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from ..config import ConfigError, _build, _f
+from ...config import ConfigError, _build, _f
 
 
 @dataclass

@@ -10,8 +10,8 @@ from PIL import Image
 from vipo.engine.cli import main
 from vipo.engine.config import load_config
 from vipo.engine.errors import RunError
-from vipo.engine.sample import latent_shape, read_prompts, sample, write_video
-from vipo.engine.sampling import ddim_sample
+from vipo.engine.eval.sample import latent_shape, read_prompts, sample, write_video
+from vipo.engine.eval.sampling import ddim_sample
 from vipo.engine.trainer import Trainer
 
 from vipo_testing import write_clip_tokenizer

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import RunError
+from ...errors import RunError
 from .agreement import agreement, suggest_alpha
 from .table import summarize, to_markdown
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..models.tokenizer import check_tokenizer
+from ...models.tokenizer import check_tokenizer
 from .base import LinearStack, Scorer, ScorerError, load_state_file, require_model_folder, require_path
 
 

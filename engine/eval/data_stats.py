@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from .errors import RunError
+from ..errors import RunError
 
 POLICY_KINDS = ("ties", "unlabeled", "identical", "bad_label")
 TOP_ROWS = 10  # histogram rows printed per table (the JSON has them all)
@@ -191,7 +191,7 @@ def _shards(data_cfg, tally: _Tally, progress: bool, decode: bool) -> None:
 
 
 def _procedural(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
-    from .data import build_source
+    from ..data import build_source
 
     source = build_source(data_cfg, model_cfg, seed=0)
     with _progress(len(source), progress) as bar:

@@ -10,7 +10,7 @@ nothing else; see clip.py and imagereward.py for what each computes.
 
 import importlib
 
-from ..config import ConfigError
+from ...config import ConfigError
 from .base import DTYPES, Scorer, ScorerError, pick_device
 from .config import ScorersConfig, load_scorers_config
 

@@ -11,7 +11,7 @@ import torch
 
 from vipo.kernels import sample_errors
 
-from .objectives import PairBatch
+from ..objectives import PairBatch
 
 
 def _batch(source, indices, device) -> PairBatch:

@@ -22,12 +22,12 @@ import numpy as np
 
 from vipo.loaders.procedural import ProceduralPairs
 
-from .checkpoint import latest_checkpoint
-from .config import RunConfig, to_dict
+from ..checkpoint import latest_checkpoint
+from ..config import RunConfig, to_dict
+from ..trainer import Trainer
 from .evaluate import held_out_accuracy
 from .report import image_grid, plot_curves, read_metrics
 from .sampling import ddim_sample
-from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import RunError
+from ..errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def plan(prompts: list[str], n: int, seed: int) -> list[Job]:
 
 def resolve_source(path: str | Path) -> tuple[str, Path]:
     """("diffusers", folder) or ("checkpoint", checkpoint folder) for a SOURCE argument."""
-    from .checkpoint import trusted_checkpoint
+    from ..checkpoint import trusted_checkpoint
 
     path = Path(path)
     if (path / "model_index.json").is_file():
@@ -103,10 +103,10 @@ def load_run(checkpoint: Path, device: torch.device):
     encoders (the checkpoint holds trainable weights only) and the data set's vocabulary."""
     from safetensors.torch import load_file
 
-    from .checkpoint import load_weights
-    from .config import load_config
-    from .models import build_model
-    from .trainer import LORA_TARGETS, build_data
+    from ..checkpoint import load_weights
+    from ..config import load_config
+    from ..models import build_model
+    from ..trainer import LORA_TARGETS, build_data
 
     cfg = load_config(checkpoint / "config.yaml")
     torch.manual_seed(cfg.train.seed)
@@ -286,7 +286,7 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
            guidance: float | None = None, height: int | None = None, width: int | None = None,
            frames: int | None = None, fps: int = 16, progress: bool = True) -> dict:  # fmt: skip
     """Sample `n` images per prompt of `prompts_file` into `out_dir`; returns the summary."""
-    from .trainer import pick_device
+    from ..trainer import pick_device
 
     if n < 1 or batch < 1:
         raise RunError(f"--n and --batch must be >= 1, got {n} and {batch}")
@@ -302,7 +302,7 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
         steps = steps or 50
         run = pipeline_sampler(pipe, family, steps, {**options, **(extra if family == "wan" else {})})
     else:
-        from .config import load_config
+        from ..config import load_config
 
         # A real model is assembled on the CPU and cast before it moves: a FLUX or Wan build in
         # fp32 on the GPU first would need twice the memory it samples in.

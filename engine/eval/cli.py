@@ -1,5 +1,8 @@
-"""Subcommands for sampling, evaluation and data diagnostics (registered through cli.COMMAND_MODULES):
+"""Subcommands for the demo, plots, sampling, evaluation and data diagnostics (loaded by name
+through cli.COMMAND_MODULES; nothing heavy is imported until a command runs):
 
+    vipo demo [RECIPE] [overrides]
+    vipo plot RUN
     vipo sample SOURCE --prompts FILE --n 4 --out DIR
     vipo eval DIR [DIR ...] --scorers pickscore,hpsv2,imagereward,aesthetic,clip --base DIR0 --scorers-config F
     vipo data agreement SOURCE --scorers ... --scorers-config F [--suggest-alpha]
@@ -12,10 +15,41 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import RunError
+from ..errors import RunError
 
 SCORERS_HELP = "comma-separated: pickscore, hpsv2, imagereward, aesthetic, clip"
 CONFIG_HELP = "YAML file with each scorer's local weights (see vipo/engine/scoring/config.py)"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..cli import load_recipe
+    from .demo import run_demo
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    print(
+        "vipo demo: a tiny SD-style model on procedural shape pairs, CPU. Stage 1 SFT on winners, "
+        f"stage 2 {cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g}).",
+        file=sys.stderr,
+    )
+    result = run_demo(cfg, progress=not args.quiet)
+    print(
+        f"held-out preference accuracy {result['held_out_accuracy_before']:.3f} -> "
+        f"{result['held_out_accuracy_after']:.3f} on {result['held_out_pairs']} clean pairs "
+        f"(0.5 = chance; the policy starts as the reference)"
+    )
+    print(f"report: {result['report']}/ (curves.png, samples.png, summary.json)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .report import plot_run
+
+    try:
+        out = plot_run(Path(args.run), Path(args.out) if args.out else None, tuple(args.keys))
+    except (FileNotFoundError, ValueError) as err:
+        raise RunError(str(err)) from None
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -75,7 +109,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 def cmd_data_stats(args: argparse.Namespace) -> int:
     from vipo.configs import find_recipe
 
-    from .config import load_config
+    from ..config import load_config
     from .data_stats import collect, format_report
 
     overrides = list(args.overrides)
@@ -105,20 +139,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subcommands(sub, name: str, help_text: str):
-    """The ACTION subparsers of `vipo NAME`, created or, when another module registered NAME
-    already, reused (argparse keeps no public handle on them)."""
-    parser = sub.choices.get(name) or sub.add_parser(name, help=help_text)
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    actions = parser.add_subparsers(dest=f"{name}_command", metavar="ACTION")
-    actions.required = True
-    return actions
+def add_commands(commands) -> None:
+    overrides_help = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
+    demo = commands.add("demo", "SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)")
+    demo.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
+    demo.add_argument("overrides", nargs="*", default=[], help=overrides_help)
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
 
+    plot = commands.add("plot", "draw a run's metric curves to a PNG")
+    plot.add_argument("run", help="run folder (holds metrics.jsonl)")
+    plot.add_argument("--out", help="PNG path (default: RUN/curves.png)")
+    plot.add_argument("--keys", nargs="+", default=["loss", "accuracy", "margin", "grad_norm"], help="metrics to draw")
+    plot.set_defaults(func=cmd_plot)
 
-def add_commands(sub) -> None:
-    sample = sub.add_parser("sample", help="images/videos for a prompt file from a run or a diffusers folder")
+    sample = commands.add("sample", "images/videos for a prompt file from a run or a diffusers folder")
     sample.add_argument("source", help="run folder, checkpoint folder, or diffusers model folder")
     sample.add_argument("--prompts", required=True, help="prompt file: .txt (one a line), .jsonl or .json")
     sample.add_argument("--out", required=True, help="output folder (images/, videos/, index.jsonl)")
@@ -137,7 +172,7 @@ def add_commands(sub) -> None:
     sample.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = sub.add_parser("eval", help="score sample folders with reward models: the paper's Table 2")
+    evaluate = commands.add("eval", "score sample folders with reward models: the paper's Table 2")
     evaluate.add_argument("dirs", nargs="+", help="folders written by `vipo sample`")
     evaluate.add_argument("--scorers", required=True, help=SCORERS_HELP)
     evaluate.add_argument("--scorers-config", help=CONFIG_HELP)
@@ -146,7 +181,7 @@ def add_commands(sub) -> None:
     evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_eval)
 
-    data = _subcommands(sub, "data", "inspect preference data")
+    data = commands.group("data", "inspect preference data")
     agree = data.add_parser("agreement", help="do reward models agree with the labels, and with each other?")
     agree.add_argument("source", help="procedural:clean|noisy|shuffled or a JSONL manifest of image pairs")
     agree.add_argument("--scorers", required=True, help=SCORERS_HELP)
@@ -175,7 +210,7 @@ def add_commands(sub) -> None:
     stats.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     stats.set_defaults(func=cmd_data_stats)
 
-    scorers = _subcommands(sub, "scorers", "prepare reward-model weights for `vipo eval`")
+    scorers = commands.group("scorers", "prepare reward-model weights for `vipo eval`")
     convert = scorers.add_parser("convert", help="released HPSv2 / ImageReward checkpoint -> scorer folder")
     convert.add_argument("model", choices=["hpsv2", "imagereward"])
     convert.add_argument("checkpoint", help="HPS_v2.1_compressed.pt or ImageReward.pt")

@@ -13,13 +13,13 @@ from torch import nn
 
 from vipo.engine.cli import main
 from vipo.engine.config import ConfigError
-from vipo.engine.scoring import build_scorer, build_scorers, load_scorers_config
-from vipo.engine.scoring.agreement import agreement, suggest_alpha
-from vipo.engine.scoring.base import Scorer, ScorerError
-from vipo.engine.scoring.config import AestheticPaths, ClipFolder, ScorersConfig
-from vipo.engine.scoring.convert import convert_hpsv2, convert_imagereward, openclip_to_clip
-from vipo.engine.scoring.evaluation import open_pairs, pair_agreement
-from vipo.engine.scoring.table import summarize, to_markdown
+from vipo.engine.eval.scoring import build_scorer, build_scorers, load_scorers_config
+from vipo.engine.eval.scoring.agreement import agreement, suggest_alpha
+from vipo.engine.eval.scoring.base import Scorer, ScorerError
+from vipo.engine.eval.scoring.config import AestheticPaths, ClipFolder, ScorersConfig
+from vipo.engine.eval.scoring.convert import convert_hpsv2, convert_imagereward, openclip_to_clip
+from vipo.engine.eval.scoring.evaluation import open_pairs, pair_agreement
+from vipo.engine.eval.scoring.table import summarize, to_markdown
 from vipo.loaders.procedural import COLOURS, ProceduralPairs
 
 from vipo_testing import write_clip_tokenizer
@@ -278,8 +278,8 @@ BLIP_RENAMES_BACK = [  # transformers' BLIP names -> the ImageReward release's n
 def test_a_converted_imagereward_checkpoint_scores_as_the_model_it_came_from(tmp_path):
     from transformers import BertTokenizer, BlipConfig
 
-    from vipo.engine.scoring.base import LinearStack
-    from vipo.engine.scoring.imagereward import (
+    from vipo.engine.eval.scoring.base import LinearStack
+    from vipo.engine.eval.scoring.imagereward import (
         CLIP_MEAN,
         CLIP_STD,
         REWARD_MEAN,

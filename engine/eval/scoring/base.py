@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import RunError
+from ...errors import RunError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..models.tokenizer import check_tokenizer
+from ...models.tokenizer import check_tokenizer
 from .base import LinearStack, Scorer, ScorerError, require_path
 
 REWARD_MEAN = 0.16717362830052426

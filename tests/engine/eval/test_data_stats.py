@@ -12,8 +12,8 @@ from PIL import Image
 
 from vipo.engine.cli import main
 from vipo.engine.config import load_config
-from vipo.engine.data_stats import collect, format_report
 from vipo.engine.errors import RunError
+from vipo.engine.eval.data_stats import collect, format_report
 
 
 def jpeg(width, height, seed=0):
