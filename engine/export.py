@@ -20,7 +20,7 @@ import torch
 from .checkpoint import load_weights, trusted_checkpoint
 from .config import load_config
 from .errors import RunError
-from .models import add_lora, build_model
+from .models import build_adapter
 
 DENOISERS = ("unet", "transformer")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -47,12 +47,8 @@ def load_trained(checkpoint: Path, device: torch.device | None = None):
     if not config_file.is_file():
         raise RunError(f"{checkpoint}: no config.yaml (not a vipo checkpoint)")
     cfg = load_config(config_file)
-    torch.manual_seed(cfg.train.seed)  # random-weight builds: the run's initial weights
-    adapter = build_model(cfg.model, device or torch.device("cpu"))
-    if cfg.model.init_from:
-        load_weights(Path(cfg.model.init_from), adapter.network)
-    if cfg.model.lora_rank:
-        add_lora(adapter.network, cfg.model.lora_rank)
+    # As the run built it (random-weight builds: the run's initial weights), then its trained tensors.
+    adapter = build_adapter(cfg.model, device or torch.device("cpu"), seed=cfg.train.seed, trainable=True)
     load_weights(checkpoint, adapter.network, what="export")
     return adapter, cfg
 

@@ -236,17 +236,10 @@ def table_file(epoch: int, shard: int) -> str:
 
 
 def build_frozen_adapter(cfg, device: torch.device, vocabulary):
-    """The model as the trainer builds it before any step (same seed, same init_from): its
-    denoiser is the reference."""
-    from .checkpoint import load_weights
-    from .models import build_model
+    """The model as the trainer builds it before any step, frozen: its denoiser is the reference."""
+    from .models import build_adapter
 
-    torch.manual_seed(cfg.train.seed)
-    adapter = build_model(cfg.model, device, vocabulary=vocabulary)
-    if cfg.model.init_from:
-        load_weights(Path(cfg.model.init_from), adapter.network)
-    adapter.network.requires_grad_(False).eval()
-    return adapter
+    return build_adapter(cfg.model, device, seed=cfg.train.seed, trainable=False, vocabulary=vocabulary)
 
 
 def epochs_needed(cfg, num_pairs: int, world_size: int = 1) -> int:

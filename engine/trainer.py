@@ -26,7 +26,6 @@ from .checkpoint import (
     export_full_weights,
     load_checkpoint,
     load_sharded_checkpoint,
-    load_weights,
     read_rng,
     save_checkpoint,
     save_sharded_checkpoint,
@@ -35,7 +34,7 @@ from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
 from .errors import RunError
 from .integrity import resolve_checkpoint, step_folders
-from .models import LORA_TARGETS, add_lora, build_model
+from .models import LORA_TARGETS, build_adapter
 from .objectives import PairBatch, forward_loss
 from .parallel import pick_device  # noqa: F401  (historical import path)
 from .precompute import CacheBatchSource, LatentPairBatch, cached_forward_loss, open_cache
@@ -79,7 +78,6 @@ class Trainer:
                 f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
                 f"over {self.world.size} processes: use a multiple of {self.world.size}"
             )
-        torch.manual_seed(cfg.train.seed)  # the random-weight build, identical on every (re)start and rank
         if cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
             self.data = open_cache(cfg)
         else:
@@ -97,15 +95,9 @@ class Trainer:
             if cfg.data.cache
             else None
         )
-        self.adapter = build_model(cfg.model, self.device, vocabulary=self.data.vocabulary())
+        self.adapter = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=True,
+                                     vocabulary=self.data.vocabulary())  # fmt: skip
         network = self.adapter.network
-        if cfg.model.init_from:
-            load_weights(Path(cfg.model.init_from), network)
-        if cfg.model.lora_rank:
-            add_lora(network, cfg.model.lora_rank)
-        if cfg.model.gradient_checkpointing:
-            network.enable_gradient_checkpointing()
-        network.train()
         # The reference is built here, before any checkpoint is loaded and before sharding: it is
         # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective

@@ -98,41 +98,20 @@ def resolve_source(path: str | Path) -> tuple[str, Path]:
 
 
 def load_run(checkpoint: Path, device: torch.device):
-    """(config, adapter) of a checkpoint: the model built as Trainer builds it, the checkpoint's
-    weights loaded on top. Tiny random-weight builds need the same seed for their frozen text
-    encoders (the checkpoint holds trainable weights only) and the data set's vocabulary."""
-    from safetensors.torch import load_file
-
+    """(config, adapter) of a checkpoint: the model built as the trainer builds it
+    (models.build_adapter: same seed, init_from and LoRA), the checkpoint's weights on top. Tiny
+    random-weight builds also need the data set's vocabulary for their word tokenizer."""
     from ..checkpoint import load_weights
     from ..config import load_config
-    from ..models import build_model
-    from ..trainer import LORA_TARGETS, build_data
+    from ..data import build_source
+    from ..models import build_adapter
 
     cfg = load_config(checkpoint / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    vocabulary = None if cfg.model.path else build_data(cfg.data, cfg.train.seed).vocabulary()
-    adapter = build_model(cfg.model, device, vocabulary=vocabulary)
-    network = adapter.network
-    weights = load_file(checkpoint / "model.safetensors")
-    parameters = {name for name, _ in network.named_parameters()}
-    full = not cfg.model.lora_rank and parameters <= set(weights)
-    if cfg.model.init_from and not full:  # the base the LoRA (or partial) weights sit on
-        load_weights(Path(cfg.model.init_from), network)
-    if cfg.model.lora_rank:
-        from peft import LoraConfig
-
-        network.add_adapter(LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_rank,
-                                       init_lora_weights="gaussian", target_modules=LORA_TARGETS))  # fmt: skip
-    own = network.state_dict()
-    unknown = [k for k in weights if k not in own]
-    if unknown:
-        raise RunError(f"{checkpoint}/model.safetensors: {len(unknown)} tensors the model lacks, e.g. {unknown[0]}")
-    mismatched = [k for k, v in weights.items() if v.shape != own[k].shape]
-    if mismatched:
-        raise RunError(f"{checkpoint}/model.safetensors: shape mismatch for {mismatched[0]}")
-    network.load_state_dict(weights, strict=False)
-    network.eval().requires_grad_(False)
-    log.info("loaded %d tensors from %s (%s)", len(weights), checkpoint, "LoRA" if cfg.model.lora_rank else "full")
+    vocabulary = None if cfg.model.path else build_source(cfg.data, cfg.model, cfg.train.seed).vocabulary()
+    adapter = build_adapter(cfg.model, device, seed=cfg.train.seed, trainable=True, vocabulary=vocabulary)
+    load_weights(checkpoint, adapter.network, what="sample")
+    adapter.network.eval().requires_grad_(False)
+    log.info("loaded %s (%s)", checkpoint, "LoRA" if cfg.model.lora_rank else "full")
     return cfg, adapter
 
 

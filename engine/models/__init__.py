@@ -32,6 +32,44 @@ def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = 
     return adapter
 
 
+def build_adapter(model_cfg, device: torch.device, *, seed: int, trainable: bool,
+                  vocabulary: list[str] | None = None) -> DiffusionAdapter:  # fmt: skip
+    """The model as every part of vipo builds it, so that the trainer, the latent cache, the
+    reference table, export, sampling and the benchmark agree exactly on its weights:
+
+        seed -> the family's build (random weights of model.config, or model.path)
+             -> model.init_from's weights -> for a policy (`trainable`): LoRA, activation
+                checkpointing, train mode; frozen otherwise (no gradients, eval mode)
+
+    Random-weight builds on a GPU initialise on the GPU itself (seconds, not minutes, at 12B)."""
+    from pathlib import Path
+
+    torch.manual_seed(seed)
+    on_device = model_cfg.path is None and torch.device(device).type == "cuda"
+    with torch.device(device) if on_device else _no_context():
+        adapter = build_model(model_cfg, device, vocabulary=vocabulary)
+    network = adapter.network
+    if model_cfg.init_from:
+        from ..checkpoint import load_weights
+
+        load_weights(Path(model_cfg.init_from), network)
+    if not trainable:
+        network.requires_grad_(False).eval()
+        return adapter
+    if model_cfg.lora_rank:
+        add_lora(network, model_cfg.lora_rank)
+    if model_cfg.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.train()
+    return adapter
+
+
+def _no_context():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
 def add_lora(network, rank: int) -> None:
     """Freeze `network` and add a peft LoRA of `rank` on its attention projections."""
     from peft import LoraConfig
@@ -41,4 +79,5 @@ def add_lora(network, rank: int) -> None:
                                    target_modules=LORA_TARGETS))  # fmt: skip
 
 
-__all__ = ["BUILDERS", "FAMILIES", "LORA_TARGETS", "DiffusionAdapter", "add_lora", "build_model", "load_architecture"]
+__all__ = ["BUILDERS", "FAMILIES", "LORA_TARGETS", "DiffusionAdapter", "add_lora", "build_adapter", "build_model",
+           "load_architecture"]  # fmt: skip
