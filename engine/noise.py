@@ -119,3 +119,71 @@ def probe_matches(expected: dict, actual: dict, rel: float = 1e-6) -> bool:
     return expected["shape"] == actual["shape"] and all(
         math.isclose(a, b, rel_tol=rel, abs_tol=1e-9) for a, b in zip(*values, strict=True)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise sources: where a step's eps, t and caption dropout come from
+
+
+class GeneratorNoise:
+    """One torch.Generator: a process's own stream, or under `parallel.noise_draw=per_rank` a
+    stream per (seed, rank), drawing this rank's rows only."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def draw(self, adapter, latents: torch.Tensor, *, ids: Sequence[str], epoch: int | None, paired: bool):
+        return adapter.noisy_inputs(latents, self.generator, paired)
+
+    def caption_dropout(self, ids: Sequence[str], epoch: int | None, prob: float) -> list[bool]:
+        drop = torch.rand(len(ids), generator=self.generator, device=self.generator.device) < prob
+        return drop.tolist()
+
+
+class GlobalDrawNoise(GeneratorNoise):
+    """`parallel.noise_draw=global`: every rank draws eps, t and dropout for the whole global
+    micro-batch from the one shared stream (its latents at their global rows, zeros elsewhere)
+    and keeps its own rows, so N processes consume the stream exactly as one process with the
+    global batch does. Cost: the global micro-batch's noise and x_t for a moment; `per_rank`
+    draws only local rows instead."""
+
+    def __init__(self, generator: torch.Generator, rank: int, world_size: int):
+        super().__init__(generator)
+        self.rank, self.world_size = rank, world_size
+
+    def _rows(self, rows: int, pairs: int) -> tuple[int, torch.Tensor]:
+        """Global row count and this rank's global row indices for `rows` local rows made of
+        blocks of `pairs` rows (winners only: 1 block; winners then losers: 2)."""
+        blocks = max(1, rows // max(pairs, 1))
+        total = pairs * self.world_size
+        start = self.rank * pairs
+        index = torch.cat([torch.arange(b * total + start, b * total + start + pairs) for b in range(blocks)])
+        return total * blocks, index
+
+    def draw(self, adapter, latents, *, ids, epoch, paired):
+        total, index = self._rows(latents.shape[0], len(ids))
+        index = index.to(latents.device)
+        placed = latents.new_zeros((total, *latents.shape[1:])).index_copy_(0, index, latents)
+        x_t, t, target = adapter.noisy_inputs(placed, self.generator, paired)
+        return x_t[index], t[index.to(t.device)], target[index]
+
+    def caption_dropout(self, ids, epoch, prob):
+        pairs = len(ids)
+        drop = torch.rand(pairs * self.world_size, generator=self.generator, device=self.generator.device) < prob
+        return drop[self.rank * pairs : (self.rank + 1) * pairs].tolist()
+
+
+class CounterNoise:
+    """The counter RNG of (seed, pair id, epoch): what a step from the latent cache draws, and
+    what `vipo score-reference` re-made, so a precomputed reference matches it exactly."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def draw(self, adapter, latents, *, ids, epoch, paired):
+        if not paired and latents.shape[0] == 2 * len(ids):  # both images of SFT: each draws its own
+            ids = [*ids, *(f"{i}#loser" for i in ids)]
+        return batch_noise(adapter, latents, ids, self.seed, epoch, paired=paired)
+
+    def caption_dropout(self, ids, epoch, prob):
+        return caption_dropout(ids, self.seed, epoch, prob)

@@ -4,10 +4,13 @@
     dpo       Diffusion-DPO (Poly-DPO with alpha = 0)
     poly_dpo  -log p + alpha (1 - p)                                  (paper Eq. 9)
 
-The preference step builds x_t, t and the conditioning once for policy and reference, reduces
-the reference output to e_ref at once (freeing it) and then runs the policy forward.
+One path for every batch: pixels and prompts (encoded here), or latents and embeddings from the
+latent cache. x_t, t and the conditioning are built once for policy and reference; the reference
+output is reduced to e_ref at once (freed) and then the policy runs. Where eps, t come from is the
+noise source's business (noise.py), where e_ref comes from the reference's (reference.py).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +20,29 @@ from vipo.kernels import beta_from, poly_dpo_loss, sample_errors
 
 @dataclass
 class PairBatch:
-    """B pairs: pixels [2B, 3, H, W] in [-1, 1], winners in rows [0, B), losers in [B, 2B)."""
+    """B pairs: pixels [2B, 3, H, W] (or [2B, 3, F, H, W]) in [-1, 1], winners in rows [0, B),
+    losers in [B, 2B)."""
 
     ids: list[str]
     prompts: list[str]
     pixels: torch.Tensor
     weights: torch.Tensor | None = None  # [B] per-pair weights (None: all 1)
+    epoch: int | None = None
+
+    @property
+    def pairs(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class LatentPairBatch:
+    """B cached pairs of one epoch: latents [2B, ...] (winners, then losers), cond of B rows."""
+
+    ids: list[str]
+    epoch: int
+    latents: torch.Tensor
+    cond: dict[str, torch.Tensor]
+    weights: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
@@ -33,26 +53,48 @@ def resolve_beta(loss_cfg, elements_per_sample: int) -> float:
     return beta_from(loss_cfg.beta_convention, loss_cfg.beta, elements_per_sample=elements_per_sample)
 
 
-def sft_loss(adapter, batch: PairBatch, loss_cfg, generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cond = adapter.encode_prompts(batch.prompts)
-    pixels = batch.pixels[: batch.pairs] if loss_cfg.winners_only else batch.pixels
-    latents = adapter.encode_pixels(pixels)
-    if not loss_cfg.winners_only:  # both images: the prompt of each pair twice
-        cond = {key: torch.cat([value, value]) for key, value in cond.items()}
-    x_t, t, target = adapter.noisy_inputs(latents, generator, paired=False)
-    err = sample_errors(adapter.predict(adapter.network, x_t, t, cond), target)
-    loss = err.mean()
-    return loss, {"loss": loss.detach(), "e_pol": err.detach().mean()}
+def _no_mark(phase: str) -> None:
+    pass
 
 
-def preference_loss(adapter, reference, batch: PairBatch, loss_cfg, generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    cond = adapter.encode_prompts(batch.prompts)
-    latents = adapter.encode_pixels(batch.pixels)
-    x_t, t, target = adapter.noisy_inputs(latents, generator, paired=True)
-    ref_err = reference.errors(x_t, t, cond, target)  # the reference output is already freed
-    pred = adapter.predict(adapter.network, x_t, t, cond)
+def model_inputs(adapter, batch, winners_only: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(latents, cond of B rows) of a batch: encoded now for pixels, as stored for cached latents.
+    `winners_only`: the winners' latents alone (SFT stage 1 encodes no loser)."""
+    if isinstance(batch, LatentPairBatch):
+        latents = batch.latents[: batch.pairs] if winners_only else batch.latents
+        return latents, batch.cond
+    pixels = batch.pixels[: batch.pairs] if winners_only else batch.pixels
+    return adapter.encode_pixels(pixels), adapter.encode_prompts(batch.prompts)
+
+
+def forward_loss(
+    objective: str, adapter, network, reference, batch, noise, loss_cfg, mark: Callable[[str], None] = _no_mark
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch and its metrics. `network` is the policy as the strategy wraps
+    it (DDP, FSDP, a DeepSpeed engine); `mark(phase)` is called as each phase ends (encode,
+    reference, policy_forward, loss) for benchmarks that time them."""
+    if objective == "sft":
+        winners_only = loss_cfg.winners_only
+        latents, cond = model_inputs(adapter, batch, winners_only)
+        if not winners_only:  # both images: the prompt of each pair twice
+            cond = {key: torch.cat([value, value]) for key, value in cond.items()}
+        x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=False)
+        mark("encode")
+        err = sample_errors(adapter.predict(network, x_t, t, cond), target)
+        mark("policy_forward")
+        loss = err.mean()
+        mark("loss")
+        return loss, {"loss": loss.detach(), "e_pol": err.detach().mean()}
+    latents, cond = model_inputs(adapter, batch)
+    x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=True)
+    mark("encode")
+    ref_err = reference.errors(x_t, t, cond, target, ids=batch.ids, epoch=batch.epoch)  # output freed here
+    mark("reference")
+    pred = adapter.predict(network, x_t, t, cond)
+    mark("policy_forward")
     beta = resolve_beta(loss_cfg, pred[0].numel())
     out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha, pair_weight=batch.weights)
+    mark("loss")
     return out.loss, preference_metrics(out, loss_cfg.alpha)
 
 
@@ -78,9 +120,3 @@ def preference_metrics(out, alpha: float) -> dict[str, torch.Tensor]:
         "negative_margin_share": (out.logits < 0).float().mean(),
         "grad_factor": ((1 - p) * (1 + alpha * p)).mean(),  # Eq. 10's |dL/dz|
     }
-
-
-def forward_loss(objective: str, adapter, reference, batch, loss_cfg, generator):
-    if objective == "sft":
-        return sft_loss(adapter, batch, loss_cfg, generator)
-    return preference_loss(adapter, reference, batch, loss_cfg, generator)

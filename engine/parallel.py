@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import socket
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,65 +348,9 @@ def parallelize_reference(reference, strategy: str, world: World, parallel_cfg, 
         reference.network = apply_deepspeed_reference(network, ds_config)
 
 
-def grad_sync(policy: nn.Module, strategy: str, last_micro_step: bool):
-    """DDP: skip the all-reduce on all but the last micro-batch of a step (gradients accumulate
-    locally, one reduction per step). FSDP reduce-scatters every micro-batch (sharded grads
-    are small); DeepSpeed keeps its own count."""
-    if strategy == "ddp" and not last_micro_step:
-        return policy.no_sync()
-    return nullcontext()
-
-
 def unwrap(policy) -> nn.Module:
     """The network under a DDP wrapper or a DeepSpeed engine."""
     return getattr(policy, "module", policy)
-
-
-# ---------------------------------------------------------------------------------------------
-# This rank's share of the random draws
-
-
-class RankView:
-    """The adapter as one rank of a data-parallel run sees it: `network` is the wrapped policy,
-    and under `noise_draw=global` `noisy_inputs` runs the adapter's own draw for the whole
-    global micro-batch (this rank's latents at their global rows, zeros elsewhere) and keeps
-    this rank's rows, so N processes consume the one shared generator exactly as one process
-    with the global batch does. Cost: the global micro-batch's latents, noise and x_t in memory
-    for a moment; `per_rank` draws only local rows from a per-rank generator instead."""
-
-    def __init__(self, adapter, network, world: World, global_draw: bool):
-        self.adapter, self.network, self.world = adapter, network, world
-        self.global_draw = global_draw and world.size > 1
-        self.local_pairs = 0  # set per micro-batch by the trainer
-
-    def __getattr__(self, name):
-        return getattr(self.adapter, name)
-
-    def rows(self, n_local: int) -> tuple[int, torch.Tensor]:
-        """Global row count and this rank's global row indices for a tensor of `n_local` rows
-        made of blocks of `local_pairs` rows (winners only: 1 block; winners then losers: 2)."""
-        blocks_ = max(1, n_local // max(self.local_pairs, 1))
-        per_block = n_local // blocks_
-        total = per_block * self.world.size
-        start = self.world.rank * per_block
-        index = torch.cat([torch.arange(b * total + start, b * total + start + per_block) for b in range(blocks_)])
-        return total * blocks_, index
-
-    def share(self, values: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a tensor drawn for the global batch (per pair: caption dropout)."""
-        if not self.global_draw:
-            return values
-        per_rank = values.shape[0] // self.world.size
-        return values[self.world.rank * per_rank : (self.world.rank + 1) * per_rank]
-
-    def noisy_inputs(self, latents, generator, paired: bool = True):
-        if not self.global_draw:
-            return self.adapter.noisy_inputs(latents, generator, paired)
-        total, index = self.rows(latents.shape[0])
-        index = index.to(latents.device)
-        placed = latents.new_zeros((total, *latents.shape[1:])).index_copy_(0, index, latents)
-        x_t, t, target = self.adapter.noisy_inputs(placed, generator, paired)
-        return x_t[index], t[index.to(t.device)], target[index]
 
 
 def rank_generator(seed: int, world: World, device: torch.device, per_rank: bool) -> torch.Generator:

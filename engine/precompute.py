@@ -23,12 +23,11 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vipo.kernels import poly_dpo_loss, sample_errors
+from vipo.kernels import sample_errors
 from vipo.loaders.cache import (
     CacheError,
     LatentCache,
@@ -47,7 +46,7 @@ from vipo.loaders.images import SourceError
 from .config import ConfigError, load_config, to_dict
 from .errors import RunError
 from .noise import NOISE_VERSION, batch_noise, caption_dropout, noise_probe, posterior_noise, probe_matches
-from .objectives import preference_metrics, resolve_beta
+from .objectives import LatentPairBatch
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +150,6 @@ class AdapterEncoder:
 # Training from the cache
 
 
-@dataclass
-class LatentPairBatch:
-    """B cached pairs of one epoch: latents [2B, ...] (winners, then losers), cond of B rows."""
-
-    ids: list[str]
-    epoch: int
-    latents: torch.Tensor
-    cond: dict[str, torch.Tensor]
-
-    @property
-    def pairs(self) -> int:
-        return len(self.ids)
-
-
 class CacheBatchSource:
     """Batches of cached pairs: a posterior sample per image and caption dropout per pair, both
     from the counter RNG of (seed, id, epoch), so any rank, batch or resume sees the same ones."""
@@ -196,31 +181,6 @@ class CacheBatchSource:
         cond = {key: torch.stack([s[key] for s in sources]) for key in pairs[0].cond}
         move = {"device": self.device, "dtype": self.dtype, "non_blocking": True}
         return LatentPairBatch(ids, epoch, latents.to(**move), {k: v.to(**move) for k, v in cond.items()})
-
-
-def cached_forward_loss(objective: str, adapter, reference, batch: LatentPairBatch, loss_cfg, seed: int):
-    """objectives.forward_loss for a cached batch: eps and t from the counter RNG, and e_ref from
-    the table where the reference is precomputed."""
-    if objective == "sft":
-        latents, cond, ids = batch.latents, batch.cond, batch.ids
-        if loss_cfg.winners_only:
-            latents = latents[: batch.pairs]
-        else:  # both images: each draws its own noise
-            cond = {key: torch.cat([value, value]) for key, value in cond.items()}
-            ids = [*ids, *(f"{i}#loser" for i in ids)]
-        x_t, t, target = batch_noise(adapter, latents, ids, seed, batch.epoch, paired=False)
-        err = sample_errors(adapter.predict(adapter.network, x_t, t, cond), target)
-        loss = err.mean()
-        return loss, {"loss": loss.detach(), "e_pol": err.detach().mean()}
-    x_t, t, target = batch_noise(adapter, batch.latents, batch.ids, seed, batch.epoch)
-    if reference.mode == "precomputed":
-        ref_err = reference.errors_for(batch.ids, batch.epoch)
-    else:
-        ref_err = reference.errors(x_t, t, batch.cond, target)
-    pred = adapter.predict(adapter.network, x_t, t, batch.cond)
-    out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=resolve_beta(loss_cfg, pred[0].numel()),
-                        alpha=loss_cfg.alpha)  # fmt: skip
-    return out.loss, preference_metrics(out, loss_cfg.alpha)
 
 
 # ---------------------------------------------------------------------------------------------

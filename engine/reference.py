@@ -3,8 +3,11 @@
     copy     a frozen copy of the initial denoiser (no grads, eval mode)
     adapter  the policy itself with its LoRA adapters switched off: no second set of weights
 
-Both reduce the reference prediction to 2B errors with `sample_errors` at once, so its output
-is freed before the policy forward.
+    precomputed  e_ref read from `vipo score-reference`'s table by pair id and epoch
+
+Each has one method, `errors(x_t, t, cond, target, ids=, epoch=)` -> e_ref [2B]; the first two
+reduce the reference prediction with `sample_errors` at once, so its output is freed before the
+policy forward.
 """
 
 import copy
@@ -23,7 +26,7 @@ class CopyReference:
         self.network: nn.Module = copy.deepcopy(adapter.network).requires_grad_(False).eval()
 
     @torch.no_grad()
-    def errors(self, x_t, t, cond, target) -> torch.Tensor:
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
         return sample_errors(self.adapter.predict(self.network, x_t, t, cond), target)
 
 
@@ -34,7 +37,7 @@ class AdapterReference:
         self.adapter = adapter
 
     @torch.no_grad()
-    def errors(self, x_t, t, cond, target) -> torch.Tensor:
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
         network = self.adapter.network
         was_training = network.training
         network.eval()
@@ -74,14 +77,13 @@ class PrecomputedReference:
 
         return cls(adapter, open_reference_table(cfg, adapter))
 
-    def errors_for(self, ids: list[str], epoch: int) -> torch.Tensor:
-        """e_ref [2B] (winners, then losers) of B pairs in `epoch`."""
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
+        """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`."""
+        if ids is None or epoch is None:
+            from .errors import RunError
+
+            raise RunError(
+                "reference.mode=precomputed looks e_ref up by pair id and epoch: train from a latent "
+                "cache (data.cache) so that steps draw the scored noise"
+            )
         return self.table.lookup(ids, epoch).to(self.adapter.device, non_blocking=True)
-
-    def errors(self, x_t, t, cond, target) -> torch.Tensor:
-        from .errors import RunError
-
-        raise RunError(
-            "reference.mode=precomputed looks e_ref up by pair id and epoch: train from a latent "
-            "cache (data.cache) so that steps draw the scored noise"
-        )

@@ -1,9 +1,14 @@
-"""The train loop: `train()` loops, `train_step()` accumulates, clips and steps,
-`forward_loss` (objectives.py) is the only objective-specific part.
+"""The train loop, torchtitan's shape: `train()` loops, `train_step()` accumulates micro-batches,
+clips and steps, `forward_backward(batch)` is one micro-batch's loss and backward.
+
+    Trainer(cfg)   data -> models.build_adapter -> reference -> strategies.build_strategy
+    train_step     next_batch -> forward_backward (objectives.forward_loss, strategy.backward)
+                   -> one all-reduce of the metrics -> strategy.update
 
 Metrics stay on the device during a step and reach the host once per optimizer step (the
 non-finite check, after one all-reduce of the step's metrics when there are several ranks) and
-once per log interval.
+once per log interval. Everything strategy-specific (wrapping, backward, clipping and stepping,
+checkpoint formats) is in the strategy object; where eps and t come from, in the noise source.
 
 One process or many (parallel.py): `train.batch_pairs` is the global micro-batch, each rank
 takes an equal share, and with `parallel.noise_draw=global` N ranks reproduce one process.
@@ -21,26 +26,20 @@ import torch
 from tqdm import tqdm
 
 from . import parallel
-from .checkpoint import (
-    checkpoint_state,
-    export_full_weights,
-    load_checkpoint,
-    load_sharded_checkpoint,
-    read_rng,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from .checkpoint import checkpoint_state, export_full_weights
 from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
 from .errors import RunError
 from .integrity import resolve_checkpoint, step_folders
 from .models import LORA_TARGETS, build_adapter
-from .objectives import PairBatch, forward_loss
+from .noise import CounterNoise, GeneratorNoise, GlobalDrawNoise
+from .objectives import LatentPairBatch, PairBatch, forward_loss
 from .parallel import pick_device  # noqa: F401  (historical import path)
-from .precompute import CacheBatchSource, LatentPairBatch, cached_forward_loss, open_cache
+from .precompute import CacheBatchSource, open_cache
 from .reference import build_reference
 from .sinks import MetricSinks
 from .stopping import RunFolder, Stopped, StopRequests, signal_name
+from .strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,10 @@ __all__ = ["LORA_TARGETS", "Trainer", "build_data"]
 def build_data(data_cfg, seed: int, model_cfg=None, rank: int = 0, world_size: int = 1):
     """The pair source of `data.*` (see data.py)."""
     return build_source(data_cfg, model_cfg, seed, rank, world_size)
+
+
+def _no_mark(phase: str) -> None:
+    pass
 
 
 class Trainer:
@@ -67,23 +70,22 @@ class Trainer:
             raise
 
     def _build(self, progress: bool) -> None:
-        cfg = self.cfg
-        self.strategy = cfg.parallel.strategy
-        self.progress = progress and self.world.is_main
-        self.device = self.world.device
+        cfg, world = self.cfg, self.world
+        self.progress = progress and world.is_main
+        self.device = world.device
         self.out_dir = Path(cfg.train.output_dir)
-        local_pairs, rest = divmod(cfg.train.batch_pairs, self.world.size)
+        local_pairs, rest = divmod(cfg.train.batch_pairs, world.size)
         if rest or not local_pairs:
             raise RunError(
                 f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
-                f"over {self.world.size} processes: use a multiple of {self.world.size}"
+                f"over {world.size} processes: use a multiple of {world.size}"
             )
         if cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
             self.data = open_cache(cfg)
         else:
-            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, self.world.rank, self.world.size)
+            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.rank, world.size)
         self.batches = BatchStream(
-            self.data, local_pairs, cfg.train.seed, self.world.rank, self.world.size,
+            self.data, local_pairs, cfg.train.seed, world.rank, world.size,
             max_bad_fraction=cfg.data.max_bad_fraction,
             prefetch_batches=0 if cfg.data.cache else cfg.data.prefetch_batches,  # cached batches are cheap
         )  # fmt: skip
@@ -97,67 +99,43 @@ class Trainer:
         )
         self.adapter = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=True,
                                      vocabulary=self.data.vocabulary())  # fmt: skip
-        network = self.adapter.network
         # The reference is built here, before any checkpoint is loaded and before sharding: it is
         # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective
-        self.reference = (
-            None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter, cfg)
-        )
+        self.reference = None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter, cfg)
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
-        self.engine = None
-        self.policy = self._parallelize(network)
-        self.params = [p for p in network.parameters() if p.requires_grad]
-        warmup = cfg.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe_latents)
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
-        self.generator = parallel.rank_generator(cfg.train.seed, self.world, self.device, per_rank_noise)
-        # What the objective sees: the adapter itself in one process; with ranks, a view whose
-        # network is the wrapped policy and whose random draws are this rank's share.
-        self.view = (
-            None
-            if self.strategy == "none"
-            else parallel.RankView(self.adapter, self.policy, self.world, global_draw=not per_rank_noise)
-        )
+        self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
+        if cfg.data.cache:
+            self.noise = CounterNoise(cfg.train.seed)
+        elif world.size > 1 and not per_rank_noise:
+            self.noise = GlobalDrawNoise(self.generator, world.rank, world.size)
+        else:
+            self.noise = GeneratorNoise(self.generator)
+        # Called as each phase of a micro-batch ends; `vipo bench step` times them through it.
+        self.mark = _no_mark
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
-
-    def _parallelize(self, network):
-        """Wrap the policy (and a copy reference) for the strategy and build the optimizer on
-        what the strategy trains: FSDP's sharded parameters, or ZeRO's partitions."""
-        cfg, world = self.cfg, self.world
-        mixed = cfg.train.mixed_precision
-        ds_config = (
-            parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
-            if self.strategy in parallel.DEEPSPEED
-            else None
-        )
-        policy = network
-        if self.strategy == "ddp":
-            policy = parallel.apply_ddp(network, world)
-        elif self.strategy == "fsdp":
-            parallel.apply_fsdp(network, world, cfg.parallel, mixed)
-            parallel.first_forward(self.adapter, network, self._probe_latents(), self.device)
-        if self.reference is not None:
-            parallel.parallelize_reference(self.reference, self.strategy, world, cfg.parallel, mixed, ds_config)
-        params = [p for p in network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=self.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-            fused=self.device.type == "cuda",
-        )  # fmt: skip
-        if ds_config is not None:
-            self.engine = parallel.apply_deepspeed(network, self.optimizer, ds_config)
-            policy = self.engine
-        return policy
 
     @property
     def network(self):
         """The policy network itself (FSDP-sharded in place; under DDP / DeepSpeed its module)."""
         return self.adapter.network
+
+    @property
+    def optimizer(self):
+        return self.strategy.optimizer
+
+    @property
+    def scheduler(self):
+        return self.strategy.scheduler
+
+    @property
+    def params(self):
+        return self.strategy.params
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -166,21 +144,15 @@ class Trainer:
             indices, epoch = self.batches.next_indices()
             return self.cache_batches.batch(indices, epoch)
         records = self.batches.next_records()
+        ids = [r.id for r in records]
         prompts = [r.prompt for r in records]
         if self.cfg.data.caption_dropout > 0:  # one draw per pair: winner and loser alike
-            draws = len(prompts) * (self.world.size if self.view is not None and self.view.global_draw else 1)
-            drop = torch.rand(draws, generator=self.generator, device=self.device) < self.cfg.data.caption_dropout
-            if self.view is not None:
-                drop = self.view.share(drop)
-            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+            drop = self.noise.caption_dropout(ids, None, self.cfg.data.caption_dropout)
+            prompts = ["" if d else p for p, d in zip(prompts, drop, strict=True)]
         weights = None
         if any(r.weight != 1.0 for r in records):  # per-pair weights from the source (e.g. a manifest)
             weights = torch.tensor([r.weight for r in records], device=self.device)
-        return PairBatch([r.id for r in records], prompts, self._pixels(records), weights)
-
-    def _pixels(self, records) -> torch.Tensor:
-        """[2B, 3, H, W] (or [2B, 3, F, H, W] clips) in [-1, 1]: the winners, then their losers."""
-        return to_pixels(records, self.device)
+        return PairBatch(ids, prompts, to_pixels(records, self.device), weights)
 
     def _probe_latents(self) -> torch.Tensor:
         """Latents of one sample, of the shape training will see (FSDP's first forward)."""
@@ -189,7 +161,7 @@ class Trainer:
         if self.sampler is None:  # a stream: fixed-size squares (buckets are refused for shards)
             side = self.cfg.data.resolution
             return self.adapter.encode_pixels(torch.zeros(1, 3, side, side, device=self.device))
-        return self.adapter.encode_pixels(self._pixels([self.data[0]]))
+        return self.adapter.encode_pixels(to_pixels([self.data[0]], self.device))
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -197,44 +169,41 @@ class Trainer:
         enabled = self.cfg.train.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def forward_backward(self, batch, *, accum: int = 1, last: bool = True) -> dict[str, torch.Tensor]:
+        """One micro-batch: the objective's loss through the policy as the strategy wraps it, and
+        its backward (scaled by 1 / accum). Returns the detached metrics."""
+        with self.autocast(), self.strategy.micro_step(last):
+            loss, metrics = forward_loss(self.objective, self.adapter, self.strategy.policy, self.reference, batch,
+                                         self.noise, self.cfg.loss, self.mark)  # fmt: skip
+            self.strategy.backward(loss, accum, last)
+        self.mark("backward")
+        return {key: value.detach() for key, value in metrics.items()}
+
+    def update(self, finite: bool) -> torch.Tensor:
+        """Clip and step (or skip a non-finite step, counted); the gradient norm before clipping."""
+        grad_norm, skipped = self.strategy.update(finite)
+        if skipped:
+            self._count_nonfinite(skipped)
+        self.mark("optimizer")
+        return grad_norm
+
     def train_step(self) -> dict[str, torch.Tensor]:
         accum = self.cfg.train.grad_accum_steps
         sums: dict[str, torch.Tensor] = {}
         data_wait = 0.0
-        model = self.adapter if self.view is None else self.view
-        if self.engine is None:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad()
         for micro in range(accum):
-            last = micro == accum - 1
             started = time.perf_counter()
             batch = self.next_batch()
             data_wait += time.perf_counter() - started
-            if self.view is not None:
-                self.view.local_pairs = batch.pairs
-            with self.autocast(), parallel.grad_sync(self.policy, self.strategy, last):
-                if isinstance(batch, LatentPairBatch):
-                    loss, metrics = cached_forward_loss(
-                        self.objective, model, self.reference, batch, self.cfg.loss, self.cfg.train.seed
-                    )
-                else:
-                    loss, metrics = forward_loss(
-                        self.objective, model, self.reference, batch, self.cfg.loss, self.generator
-                    )
-                if self.engine is not None:
-                    self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
-                else:
-                    (loss / accum).backward()
-            if self.engine is not None and not last:
-                self.engine.step()  # counts the micro-batch; the update waits for the boundary
+            metrics = self.forward_backward(batch, accum=accum, last=micro == accum - 1)
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() / accum
+                sums[key] = sums.get(key, 0.0) + value.float() / accum
         sums = self.world.mean(sums)  # every rank then takes the same decision below
         finite = bool(torch.isfinite(sums["loss"]))  # the one host sync of a step
-        if not finite:
-            self._count_nonfinite("loss")
-        else:
+        if finite:
             self.nonfinite_in_row = 0
-        grad_norm = self._update(finite)
+        grad_norm = self.update(finite)
         with warnings.catch_warnings():  # a skipped first update still advances the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -243,36 +212,6 @@ class Trainer:
         sums["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
         sums["data_wait_s"] = torch.tensor(data_wait)
         return sums
-
-    def _update(self, finite: bool) -> torch.Tensor:
-        """Clip and step, or skip a non-finite step; returns the gradient norm before clipping."""
-        if self.engine is not None:
-            skipped = self.engine.skipped_steps
-            self.engine.step()  # the boundary: DeepSpeed clips, and skips a non-finite gradient itself
-            norm = self.engine.get_global_grad_norm()
-            applied = self.engine.skipped_steps == skipped
-            if applied and (not finite or (norm is not None and not math.isfinite(float(norm)))):
-                raise RunError(
-                    f"step {self.step + 1}: DeepSpeed applied an update with a non-finite "
-                    f"{'loss' if not finite else 'gradient norm'}; the weights are not saved. Resume from the "
-                    "last checkpoint (--resume), e.g. with a lower optim.lr"
-                )
-            if finite and not applied:  # DeepSpeed found an overflow in the gradients
-                self._count_nonfinite("gradient (DeepSpeed skipped the update)")
-            return torch.tensor(float("nan") if norm is None or not finite else float(norm))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return torch.tensor(float("nan"))
-        max_norm = self.cfg.optim.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the global norm
-            grad_norm = grad_norm.full_tensor()
-        if not bool(torch.isfinite(grad_norm)):  # a finite loss with inf / NaN gradients: skip it too
-            self.optimizer.zero_grad(set_to_none=True)
-            self._count_nonfinite("gradient norm")
-            return grad_norm
-        self.optimizer.step()
-        return grad_norm
 
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_total += 1
@@ -311,30 +250,9 @@ class Trainer:
         if path is None:
             return False
         state = checkpoint_state(path)
-        fmt = state["format"]
-        sharded = self.strategy in ("fsdp", *parallel.DEEPSPEED)
-        if fmt == "safetensors" and sharded:
-            raise RunError(
-                f"{path} was written by one process or ddp; parallel.strategy={self.strategy} cannot resume it "
-                "(resume with ddp, or start from its weights with model.init_from)"
-            )
-        if fmt == "deepspeed" and self.strategy not in parallel.DEEPSPEED:
-            raise RunError(f"{path} is a DeepSpeed checkpoint: resume it with parallel.strategy=zero2/zero3")
-        if fmt == "dcp" and self.strategy in parallel.DEEPSPEED:
-            raise RunError(f"{path} is an FSDP checkpoint: resume it with parallel.strategy=fsdp, ddp or none")
-        if fmt == "deepspeed" and state.get("world_size", self.world.size) != self.world.size:
-            raise RunError(
-                f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({state['world_size']}, "
-                f"here {self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
-            )
+        self.strategy.check_resumable(path, state)
         self.step = state["step"]  # a reseeded per-rank stream is keyed by it
-        if fmt == "safetensors":
-            load_checkpoint(path, self.network, self.optimizer, self.scheduler)
-            self._restore_rng(read_rng(path))
-        else:
-            _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
-                                             scheduler=self.scheduler, engine=self.engine)  # fmt: skip
-            self._restore_rng(rng)
+        self._restore_rng(self.strategy.load(path, state))
         sampler = dict(state["sampler"])
         # The position counts global batches: a different world size with the same global
         # batch continues the same order. A stream (tar shards) resumes its own position.
@@ -370,26 +288,13 @@ class Trainer:
         return path
 
     def _write_checkpoint(self, state: dict, latest: bool, suffix: str) -> Path:
-        if self.strategy in ("none", "ddp"):  # replicas: rank 0 writes them all
-            path = self.out_dir / "checkpoints" / f"step-{self.step:06d}{suffix}"
-            rng = self._rng_states()
-            if self.world.is_main:
-                path = save_checkpoint(self.out_dir, self.step, self.network, self.optimizer, self.scheduler,
-                                       self.generator, {**state, "world_size": self.world.size}, self.cfg, rng,
-                                       latest=latest, suffix=suffix)  # fmt: skip
-            self.world.barrier()
-        else:
-            path = save_sharded_checkpoint(
-                self.out_dir, self.step, world=self.world, network=self.network, optimizer=self.optimizer,
-                scheduler=self.scheduler, engine=self.engine, rng=self._rng_states(), state=state, cfg=self.cfg,
-                latest=latest, suffix=suffix,
-            )  # fmt: skip
-        return path
+        return self.strategy.save(self.out_dir, self.step, state, self._rng_states(), latest=latest, suffix=suffix)
 
     def export(self, out_dir: Path) -> Path | None:
         """The policy's full weights, gathered on rank 0, as a diffusers-layout folder (every
         rank calls this; rank 0 writes and gets the path)."""
-        return export_full_weights(self.adapter, self.network, self.strategy, self.world, Path(out_dir), self.engine)
+        engine = getattr(self.strategy, "engine", None)
+        return export_full_weights(self.adapter, self.network, self.strategy.name, self.world, Path(out_dir), engine)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -487,12 +392,9 @@ class Trainer:
     def close(self, *, clean: bool = True) -> None:
         """Free the engine and wrappers, then tear down a process group this trainer created
         (after a barrier when `clean`; on an error the other ranks may never reach one)."""
-        if self.engine is not None:
-            self.engine.destroy()
-        reference_engine = getattr(self.reference, "network", None)
-        if hasattr(reference_engine, "destroy"):
-            reference_engine.destroy()
-        self.engine = self.policy = self.view = self.optimizer = self.scheduler = None
+        if getattr(self, "strategy", None) is not None:
+            self.strategy.close()
+        self.strategy = None
         if getattr(self, "batches", None) is not None:
             self.batches.close()  # stop the prefetch thread
         parallel.shutdown(self.world, clean=clean)

@@ -258,14 +258,9 @@ def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe
 # One process: the pieces
 
 
-class FakeWorld:
-    def __init__(self, rank, size):
-        self.rank, self.size = rank, size
-
-
 def test_each_rank_keeps_its_rows_of_the_global_noise_draw(recipe, tmp_path):
     from vipo.engine.models import build_model
-    from vipo.engine.parallel import RankView
+    from vipo.engine.noise import GlobalDrawNoise
 
     cfg = load_config(recipe, [f"train.output_dir={tmp_path}"])
     adapter = build_model(cfg.model, torch.device("cpu"), vocabulary=["red"])
@@ -273,18 +268,21 @@ def test_each_rank_keeps_its_rows_of_the_global_noise_draw(recipe, tmp_path):
     whole = adapter.noisy_inputs(latents, torch.Generator().manual_seed(5), paired=True)
     parts = []
     for rank in (0, 1):
-        view = RankView(adapter, adapter.network, FakeWorld(rank, 2), global_draw=True)
-        view.local_pairs = 2
+        noise = GlobalDrawNoise(torch.Generator().manual_seed(5), rank, 2)
         local = torch.cat([latents[2 * rank : 2 * rank + 2], latents[4 + 2 * rank : 6 + 2 * rank]])
-        parts.append(view.noisy_inputs(local, torch.Generator().manual_seed(5), paired=True))
+        parts.append(noise.draw(adapter, local, ids=["a", "b"], epoch=None, paired=True))
     for i, name in enumerate(("x_t", "t", "target")):
         rebuilt = torch.cat([parts[0][i][:2], parts[1][i][:2], parts[0][i][2:], parts[1][i][2:]])
         assert torch.equal(rebuilt, whole[i]), name
     # Winners-only rows (SFT): one block of 2 rows per rank.
     whole = adapter.noisy_inputs(latents[:4], torch.Generator().manual_seed(6), paired=False)
-    view = RankView(adapter, adapter.network, FakeWorld(1, 2), global_draw=True)
-    view.local_pairs = 2
-    assert torch.equal(view.noisy_inputs(latents[2:4], torch.Generator().manual_seed(6), paired=False)[0], whole[0][2:4])
+    noise = GlobalDrawNoise(torch.Generator().manual_seed(6), 1, 2)
+    assert torch.equal(noise.draw(adapter, latents[2:4], ids=["a", "b"], epoch=None, paired=False)[0], whole[0][2:4])
+    # Caption dropout: rank r keeps its pairs' draws of the global batch's.
+    global_drop = (torch.rand(4, generator=torch.Generator().manual_seed(7)) < 0.5).tolist()
+    for rank in (0, 1):
+        noise = GlobalDrawNoise(torch.Generator().manual_seed(7), rank, 2)
+        assert noise.caption_dropout(["a", "b"], None, 0.5) == global_drop[2 * rank : 2 * rank + 2]
 
 
 def test_per_rank_noise_streams_differ_by_rank_and_global_ones_do_not():

@@ -11,12 +11,11 @@ from vipo.engine.cli import main
 from vipo.engine.config import ConfigError, load_config
 from vipo.engine.errors import RunError
 from vipo.engine.models import build_model
-from vipo.engine.noise import batch_noise, caption_dropout, gaussian, sample_key
+from vipo.engine.noise import CounterNoise, batch_noise, caption_dropout, gaussian, sample_key
+from vipo.engine.objectives import LatentPairBatch, forward_loss
 from vipo.engine.precompute import (
     CacheBatchSource,
-    LatentPairBatch,
     build_frozen_adapter,
-    cached_forward_loss,
     epochs_needed,
     open_cache,
     open_reference_table,
@@ -222,10 +221,11 @@ def test_sft_from_the_cache_draws_counter_noise(tmp_path):
     cache = open_cache(cfg)
     adapter = build_frozen_adapter(cfg, CPU, cache.vocabulary())
     batch = CacheBatchSource(cache, SEED, 0.0, CPU).batch([1, 4], 0)
-    loss, metrics = cached_forward_loss("sft", adapter, None, batch, cfg.loss, SEED)
-    again, _ = cached_forward_loss("sft", adapter, None, batch, cfg.loss, SEED)
+    noise = CounterNoise(SEED)
+    loss, metrics = forward_loss("sft", adapter, adapter.network, None, batch, noise, cfg.loss)
+    again, _ = forward_loss("sft", adapter, adapter.network, None, batch, noise, cfg.loss)
     both = dataclasses.replace(cfg.loss, winners_only=False)
-    loss_both, _ = cached_forward_loss("sft", adapter, None, batch, both, SEED)
+    loss_both, _ = forward_loss("sft", adapter, adapter.network, None, batch, noise, both)
     assert torch.isfinite(loss) and torch.equal(loss, again) and not torch.equal(loss, loss_both)
 
 

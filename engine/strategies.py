@@ -1,0 +1,223 @@
+"""One object per `parallel.strategy`: how the policy is wrapped, how a micro-batch's gradients
+are made and reduced, how the update is applied, and how a checkpoint is written and read.
+The trainer calls the same methods whatever the strategy; what differs lives here.
+
+    strategy = build_strategy(cfg, world, adapter, reference, lr, probe)
+    with strategy.micro_step(last):            # DDP: no all-reduce before the last micro-batch
+        loss = forward_loss(..., strategy.policy, ...)
+        strategy.backward(loss, accum, last)
+    norm, skipped = strategy.update(finite)    # clip + step, or skip a non-finite step
+    strategy.save(...) / strategy.load(path, state)
+"""
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import parallel
+from .checkpoint import (
+    load_checkpoint,
+    load_sharded_checkpoint,
+    read_rng,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from .errors import RunError
+
+
+class Strategy:
+    """One process, or the base of the others: plain backward, clip and AdamW step, safetensors
+    checkpoints written by rank 0."""
+
+    name = "none"
+    formats = ("safetensors", "dcp")  # an FSDP checkpoint loads into a plain network too
+
+    def __init__(self, cfg, world, network, optimizer, scheduler, policy=None):
+        self.cfg, self.world, self.network = cfg, world, network
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.policy = network if policy is None else policy  # what the forward calls
+        self.params = [p for p in network.parameters() if p.requires_grad]
+
+    # -- a step --
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_step(self, last: bool):
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        (loss / accum).backward()
+
+    def _clip(self) -> torch.Tensor:
+        max_norm = self.cfg.optim.max_grad_norm
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+
+    def update(self, finite: bool) -> tuple[torch.Tensor, str | None]:
+        """Clip and step; (gradient norm before clipping, why the update was skipped or None)."""
+        if not finite:
+            self.zero_grad()
+            return torch.tensor(float("nan")), "loss"
+        grad_norm = self._clip()
+        if not bool(torch.isfinite(grad_norm)):  # a finite loss with inf / NaN gradients
+            self.zero_grad()
+            return grad_norm, "gradient norm"
+        self.optimizer.step()
+        return grad_norm, None
+
+    # -- checkpoints --
+
+    def check_resumable(self, path: Path, state: dict) -> None:
+        fmt = state["format"]
+        if fmt in self.formats:
+            return
+        if fmt == "deepspeed":
+            raise RunError(f"{path} is a DeepSpeed checkpoint: resume it with parallel.strategy=zero2/zero3")
+        if fmt == "safetensors":
+            raise RunError(
+                f"{path} was written by one process or ddp; parallel.strategy={self.name} cannot resume it "
+                "(resume with ddp, or start from its weights with model.init_from)"
+            )
+        raise RunError(f"{path} is an FSDP checkpoint: resume it with parallel.strategy=fsdp, ddp or none")
+
+    def save(self, out_dir: Path, step: int, state: dict, rng: dict, *, latest: bool, suffix: str) -> Path:
+        path = Path(out_dir) / "checkpoints" / f"step-{step:06d}{suffix}"
+        if self.world.is_main:  # replicas: rank 0 writes them all
+            path = save_checkpoint(out_dir, step, self.network, self.optimizer, self.scheduler, None,
+                                   {**state, "world_size": self.world.size}, self.cfg, rng, latest=latest,
+                                   suffix=suffix)  # fmt: skip
+        self.world.barrier()
+        return path
+
+    def load(self, path: Path, state: dict) -> dict[str, torch.Tensor]:
+        """Weights, optimizer and schedule from `path`; returns the noise-generator states."""
+        if state["format"] == "safetensors":
+            load_checkpoint(path, self.network, self.optimizer, self.scheduler)
+            return read_rng(path)
+        _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, engine=None)  # fmt: skip
+        return rng
+
+    def close(self) -> None:
+        pass
+
+
+class DDPStrategy(Strategy):
+    """Replicas; gradients all-reduced once per optimizer step (no_sync before the last micro-batch)."""
+
+    name = "ddp"
+
+    def micro_step(self, last: bool):
+        return nullcontext() if last else self.policy.no_sync()
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2: gradients reduce-scattered every micro-batch; the norm is a DTensor of the global
+    norm; every rank writes its shards with torch.distributed.checkpoint."""
+
+    name = "fsdp"
+    formats = ("dcp",)
+
+    def _clip(self) -> torch.Tensor:
+        norm = super()._clip()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def save(self, out_dir, step, state, rng, *, latest, suffix):
+        return save_sharded_checkpoint(out_dir, step, world=self.world, network=self.network, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, engine=None, rng=rng, state=state, cfg=self.cfg,
+                                       latest=latest, suffix=suffix)  # fmt: skip
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO-2/3: the engine runs backward (dividing by its own accumulation count), counts
+    micro-batches, clips and steps at the boundary, and skips an overflowing update itself."""
+
+    formats = ("deepspeed",)
+
+    def __init__(self, cfg, world, network, optimizer, scheduler, engine, reference_engine=None):
+        super().__init__(cfg, world, network, optimizer, scheduler, policy=engine)
+        self.name = cfg.parallel.strategy
+        self.engine, self.reference_engine = engine, reference_engine
+
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes its own gradients at the boundary
+
+    def backward(self, loss, accum, last):
+        self.engine.backward(loss)
+        if not last:
+            self.engine.step()  # counts the micro-batch; the update waits for the boundary
+
+    def update(self, finite):
+        skipped = self.engine.skipped_steps
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        applied = self.engine.skipped_steps == skipped
+        if applied and (not finite or (norm is not None and not math.isfinite(float(norm)))):
+            raise RunError(
+                f"DeepSpeed applied an update with a non-finite {'loss' if not finite else 'gradient norm'}; "
+                "the weights are not saved. Resume from the last checkpoint (--resume), e.g. with a lower optim.lr"
+            )
+        value = torch.tensor(float("nan") if norm is None or not finite else float(norm))
+        if not finite:
+            return value, "loss"
+        return value, None if applied else "gradient (DeepSpeed skipped the update)"
+
+    def check_resumable(self, path, state):
+        super().check_resumable(path, state)
+        saved = state.get("world_size", self.world.size)
+        if saved != self.world.size:
+            raise RunError(
+                f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({saved}, here "
+                f"{self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
+            )
+
+    def save(self, out_dir, step, state, rng, *, latest, suffix):
+        return save_sharded_checkpoint(out_dir, step, world=self.world, network=self.network, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, engine=self.engine, rng=rng, state=state,
+                                       cfg=self.cfg, latest=latest, suffix=suffix)  # fmt: skip
+
+    def load(self, path, state):
+        _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, engine=self.engine)  # fmt: skip
+        return rng
+
+    def close(self) -> None:
+        for engine in (self.engine, self.reference_engine):
+            if engine is not None:
+                engine.destroy()
+
+
+def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy:
+    """Wrap the policy (and a copy reference) for `parallel.strategy` and build the AdamW that
+    trains what the strategy trains (FSDP's sharded parameters, ZeRO's partitions). `probe()`
+    gives one sample's latents for FSDP's first forward."""
+    strategy, mixed = cfg.parallel.strategy, cfg.train.mixed_precision
+    network = adapter.network
+    ds_config = (
+        parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world) if strategy in parallel.DEEPSPEED else None
+    )
+    policy = network
+    if strategy == "ddp":
+        policy = parallel.apply_ddp(network, world)
+    elif strategy == "fsdp":
+        parallel.apply_fsdp(network, world, cfg.parallel, mixed)
+        parallel.first_forward(adapter, network, probe(), world.device)
+    if reference is not None:
+        parallel.parallelize_reference(reference, strategy, world, cfg.parallel, mixed, ds_config)
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                                  fused=world.device.type == "cuda")  # fmt: skip
+    warmup = cfg.optim.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    if ds_config is not None:
+        engine = parallel.apply_deepspeed(network, optimizer, ds_config)
+        reference_engine = getattr(reference, "network", None)
+        return DeepSpeedStrategy(cfg, world, network, optimizer, scheduler, engine,
+                                 reference_engine if hasattr(reference_engine, "destroy") else None)  # fmt: skip
+    if strategy == "ddp":
+        return DDPStrategy(cfg, world, network, optimizer, scheduler, policy)
+    if strategy == "fsdp":
+        return FSDPStrategy(cfg, world, network, optimizer, scheduler)
+    return Strategy(cfg, world, network, optimizer, scheduler)
