@@ -42,6 +42,7 @@ setup(
         "safetensors>=0.4.3",
         "tqdm>=4.66",
         "pillow>=10.0",
+        "matplotlib>=3.8",
         "pyarrow>=15.0",
         "diffusers>=0.32",
         "transformers>=4.46",

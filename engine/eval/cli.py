@@ -45,7 +45,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .report import plot_run
 
     try:
-        out = plot_run(Path(args.run), Path(args.out) if args.out else None, tuple(args.keys))
+        out = plot_run(Path(args.run), Path(args.out) if args.out else None, args.keys)
     except (FileNotFoundError, ValueError) as err:
         raise RunError(str(err)) from None
     print(f"wrote {out}")
@@ -150,7 +150,9 @@ def add_commands(commands) -> None:
     plot = commands.add("plot", "draw a run's metric curves to a PNG")
     plot.add_argument("run", help="run folder (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/curves.png)")
-    plot.add_argument("--keys", nargs="+", default=["loss", "accuracy", "margin", "grad_norm"], help="metrics to draw")
+    plot.add_argument("--keys", nargs="+", metavar="KEY",
+                      help="metrics to draw, a subplot each (default: those of loss, accuracy, margin, grad_norm "
+                      "the run logged)")  # fmt: skip
     plot.set_defaults(func=cmd_plot)
 
     sample = commands.add("sample", "images/videos for a prompt file from a run or a diffusers folder")

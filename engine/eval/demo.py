@@ -26,7 +26,7 @@ from ..checkpoint import latest_checkpoint
 from ..config import RunConfig, to_dict
 from ..trainer import Trainer
 from .evaluate import held_out_accuracy
-from .report import image_grid, plot_curves, read_metrics
+from .report import image_grid, metric_series, plot_stages, read_metrics
 from .sampling import ddim_sample
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,20 @@ def _stage_configs(cfg: RunConfig, out: Path) -> tuple[RunConfig, RunConfig]:
     )
     dpo = replace(cfg, train=replace(cfg.train, output_dir=str(out / "dpo")))
     return sft, dpo
+
+
+def plot_demo_curves(cfg: RunConfig, out: Path, png: Path) -> Path:
+    """Both stages on one page: stage 1's SFT loss over stage 2's loss, accuracy, margin and
+    winner error change, each stage under its own heading (from out/sft and out/dpo)."""
+    objective = f"{cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g})"
+    sft_rows, dpo_rows = read_metrics(out / "sft"), read_metrics(out / "dpo")
+    stages = {
+        f"Stage 1: SFT on winners, {cfg.demo.sft_steps} steps": metric_series(sft_rows, ["loss"]),
+        f"Stage 2: {objective} from stage 1, {cfg.train.max_steps} steps": metric_series(
+            dpo_rows, ["loss", "accuracy", "margin", "winner_change"]
+        ),
+    }
+    return plot_stages(stages, png, title=f"vipo demo: SFT then {objective}")
 
 
 def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
@@ -78,17 +92,7 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
     after = held_out_accuracy(trainer.adapter, trainer.reference, held_out)
     samples_after = ddim_sample(trainer.adapter, trainer.adapter.network, prompts, shape, seed=cfg.train.seed)
 
-    sft_rows, dpo_rows = read_metrics(out / "sft"), read_metrics(out / "dpo")
-    plot_curves(
-        {
-            "stage 1 SFT loss": [(r["step"], r["loss"]) for r in sft_rows],
-            f"stage 2 {cfg.loss.objective} loss": [(r["step"], r["loss"]) for r in dpo_rows],
-            "stage 2 batch implicit accuracy": [(r["step"], r["accuracy"]) for r in dpo_rows],
-            "stage 2 winner error change vs reference": [(r["step"], r["winner_change"]) for r in dpo_rows],
-        },
-        report / "curves.png",
-        title=f"vipo demo: SFT then {cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g})",
-    )
+    plot_demo_curves(cfg, out, report / "curves.png")
     image_grid(
         [np.stack([held_out[i].winner for i in range(len(prompts))]), samples_before, samples_after],
         ["prompt's winner", "after SFT", f"after {cfg.loss.objective}"],

@@ -105,10 +105,26 @@ def test_plot_draws_a_run_and_names_a_missing_one(tmp_path, capsys):
     rows = [{"step": s, "loss": 1.0 / s, "accuracy": 0.5 + s / 100} for s in range(1, 6)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["plot", str(run), "--keys", "loss", "accuracy"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {run / 'curves.png'}"
     with Image.open(run / "curves.png") as image:
-        assert image.width > 100
+        assert image.format == "PNG" and image.width > 100 and image.height > 100
+        two_panels = image.size
+    assert main(["plot", str(run), "--out", str(tmp_path / "loss.png"), "--keys", "loss"]) == 0
+    with Image.open(tmp_path / "loss.png") as image:  # one subplot: a narrower page than two
+        assert image.format == "PNG" and image.width < two_panels[0]
     assert main(["plot", str(tmp_path / "nowhere")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_plot_names_a_metric_the_run_did_not_log_and_those_it_did(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "grad_norm": 2.0}) + "\n")
+    assert main(["plot", str(run), "--keys", "loss", "acuracy"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vipo") and "'acuracy'" in line and line.endswith("it has: grad_norm, loss")
+    assert not (run / "curves.png").exists()
+    assert main(["plot", str(run)]) == 0  # the default keys: those of them the run logged
 
 
 def test_console_script_is_installed():
