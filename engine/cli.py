@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                        help="storage dtype of latents and embeddings (default float16)")  # fmt: skip
     cache.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    cache.set_defaults(func=lazy("vipo.engine.precompute", "cmd_cache"))
+    cache.set_defaults(func=lazy("vipo.engine.data.cache", "cmd_cache"))
     score = sub.add_parser(
         "score-reference", help="e_ref of every cached pair per epoch, for reference.mode=precomputed"
     )
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)")
     score.add_argument("--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)")
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    score.set_defaults(func=lazy("vipo.engine.precompute", "cmd_score_reference"))
+    score.set_defaults(func=lazy("vipo.engine.reference.precomputed", "cmd_score_reference"))
 
     commands = Commands(sub)
     for module in COMMAND_MODULES:

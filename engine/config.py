@@ -23,6 +23,8 @@ import yaml
 from vipo.configs import ROOT as CONFIGS_ROOT
 from vipo.configs import builtin_recipes
 
+from .families import family
+
 
 class ConfigError(ValueError):
     """A user mistake in a recipe or an override: the message says which key and why."""
@@ -250,8 +252,9 @@ class RunConfig:
                               "data.bucket_area, or convert the shards to a manifest")  # fmt: skip
         if not 0.0 <= data.hflip_prob <= 1.0:
             raise ConfigError(f"data.hflip_prob must be in [0, 1], got {data.hflip_prob}")
-        if data.source == "video" and self.model.family == "wan" and (data.num_frames - 1) % 4:
-            raise ConfigError(f"data.num_frames={data.num_frames}: Wan's VAE needs 1 + 4k frames (e.g. 17, 33, 81)")
+        frames = family(self.model.family).frame_problem(data.num_frames) if data.source == "video" else None
+        if frames:
+            raise ConfigError(f"data.num_frames={data.num_frames}: {frames}")
         if not 0.0 <= data.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {data.max_bad_fraction}")
         if not 0.0 <= self.data.caption_dropout < 1.0:

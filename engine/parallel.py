@@ -101,6 +101,24 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) of a process a launcher started (RANK / WORLD_SIZE), for commands that
+    split their work over independent processes without a process group (vipo cache, score-reference)."""
+    try:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
+                          f"{os.environ.get('WORLD_SIZE')!r}") from None  # fmt: skip
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
+    return rank, world_size
+
+
+def device_from_env(name: str) -> torch.device:
+    """train.device for such a process: its LOCAL_RANK's GPU under `cuda`."""
+    return pick_device(name, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def check_config(parallel_cfg) -> None:
     """Combinations the dataclass cannot refuse by type alone."""
     strategy = parallel_cfg.strategy

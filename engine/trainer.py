@@ -29,13 +29,13 @@ from . import parallel
 from .checkpoint import checkpoint_state, export_full_weights
 from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
+from .data.cache import CacheBatchSource, open_cache
 from .errors import RunError
 from .integrity import resolve_checkpoint, step_folders
 from .models import LORA_TARGETS, build_adapter
 from .noise import CounterNoise, GeneratorNoise, GlobalDrawNoise
 from .objectives import LatentPairBatch, PairBatch, forward_loss
 from .parallel import pick_device  # noqa: F401  (historical import path)
-from .precompute import CacheBatchSource, open_cache
 from .reference import build_reference
 from .sinks import MetricSinks
 from .stopping import RunFolder, Stopped, StopRequests, signal_name

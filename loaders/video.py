@@ -31,7 +31,6 @@ from .images import BadSample, regular_file
 
 START_POLICIES = ("start", "center", "random")
 SHORT_CLIP_POLICIES = ("skip", "loop")
-WAN_FRAME_CHUNK = 4  # Wan's causal VAE encodes 1 + 4k frames
 _TIME_EPS = 1e-6  # seconds: float slack when an output time falls exactly on a frame's timestamp
 
 
@@ -114,16 +113,16 @@ class FrameSampling:
     fps: float | None = None
     start: str = "start"
     short_clip: str = "skip"
-    require_4k_plus_1: bool = False
+    frame_chunk: int | None = None  # the model's VAE takes 1 + k * frame_chunk frames (Wan: 4)
 
     def __post_init__(self):
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-        if self.require_4k_plus_1 and (self.num_frames - 1) % WAN_FRAME_CHUNK:
-            below = self.num_frames - (self.num_frames - 1) % WAN_FRAME_CHUNK
+        if self.frame_chunk and (self.num_frames - 1) % self.frame_chunk:
+            below = self.num_frames - (self.num_frames - 1) % self.frame_chunk
             raise ValueError(
-                f"num_frames={self.num_frames} is not 1 + 4k, which Wan's VAE needs "
-                f"(it would drop the last frames); use {below} or {below + WAN_FRAME_CHUNK}"
+                f"num_frames={self.num_frames} is not 1 + {self.frame_chunk}k, which the model's VAE needs "
+                f"(it would drop the last frames); use {below} or {below + self.frame_chunk}"
             )
         if self.stride is not None and self.fps is not None:
             raise ValueError(f"set stride ({self.stride}) or fps ({self.fps}), not both")

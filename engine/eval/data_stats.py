@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import RunError
+from ..families import family
 
 POLICY_KINDS = ("ties", "unlabeled", "identical", "bad_label")
 TOP_ROWS = 10  # histogram rows printed per table (the JSON has them all)
@@ -145,7 +146,7 @@ def _video(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
 
     entries = VideoPairManifest._read(Path(data_cfg.path), data_cfg.allow_outside_root)
     sampling = FrameSampling(data_cfg.num_frames, stride=None if data_cfg.fps else data_cfg.frame_stride,
-                             fps=data_cfg.fps or None, start="start", require_4k_plus_1=model_cfg.family == "wan")  # fmt: skip
+                             fps=data_cfg.fps or None, start="start", frame_chunk=family(model_cfg.family).frame_chunk)  # fmt: skip
     with _progress(len(entries), progress) as bar:
         for entry in entries:
             tally.rows += 1

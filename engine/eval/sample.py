@@ -27,18 +27,12 @@ import torch
 from tqdm import tqdm
 
 from ..errors import RunError
+from ..families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-PIPELINES = {
-    "sd15": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-    "wan": "WanPipeline",
-}
+PIPELINES = {name: f.pipeline for name, f in FAMILIES.items()}
 PIPELINE_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae")
-DENOISER = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "wan": "transformer"}
 
 
 @dataclass(frozen=True)
@@ -151,18 +145,9 @@ def latent_shape(adapter, resolution: int) -> tuple[int, ...]:
     return tuple(adapter.encode_pixels(pixels).shape[1:])
 
 
-@torch.no_grad()
 def decode_latents(adapter, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] of flow-family latents (the inverse of each adapter's encode_pixels)."""
-    vae = adapter.vae
-    if vae is None:
-        return latents.float()
-    if adapter.family == "wan":
-        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
-        return vae.decode((latents.float() * std + mean).to(vae.dtype)).sample.float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode((latents.float() / vae.config.scaling_factor + shift).to(vae.dtype)).sample.float()
+    """Pixels in [-1, 1] of latents (the adapter's own inverse of encode_pixels)."""
+    return adapter.decode_latents(latents)
 
 
 @torch.no_grad()
@@ -208,7 +193,7 @@ def run_pipeline(cfg, adapter, dtype: torch.dtype, device: torch.device):
     """The family's pipeline on `model.path` with the run's denoiser and the adapter's encoders
     and VAE (named as the pipelines name them), so nothing is loaded twice."""
     components = {name: getattr(adapter, name) for name in PIPELINE_PARTS if getattr(adapter, name, None) is not None}
-    components[DENOISER[cfg.model.family]] = adapter.network
+    components[FAMILIES[cfg.model.family].denoiser] = adapter.network
     pipe = pipeline_class(cfg.model.family).from_pretrained(cfg.model.path, **components)
     return pipe.to(dtype).to(device)
 
@@ -219,7 +204,7 @@ def pipeline_sampler(pipe, family: str, steps: int, options: dict):
         kwargs = {key: value for key, value in options.items() if value is not None}
         out = pipe(prompt=[j.prompt for j in jobs], generator=generators, num_inference_steps=steps,
                    output_type="np", **kwargs)  # fmt: skip
-        frames = out.frames if family == "wan" else out.images
+        frames = out.frames if FAMILIES[family].video else out.images
         return (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
 
     return run
@@ -279,7 +264,7 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
     if kind == "diffusers":
         family, pipe = load_diffusers(path, torch_dtype, torch_device)
         steps = steps or 50
-        run = pipeline_sampler(pipe, family, steps, {**options, **(extra if family == "wan" else {})})
+        run = pipeline_sampler(pipe, family, steps, {**options, **(extra if FAMILIES[family].video else {})})
     else:
         from ..config import load_config
 
@@ -290,7 +275,7 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
         family = cfg.model.family
         if real:
             run = pipeline_sampler(run_pipeline(cfg, adapter, torch_dtype, torch_device), family, steps or 50,
-                                   {**options, **(extra if family == "wan" else {})})  # fmt: skip
+                                   {**options, **(extra if FAMILIES[family].video else {})})  # fmt: skip
             steps = steps or 50
         else:
             steps = steps or 25

@@ -4,16 +4,11 @@ import importlib
 
 import torch
 
+from ..families import FAMILIES as _FAMILIES
 from .base import DiffusionAdapter, configure_attention, load_architecture
 
 # family -> (module of this package, builder function)
-BUILDERS = {
-    "sd15": ("unet", "build_sd15"),
-    "sdxl": ("unet", "build_sdxl"),
-    "sd3": ("sd3", "build_sd3"),
-    "flux": ("flux", "build_flux"),
-    "wan": ("wan", "build_wan"),
-}
+BUILDERS = {name: (f.module, f.builder) for name, f in _FAMILIES.items()}
 FAMILIES = tuple(BUILDERS)
 # The denoiser's attention projections: the LoRA targets of every family (UNet and DiT blocks
 # alike name them so in diffusers).

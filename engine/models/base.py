@@ -13,6 +13,7 @@ so the same step serves every family, policy and reference alike.
 
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,29 @@ class DiffusionAdapter(ABC):
         if self.vae is None:
             return pixels.to(self.dtype)
         return vae_latents(self.vae, pixels, generator).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The VAE posterior (mean, log-variance) in the latent space `encode_pixels` puts its
+        latents in (SD/SDXL (z - shift) * scale, SD3/FLUX with their shift): what the latent
+        cache stores. Pixel-space models: the pixels and no variance."""
+        if self.vae is None:
+            return self.encode_pixels(pixels), None
+        config = self.vae.config
+        posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        shift = getattr(config, "shift_factor", None) or 0.0
+        mean = (posterior.mean - shift) * config.scaling_factor
+        logvar = posterior.logvar.float() + 2 * math.log(abs(config.scaling_factor))
+        return mean.to(self.dtype), logvar.to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] of latents: the inverse of `encode_pixels`."""
+        if self.vae is None:
+            return latents.float()
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return self.vae.decode((latents.float() / config.scaling_factor + shift).to(self.vae.dtype)).sample.float()
 
     @abstractmethod
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -60,22 +60,46 @@ class WanAdapter(FlowMatchingAdapter):
         hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)
         return {"encoder_hidden_states": hidden.to(self.dtype)}
 
-    @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _posterior(self, pixels: torch.Tensor):
         pixels = pixels.to(self.device)
         if pixels.dim() == 4:  # images: 1-frame videos
             pixels = pixels.unsqueeze(2)
-        if self.vae is None:
-            return pixels.to(self.dtype)
         frames = pixels.shape[2]
         if (frames - 1) % VAE_FRAME_CHUNK:
             raise ValueError(f"Wan's VAE encodes 1 + 4k frames; got {frames} (it would drop the last ones)")
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if generator is not None else posterior.mean
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+
+    def _normalisation(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wan's latents are normalised per channel (latents_mean / latents_std of its VAE)."""
         config = self.vae.config
-        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.vae is None:
+            pixels = pixels.to(self.device)
+            return (pixels.unsqueeze(2) if pixels.dim() == 4 else pixels).to(self.dtype)
+        posterior = self._posterior(pixels)
+        latents = posterior.sample(generator) if generator is not None else posterior.mean
+        mean, std = self._normalisation(latents.device)
         return ((latents.float() - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.vae is None:
+            return self.encode_pixels(pixels), None
+        posterior = self._posterior(pixels)
+        mean, std = self._normalisation(posterior.mean.device)
+        return ((posterior.mean.float() - mean) / std).to(self.dtype), (posterior.logvar.float() - 2 * std.log()).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.float()
+        mean, std = self._normalisation(latents.device)
+        return self.vae.decode((latents.float() * std + mean).to(self.vae.dtype)).sample.float()
 
     def predict(self, network: nn.Module, x_t, t, cond):
         hidden = rows_for(cond, x_t.shape[0])["encoder_hidden_states"]

@@ -213,7 +213,6 @@ def test_the_pickapic_recipe_runs_on_local_copies(tmp_path):
 
 
 def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path):
-    from vipo.engine.precompute import AdapterEncoder
     from vipo.engine.trainer import Trainer
     from vipo.kernels import poly_dpo_loss
     from vipo.loaders.cache import CacheError, write_cache
@@ -245,7 +244,7 @@ def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path)
         objectives.poly_dpo_loss = saved
     assert calls and sorted(calls[0].tolist()) == [0.0, 1.0, 2.0, 3.5]
     with pytest.raises(CacheError, match="does not store per-pair weights"):
-        write_cache(trainer.data, AdapterEncoder(trainer.adapter), tmp_path / "cache", {}, progress=False)
+        write_cache(trainer.data, trainer.adapter, tmp_path / "cache", {}, progress=False)
     lines[0]["weight"] = -1
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(RunError, match=r"pairs.jsonl:1: 'weight' must be a finite number >= 0, got -1"):

@@ -9,21 +9,20 @@ from safetensors.torch import load_file
 
 from vipo.engine.cli import main
 from vipo.engine.config import ConfigError, load_config
+from vipo.engine.data.cache import CacheBatchSource, open_cache, run_cache
 from vipo.engine.errors import RunError
 from vipo.engine.models import build_model
 from vipo.engine.noise import CounterNoise, batch_noise, caption_dropout, gaussian, sample_key
 from vipo.engine.objectives import LatentPairBatch, forward_loss
-from vipo.engine.precompute import (
-    CacheBatchSource,
+from vipo.engine.reference import CopyReference, build_reference
+from vipo.engine.reference.precomputed import (
+    PrecomputedReference,
     build_frozen_adapter,
     epochs_needed,
-    open_cache,
     open_reference_table,
-    run_cache,
     score_reference,
     table_file,
 )
-from vipo.engine.reference import CopyReference, PrecomputedReference, build_reference
 from vipo.engine.trainer import Trainer
 from vipo.loaders.sampler import PairSampler
 

@@ -192,7 +192,7 @@ def test_a_cache_build_with_a_rank_killed_completes_on_rerun_with_the_same_shard
     keeps every finished shard, rebuilds the rest, and the cache equals one built in one go."""
     from safetensors import safe_open
 
-    from vipo.engine.precompute import open_cache
+    from vipo.engine.data.cache import open_cache
 
     def contents(folder: Path) -> dict:
         found = {}

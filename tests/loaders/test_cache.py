@@ -8,16 +8,10 @@ import torch
 from safetensors import safe_open
 
 from vipo.engine.config import load_config
+from vipo.engine.data.cache import CacheBatchSource, cache_fingerprint, open_cache, run_cache
 from vipo.engine.errors import RunError
 from vipo.engine.noise import posterior_noise
-from vipo.engine.precompute import (
-    AdapterEncoder,
-    CacheBatchSource,
-    build_frozen_adapter,
-    cache_fingerprint,
-    open_cache,
-    run_cache,
-)
+from vipo.engine.reference.precomputed import build_frozen_adapter
 from vipo.engine.trainer import build_data
 from vipo.loaders.cache import CacheError, LatentCache, to_pixels, write_cache
 
@@ -121,7 +115,7 @@ def test_resume_after_a_crash_keeps_finished_shards_and_rebuilds_the_rest(tmp_pa
     cfg = tiny_config(tmp_path)
     folder = tmp_path / "cache"
     source = build_data(cfg.data, cfg.train.seed)
-    encoder = AdapterEncoder(build_frozen_adapter(cfg, CPU, source.vocabulary()))
+    encoder = build_frozen_adapter(cfg, CPU, source.vocabulary())
     fingerprint = cache_fingerprint(cfg)
 
     class CrashingSource:  # a decoder failure in the middle of shard 1 (pairs 4..7)

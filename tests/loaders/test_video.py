@@ -156,8 +156,8 @@ def test_center_crop_takes_the_middle_columns(tmp_path):
 
 def test_num_frames_must_be_1_plus_4k_when_wan_needs_it():
     with pytest.raises(ValueError, match=r"num_frames=16 is not 1 \+ 4k.*use 13 or 17"):
-        FrameSampling(16, require_4k_plus_1=True)
-    assert FrameSampling(17, require_4k_plus_1=True).num_frames == 17
+        FrameSampling(16, frame_chunk=4)
+    assert FrameSampling(17, frame_chunk=4).num_frames == 17
     assert FrameSampling(16).num_frames == 16
 
 

@@ -1,27 +1,23 @@
-"""Work done once before training: `vipo cache` (the latent cache) and `vipo score-reference`
-(the reference-error table behind reference.mode=precomputed), and the pieces a step needs to
-train from them.
+"""reference.mode=precomputed: e_ref read from a table that `vipo score-reference` wrote, by pair
+id and epoch, so a run holds no reference model at all.
 
-    vipo cache RECIPE data.cache=FOLDER           encode every pair once (loaders/cache.py)
     vipo score-reference RECIPE --epochs E        e_ref of every cached pair for epochs 0..E-1
 
-The table is exact only because a step from the cache draws its inputs from the counter RNG
-(engine/noise.py): the posterior sample, caption dropout, eps and t of a pair are functions of
+The table is exact only because a step from the latent cache draws its inputs from the counter
+RNG (engine/noise.py): the posterior sample, caption dropout, eps and t of a pair are functions of
 (train.seed, pair id, epoch), so the scoring pass re-makes the very inputs the trainer will see.
 
     FOLDER/reference/               (or reference.table)
       index.json                    fingerprint, noise probe, complete flags per epoch and shard
       errors-e0000-s00000.safetensors   ref_err [n, 2] (winner, loser) and t [n] of cache shard 0
 
-Both passes split their shards over RANK / WORLD_SIZE and resume like the cache does.
+Scoring splits its shards over RANK / WORLD_SIZE and resumes like the cache does.
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +25,6 @@ import torch
 
 from vipo.kernels import sample_errors
 from vipo.loaders.cache import (
-    CacheError,
     LatentCache,
     describe_differences,
     digest_of,
@@ -38,153 +33,27 @@ from vipo.loaders.cache import (
     read_json,
     remove_partials,
     save_atomic,
-    write_cache,
     write_json_atomic,
 )
-from vipo.loaders.images import SourceError
 
-from .config import ConfigError, load_config, to_dict
-from .errors import RunError
-from .noise import NOISE_VERSION, batch_noise, caption_dropout, noise_probe, posterior_noise, probe_matches
-from .objectives import LatentPairBatch
+from ..config import ConfigError
+from ..data.cache import CacheBatchSource, model_identity, open_cache
+from ..errors import RunError
+from ..noise import NOISE_VERSION, batch_noise, noise_probe, probe_matches
 
 log = logging.getLogger(__name__)
 
 TABLE_FORMAT = "vipo-reference-table/1"
-# Data keys that change how pairs are used, not what they are: the cache does not depend on them.
-RUNTIME_DATA_KEYS = ("cache", "caption_dropout")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fingerprints: what a cache and a table depend on
-
-
-def _model_identity(cfg) -> dict:
-    model = cfg.model
-    if model.path:
-        return {"model.family": model.family, "model.path": str(Path(model.path).resolve())}
-    from .models import load_architecture
-
-    architecture = json.dumps(load_architecture(model.config), sort_keys=True).encode()
-    # Random weights: the encoders (and the reference) are made from train.seed.
-    return {"model.family": model.family, "model.config": model.config,
-            "model.architecture_sha256": hashlib.sha256(architecture).hexdigest()[:16],
-            "train.seed": cfg.train.seed}  # fmt: skip
-
-
-def cache_fingerprint(cfg) -> dict:
-    """The model's frozen encoders and the pair data: a cache is valid for runs that agree on these."""
-    fingerprint = _model_identity(cfg)
-    for key, value in to_dict(cfg.data).items():
-        if key not in RUNTIME_DATA_KEYS:
-            fingerprint[f"data.{key}"] = value
-    if cfg.data.source == "procedural":  # the pairs themselves are drawn from the seed
-        fingerprint["train.seed"] = cfg.train.seed
-    return plain_json(fingerprint)
 
 
 def reference_fingerprint(cfg, cache: LatentCache) -> dict:
     """The reference weights and every input of its pass: a table is valid for runs that agree."""
     init_from = cfg.model.init_from
     return plain_json({
-        **_model_identity(cfg), "cache": cache.digest, "noise": NOISE_VERSION, "train.seed": cfg.train.seed,
+        **model_identity(cfg), "cache": cache.digest, "noise": NOISE_VERSION, "train.seed": cfg.train.seed,
         "model.init_from": str(Path(init_from).resolve()) if init_from else None,
         "data.caption_dropout": cfg.data.caption_dropout, "train.mixed_precision": cfg.train.mixed_precision,
     })  # fmt: skip
-
-
-def open_cache(cfg) -> LatentCache:
-    """The recipe's latent cache (data.cache), checked against its model and data."""
-    if not cfg.data.cache:
-        raise ConfigError("data.cache is not set: name the latent cache folder (data.cache=FOLDER)")
-    try:
-        return LatentCache(cfg.data.cache, cache_fingerprint(cfg))
-    except CacheError as err:
-        raise RunError(str(err)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding for the cache
-
-
-class AdapterEncoder:
-    """An adapter seen by loaders/cache.py: prompts as `encode_prompts` gives them, pixels as the
-    VAE posterior (mean, log-variance) in the family's latent space, where `encode_pixels` puts
-    its latents: SD/SDXL (z - shift) * scale, SD3/FLUX with their shift, Wan per channel."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.adapter.encode_prompts(prompts)
-
-    @torch.no_grad()
-    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        adapter = self.adapter
-        vae = getattr(adapter, "vae", None)
-        if vae is None:  # pixel space: the pixels are the latents
-            return adapter.encode_pixels(pixels), None
-        pixels = pixels.to(adapter.device)
-        config = vae.config
-        if adapter.family == "wan":
-            from .models.wan import VAE_FRAME_CHUNK
-
-            pixels = pixels.unsqueeze(2) if pixels.dim() == 4 else pixels
-            if (pixels.shape[2] - 1) % VAE_FRAME_CHUNK:
-                raise ValueError(f"Wan's VAE encodes 1 + 4k frames; got {pixels.shape[2]}")
-            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-            view = (1, -1) + (1,) * (posterior.mean.dim() - 2)
-            center = torch.tensor(config.latents_mean, device=pixels.device).view(view)
-            std = torch.tensor(config.latents_std, device=pixels.device).view(view)
-            mean = (posterior.mean.float() - center) / std
-            logvar = posterior.logvar.float() - 2 * std.log()
-        else:  # as base.vae_latents
-            posterior = vae.encode(pixels.to(vae.dtype)).latent_dist
-            shift = getattr(config, "shift_factor", None) or 0.0
-            mean = (posterior.mean - shift) * config.scaling_factor
-            logvar = posterior.logvar.float() + 2 * math.log(abs(config.scaling_factor))
-        return mean.to(adapter.dtype), logvar.to(adapter.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training from the cache
-
-
-class CacheBatchSource:
-    """Batches of cached pairs: a posterior sample per image and caption dropout per pair, both
-    from the counter RNG of (seed, id, epoch), so any rank, batch or resume sees the same ones."""
-
-    def __init__(self, cache: LatentCache, seed: int, caption_dropout: float, device: torch.device,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
-        self.cache, self.seed, self.caption_dropout = cache, seed, caption_dropout
-        self.device, self.dtype = torch.device(device), dtype
-        self.empty = cache.empty_cond() if caption_dropout > 0 else None
-
-    def batch(self, indices: list[int], epoch: int) -> LatentPairBatch:
-        return self.from_pairs([self.cache[i] for i in indices], epoch)
-
-    def from_pairs(self, pairs: list, epoch: int) -> LatentPairBatch:
-        ids = [p.id for p in pairs]
-        shapes = {tuple(p.winner_mean.shape) for p in pairs}
-        if len(shapes) > 1:
-            raise RunError(f"pairs {ids} mix latent shapes {sorted(shapes)}: batch them by bucket")
-        latents = torch.cat([torch.stack([p.winner_mean for p in pairs]),
-                             torch.stack([p.loser_mean for p in pairs])]).float()  # fmt: skip
-        if self.cache.posterior:
-            logvar = torch.cat([torch.stack([p.winner_logvar for p in pairs]),
-                                torch.stack([p.loser_logvar for p in pairs])]).float()  # fmt: skip
-            latents = latents + torch.exp(0.5 * logvar) * posterior_noise(
-                ids, self.seed, epoch, latents.shape[1:]
-            )
-        drop = caption_dropout(ids, self.seed, epoch, self.caption_dropout)
-        sources = [self.empty if dropped else p.cond for p, dropped in zip(pairs, drop, strict=True)]
-        cond = {key: torch.stack([s[key] for s in sources]) for key in pairs[0].cond}
-        move = {"device": self.device, "dtype": self.dtype, "non_blocking": True}
-        return LatentPairBatch(ids, epoch, latents.to(**move), {k: v.to(**move) for k, v in cond.items()})
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference-error table
 
 
 def table_folder(cfg) -> Path:
@@ -197,7 +66,7 @@ def table_file(epoch: int, shard: int) -> str:
 
 def build_frozen_adapter(cfg, device: torch.device, vocabulary):
     """The model as the trainer builds it before any step, frozen: its denoiser is the reference."""
-    from .models import build_adapter
+    from ..models import build_adapter
 
     return build_adapter(cfg.model, device, seed=cfg.train.seed, trainable=False, vocabulary=vocabulary)
 
@@ -385,81 +254,45 @@ def open_reference_table(cfg, adapter) -> ReferenceTable:
     return ReferenceTable.open(cfg, adapter)
 
 
-# ---------------------------------------------------------------------------------------------
-# Commands
+class PrecomputedReference:
+    """e_ref read from the table `vipo score-reference` wrote, by pair id and epoch: no reference
+    forward and no second model in memory. Exact because a step from the latent cache draws its
+    inputs (posterior sample, dropout, eps, t) from engine/noise.py's counter RNG, which the
+    scoring pass re-made."""
 
+    mode = "precomputed"
 
-def _world() -> tuple[int, int]:
-    try:
-        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ConfigError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
-                          f"{os.environ.get('WORLD_SIZE')!r}") from None  # fmt: skip
-    if not 0 <= rank < world_size:
-        raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
-    return rank, world_size
+    def __init__(self, adapter, table):
+        self.adapter = adapter
+        self.table = table
 
+    @classmethod
+    def from_config(cls, cfg, adapter) -> "PrecomputedReference":
+        return cls(adapter, ReferenceTable.open(cfg, adapter))
 
-def _device(cfg) -> torch.device:
-    from .trainer import pick_device
-
-    device = pick_device(cfg.train.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
-def _load(args):
-    from vipo.configs import find_recipe
-
-    return load_config(find_recipe(args.recipe), args.overrides)
-
-
-def run_cache(cfg, *, pairs_per_shard: int = 256, batch_pairs: int | None = None, dtype: str = "float16",
-              rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-              progress: bool = True) -> dict:  # fmt: skip
-    """`vipo cache` without the argument parsing: this rank's share of the recipe's latent cache."""
-    from .trainer import build_data
-
-    if not cfg.data.cache:
-        raise ConfigError(
-            "data.cache is not set: name the folder to write the latent cache to (data.cache=FOLDER)"
-        )
-    source = build_data(cfg.data, cfg.train.seed)
-    # Built whole as the trainer builds it (random-weight encoders follow the denoiser in the seed's
-    # stream), then the denoiser is dropped: encoding needs the frozen encoders only.
-    adapter = build_frozen_adapter(cfg, device or torch.device("cpu"), source.vocabulary())
-    adapter.network = None
-    try:
-        return write_cache(source, AdapterEncoder(adapter), cfg.data.cache, cache_fingerprint(cfg),
-                           pairs_per_shard=pairs_per_shard, batch_pairs=batch_pairs or cfg.train.batch_pairs,
-                           dtype=dtype, rank=rank, world_size=world_size, progress=progress)  # fmt: skip
-    except (CacheError, SourceError) as err:  # SourceError: e.g. every pair tried is a bad file
-        raise RunError(str(err)) from None
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    rank, world_size = _world()
-    summary = run_cache(cfg, pairs_per_shard=args.pairs_per_shard, batch_pairs=args.batch_pairs,
-                        dtype=args.dtype, rank=rank, world_size=world_size, device=_device(cfg),
-                        progress=not args.quiet)  # fmt: skip
-    state = "complete" if summary["complete"] else "not complete yet (other ranks, or a rerun, finish it)"
-    print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards, kept {len(summary['kept'])} "
-          f"finished ones; cache {summary['folder']} ({summary['shards']} shards) is {state}")  # fmt: skip
-    return 0
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
+        """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`."""
+        if ids is None or epoch is None:
+            raise RunError(
+                "reference.mode=precomputed looks e_ref up by pair id and epoch: train from a latent "
+                "cache (data.cache) so that steps draw the scored noise"
+            )
+        return self.table.lookup(ids, epoch).to(self.adapter.device, non_blocking=True)
 
 
 def cmd_score_reference(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    rank, world_size = _world()
+    from ..cli import load_recipe
+    from ..parallel import device_from_env, world_from_env
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    rank, world_size = world_from_env()
     epochs = args.epochs
     if epochs is None:
         epochs = epochs_needed(cfg, len(open_cache(cfg)))
         print(f"scoring {epochs} epochs: what the recipe needs on 1 process (more processes: pass --epochs)",
               file=sys.stderr)  # fmt: skip
     summary = score_reference(cfg, epochs, batch_pairs=args.batch_pairs, rank=rank, world_size=world_size,
-                              device=_device(cfg), progress=not args.quiet)  # fmt: skip
+                              device=device_from_env(cfg.train.device), progress=not args.quiet)  # fmt: skip
     complete = ", ".join(map(str, summary["complete_epochs"])) or "none yet"
     print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} table files, "
           f"kept {len(summary['kept'])}; "

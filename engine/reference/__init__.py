@@ -55,35 +55,7 @@ def build_reference(mode: str, adapter, cfg=None):
     if mode == "adapter":
         return AdapterReference(adapter)
     if mode == "precomputed":  # the table is found through the run config (data.cache, reference.table)
+        from .precomputed import PrecomputedReference
+
         return PrecomputedReference.from_config(cfg, adapter)
     raise ValueError(f"unknown reference.mode {mode!r}")
-
-
-class PrecomputedReference:
-    """e_ref read from the table `vipo score-reference` wrote, by pair id and epoch: no reference
-    forward and no second model in memory. Exact because a step from the latent cache draws its
-    inputs (posterior sample, dropout, eps, t) from engine/noise.py's counter RNG, which the
-    scoring pass re-made."""
-
-    mode = "precomputed"
-
-    def __init__(self, adapter, table):
-        self.adapter = adapter
-        self.table = table
-
-    @classmethod
-    def from_config(cls, cfg, adapter) -> "PrecomputedReference":
-        from .precompute import open_reference_table
-
-        return cls(adapter, open_reference_table(cfg, adapter))
-
-    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
-        """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`."""
-        if ids is None or epoch is None:
-            from .errors import RunError
-
-            raise RunError(
-                "reference.mode=precomputed looks e_ref up by pair id and epoch: train from a latent "
-                "cache (data.cache) so that steps draw the scored noise"
-            )
-        return self.table.lookup(ids, epoch).to(self.adapter.device, non_blocking=True)

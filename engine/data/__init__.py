@@ -24,7 +24,8 @@ from vipo.loaders.procedural import ProceduralPairs
 from vipo.loaders.records import PairRecord
 from vipo.loaders.sampler import PairSampler
 
-from .errors import RunError
+from ..errors import RunError
+from ..families import family
 
 
 def _buckets(data_cfg):
@@ -51,7 +52,7 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
 
             sampling = FrameSampling(
                 data_cfg.num_frames, stride=None if data_cfg.fps else data_cfg.frame_stride,
-                fps=data_cfg.fps or None, start=data_cfg.frame_start, require_4k_plus_1=model_cfg.family == "wan",
+                fps=data_cfg.fps or None, start=data_cfg.frame_start, frame_chunk=family(model_cfg.family).frame_chunk,
             )  # fmt: skip
             size = None if buckets else (data_cfg.resolution, data_cfg.resolution)
             return SkipBadSamples(VideoPairManifest(data_cfg.path, sampling, size=size, buckets=buckets,
