@@ -11,7 +11,7 @@ import yaml
 
 from vipo.configs import builtin_recipes, find_recipe
 
-from .config import ConfigError, describe, load_config, to_dict
+from .config import ConfigError, describe, load_config, load_demo_config, read_recipe, to_dict
 from .errors import RunError
 
 log = logging.getLogger("vipo")
@@ -68,15 +68,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def load_recipe(recipe: str | None, overrides: list[str]):
-    """The RunConfig of a recipe (file or built-in name; `demo` when None) and overrides."""
+def recipe_path(recipe: str | None) -> Path:
+    """A recipe file, or a built-in recipe by name (`demo` when None)."""
     path = find_recipe(recipe or "demo")
     if recipe and not path.exists() and Path(recipe).suffix not in (".yaml", ".yml"):
         raise ConfigError(
             f"recipe {recipe!r} not found: no such file, and no built-in recipe of that name "
             f"(built-in: {', '.join(builtin_recipes())})"
         )
-    return load_config(path, overrides)
+    return path
+
+
+def load_recipe(recipe: str | None, overrides: list[str]):
+    """The RunConfig of a recipe (file or built-in name; `demo` when None) and overrides."""
+    return load_config(recipe_path(recipe), overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -99,11 +104,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = load_recipe(args.recipe, args.overrides)
-    if args.json:
-        print(json.dumps(to_dict(cfg), indent=2))
+    path = recipe_path(args.recipe)
+    has_demo = "demo" in read_recipe(path) or any(o.strip().startswith("demo.") for o in args.overrides)
+    if has_demo:  # the demo recipe: its run, and the demo section `vipo demo` reads
+        cfg, demo = load_demo_config(path, args.overrides)
+        shown = {**to_dict(cfg), "demo": to_dict(demo)}
     else:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        shown = to_dict(load_config(path, args.overrides))
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
 
 

@@ -119,41 +119,9 @@ def device_from_env(name: str) -> torch.device:
     return pick_device(name, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def check_config(parallel_cfg) -> None:
-    """Combinations the dataclass cannot refuse by type alone."""
-    strategy = parallel_cfg.strategy
-    if parallel_cfg.cpu_offload and strategy != "fsdp":
-        raise ConfigError(
-            f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "
-            "offload_optimizer / offload_param in parallel.deepspeed_config"
-        )
-    if parallel_cfg.shard_size < 0:
-        raise ConfigError(f"parallel.shard_size must be >= 0, got {parallel_cfg.shard_size}")
-    if parallel_cfg.shard_size and strategy != "fsdp":
-        raise ConfigError(f"parallel.shard_size (hybrid sharding) is for strategy fsdp, got {strategy!r}")
-    if parallel_cfg.deepspeed_config and strategy not in DEEPSPEED:
-        raise ConfigError(f"parallel.deepspeed_config needs strategy zero2 or zero3, got {strategy!r}")
-    if parallel_cfg.deepspeed_config and not Path(parallel_cfg.deepspeed_config).is_file():
-        raise ConfigError(f"parallel.deepspeed_config: no such file {parallel_cfg.deepspeed_config}")
-
-
-def check_run_config(cfg) -> None:
-    """Combinations across sections that cannot train correctly."""
-    check_config(cfg.parallel)
-    if cfg.parallel.strategy == "fsdp" and not cfg.parallel.reshard_after_forward and cfg.reference.mode == "adapter":
-        # PEFT switches LoRA requires_grad off for the reference pass and on again after it; with
-        # blocks left gathered in between, the flags land on the gathered copies and FSDP, which
-        # reads them on its shards, reduces no LoRA gradient.
-        raise ConfigError(
-            "parallel.reshard_after_forward=false does not work with reference.mode=adapter under fsdp: "
-            "keep reshard_after_forward=true, or use reference.mode=copy"
-        )
-
-
 def init_world(parallel_cfg, device_name: str) -> World:
     """The process group from the launcher's environment: nccl on CUDA, gloo on CPU. Without a
     launcher a distributed strategy runs as a group of one (same code path, world size 1)."""
-    check_config(parallel_cfg)
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if parallel_cfg.strategy == "none":
         if env_world > 1:

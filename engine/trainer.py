@@ -61,7 +61,6 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True):
         self.cfg = cfg
-        parallel.check_run_config(cfg)
         self.world = parallel.init_world(cfg.parallel, cfg.train.device)
         try:
             self._build(progress)

@@ -22,16 +22,17 @@ CONFIG_HELP = "YAML file with each scorer's local weights (see vipo/engine/scori
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..cli import load_recipe
+    from ..cli import recipe_path
+    from ..config import load_demo_config
     from .demo import run_demo
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg, demo = load_demo_config(recipe_path(args.recipe), args.overrides)
     print(
         "vipo demo: a tiny SD-style model on procedural shape pairs, CPU. Stage 1 SFT on winners, "
         f"stage 2 {cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g}).",
         file=sys.stderr,
     )
-    result = run_demo(cfg, progress=not args.quiet)
+    result = run_demo(cfg, demo, progress=not args.quiet)
     print(
         f"held-out preference accuracy {result['held_out_accuracy_before']:.3f} -> "
         f"{result['held_out_accuracy_after']:.3f} on {result['held_out_pairs']} clean pairs "

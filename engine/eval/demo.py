@@ -23,7 +23,7 @@ import numpy as np
 from vipo.loaders.procedural import ProceduralPairs
 
 from ..checkpoint import latest_checkpoint
-from ..config import RunConfig, to_dict
+from ..config import DemoConfig, RunConfig, to_dict
 from ..trainer import Trainer
 from .evaluate import held_out_accuracy
 from .report import image_grid, metric_series, plot_stages, read_metrics
@@ -32,29 +32,30 @@ from .sampling import ddim_sample
 log = logging.getLogger(__name__)
 
 
-def _stage_configs(cfg: RunConfig, out: Path) -> tuple[RunConfig, RunConfig]:
+def _stage_configs(cfg: RunConfig, demo: DemoConfig, out: Path) -> tuple[RunConfig, RunConfig]:
     replace = dataclasses.replace
     sft = replace(
         cfg,
         loss=replace(cfg.loss, objective="sft", winners_only=True),
-        optim=replace(cfg.optim, lr=cfg.demo.sft_lr),
+        optim=replace(cfg.optim, lr=demo.sft_lr),
         reference=replace(cfg.reference, mode="copy"),
         model=replace(cfg.model, lora_rank=0),
         train=replace(
-            cfg.train, max_steps=cfg.demo.sft_steps, output_dir=str(out / "sft"), checkpoint_every_steps=0
+            cfg.train, max_steps=demo.sft_steps, output_dir=str(out / "sft"), checkpoint_every_steps=0
         ),
     )
     dpo = replace(cfg, train=replace(cfg.train, output_dir=str(out / "dpo")))
     return sft, dpo
 
 
-def plot_demo_curves(cfg: RunConfig, out: Path, png: Path) -> Path:
+def plot_demo_curves(cfg: RunConfig, out: Path, png: Path, demo: DemoConfig | None = None) -> Path:
     """Both stages on one page: stage 1's SFT loss over stage 2's loss, accuracy, margin and
     winner error change, each stage under its own heading (from out/sft and out/dpo)."""
+    demo = demo or DemoConfig()
     objective = f"{cfg.loss.objective} (alpha {cfg.loss.alpha:g}, beta {cfg.loss.beta:g})"
     sft_rows, dpo_rows = read_metrics(out / "sft"), read_metrics(out / "dpo")
     stages = {
-        f"Stage 1: SFT on winners, {cfg.demo.sft_steps} steps": metric_series(sft_rows, ["loss"]),
+        f"Stage 1: SFT on winners, {demo.sft_steps} steps": metric_series(sft_rows, ["loss"]),
         f"Stage 2: {objective} from stage 1, {cfg.train.max_steps} steps": metric_series(
             dpo_rows, ["loss", "accuracy", "margin", "winner_change"]
         ),
@@ -62,11 +63,13 @@ def plot_demo_curves(cfg: RunConfig, out: Path, png: Path) -> Path:
     return plot_stages(stages, png, title=f"vipo demo: SFT then {objective}")
 
 
-def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
+def run_demo(cfg: RunConfig, demo: DemoConfig | None = None, *, progress: bool = True) -> dict:
+    """Stage 1 SFT on winners, stage 2 the recipe's objective from stage 1's weights; the report."""
+    demo = demo or DemoConfig()
     out = Path(cfg.train.output_dir)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    sft_cfg, dpo_cfg = _stage_configs(cfg, out)
+    sft_cfg, dpo_cfg = _stage_configs(cfg, demo, out)
     for stage in (out / "sft", out / "dpo"):  # the demo starts over: its own earlier stage runs go
         if stage.exists():
             log.info("replacing the earlier demo run in %s", stage)
@@ -81,9 +84,9 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
     log.info("stage 2: %s (alpha %g, beta %g), %d steps", cfg.loss.objective, cfg.loss.alpha, cfg.loss.beta,
              cfg.train.max_steps)  # fmt: skip
     trainer = Trainer(dpo_cfg, progress=progress)
-    held_out = ProceduralPairs(cfg.demo.held_out_pairs, cfg.data.resolution, "clean", seed=cfg.train.seed + 1)
+    held_out = ProceduralPairs(demo.held_out_pairs, cfg.data.resolution, "clean", seed=cfg.train.seed + 1)
     before = held_out_accuracy(trainer.adapter, trainer.reference, held_out)
-    prompts = [held_out[i].prompt for i in range(min(cfg.demo.sample_prompts, len(held_out)))]
+    prompts = [held_out[i].prompt for i in range(min(demo.sample_prompts, len(held_out)))]
     shape = (trainer.adapter.network.config.in_channels, cfg.data.resolution, cfg.data.resolution)
     samples_before = ddim_sample(
         trainer.adapter, trainer.adapter.network, prompts, shape, seed=cfg.train.seed
@@ -92,7 +95,7 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
     after = held_out_accuracy(trainer.adapter, trainer.reference, held_out)
     samples_after = ddim_sample(trainer.adapter, trainer.adapter.network, prompts, shape, seed=cfg.train.seed)
 
-    plot_demo_curves(cfg, out, report / "curves.png")
+    plot_demo_curves(cfg, out, report / "curves.png", demo)
     image_grid(
         [np.stack([held_out[i].winner for i in range(len(prompts))]), samples_before, samples_after],
         ["prompt's winner", "after SFT", f"after {cfg.loss.objective}"],
@@ -108,7 +111,7 @@ def run_demo(cfg: RunConfig, *, progress: bool = True) -> dict:
         "stage2_last": summary["last"],
         "stage2_seconds": summary["seconds"],
         "report": str(report),
-        "config": to_dict(cfg),
+        "config": {**to_dict(cfg), "demo": to_dict(demo)},
     }
     (report / "summary.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

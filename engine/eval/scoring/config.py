@@ -17,15 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
-from ...config import ConfigError, _build, _f
+from ...schema import ConfigError, load, option, read_yaml
 
 
 @dataclass
 class ClipFolder:
-    path: str | None = _f(None, "folder of a transformers CLIPModel (config.json + weights)")
-    processor: str | None = _f(
+    path: str | None = option(None, "folder of a transformers CLIPModel (config.json + weights)")
+    processor: str | None = option(
         None, "folder with the CLIP tokenizer and image processor; default: `path` (PickScore: the "
         "processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
     )  # fmt: skip
@@ -33,13 +31,13 @@ class ClipFolder:
 
 @dataclass
 class AestheticPaths:
-    clip: str | None = _f(None, "folder of the CLIP ViT-L/14 the predictor was trained on (CLIPModel layout)")
-    head: str | None = _f(None, "the predictor's MLP weights: sac+logos+ava1-l14-linearMSE.pth or .safetensors")
+    clip: str | None = option(None, "folder of the CLIP ViT-L/14 the predictor was trained on (CLIPModel layout)")
+    head: str | None = option(None, "the predictor's MLP weights: sac+logos+ava1-l14-linearMSE.pth or .safetensors")
 
 
 @dataclass
 class FolderPath:
-    path: str | None = _f(None, "folder written by `vipo scorers convert`")
+    path: str | None = option(None, "folder written by `vipo scorers convert`")
 
 
 @dataclass
@@ -49,10 +47,10 @@ class ScorersConfig:
     clip: ClipFolder = field(default_factory=ClipFolder)
     aesthetic: AestheticPaths = field(default_factory=AestheticPaths)
     imagereward: FolderPath = field(default_factory=FolderPath)
-    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)")
-    dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "weights and activations of the scorers")
-    batch_size: int = _f(16, "images per scorer forward")
-    video_frames: int = _f(8, "frames of a video scored (evenly spaced); its score is their mean")
+    device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "weights and activations of the scorers")
+    batch_size: int = option(16, "images per scorer forward")
+    video_frames: int = option(8, "frames of a video scored (evenly spaced); its score is their mean")
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
@@ -67,13 +65,7 @@ def load_scorers_config(path: str | Path | None) -> ScorersConfig:
     if path is None:
         return ScorersConfig()
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"scorers config not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    cfg = _build(ScorersConfig, tree, "", str(path))
+    cfg = load(ScorersConfig, read_yaml(path, what="scorers config"), where=str(path))
     if cfg.batch_size < 1 or cfg.video_frames < 1:
         raise ConfigError(f"{path}: batch_size and video_frames must be >= 1")
     base = path.parent

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vipo.engine.config import load_config
+from vipo.engine.config import load_demo_config
 from vipo.engine.eval.demo import plot_demo_curves
 from vipo.engine.eval.report import (
     AXIS_LABELS,
@@ -166,14 +166,14 @@ def test_a_metric_in_only_some_rows_is_drawn_at_the_steps_that_logged_it(tmp_pat
 
 
 def test_both_demo_stages_share_one_page_each_under_its_heading(tmp_path):
-    cfg = load_config(
+    cfg, demo = load_demo_config(
         None, ["loss.alpha=8", "loss.objective=poly_dpo", "demo.sft_steps=40", "train.max_steps=30"]
     )
     write_metrics(tmp_path / "sft", training_rows(range(1, 41), keys=("loss", "grad_norm")))
     write_metrics(
         tmp_path / "dpo", training_rows(range(1, 31), keys=("loss", "accuracy", "margin", "winner_change"))
     )
-    out = plot_demo_curves(cfg, tmp_path, tmp_path / "report" / "curves.png")
+    out = plot_demo_curves(cfg, tmp_path, tmp_path / "report" / "curves.png", demo)
     # One page: the title, stage 1's heading over one row, stage 2's heading over two rows of two.
     colours = assert_png(out, (2 * PANEL_INCHES[0] * DPI, (3 * PANEL_INCHES[1] + 3 * HEADING_INCHES) * DPI))
     for tint in STAGE_TINTS[:2]:  # each stage's band is on the page
