@@ -41,6 +41,11 @@ class ModelConfig:
     )
     lora_rank: int = option(0, "LoRA rank on the denoiser's attention projections; 0 = full fine-tune")
     gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
+    param_dtype: Literal["float32", "bfloat16"] = option(
+        "float32",
+        "dtype of the denoiser's weights (and of the latents it is given): bfloat16 halves weight memory and "
+        "trains bf16 weights directly (pure bf16); float32 with train.mixed_precision=bf16 autocasts instead",
+    )
     attention: Literal["sdpa", "sdpa_flash", "sdpa_cudnn", "flash_attn"] = option(
         "sdpa",
         "attention kernels: sdpa (PyTorch picks), sdpa_flash / sdpa_cudnn (only that SDPA backend, an error "
@@ -149,6 +154,12 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda when available), cpu, cuda (this process's GPU) or cuda:N")
     mixed_precision: Literal["no", "bf16"] = option(
         "no", "bf16: autocast forward passes to bfloat16 (fp32 weights)"
+    )
+    compile: Literal["off", "blocks", "full"] = option(
+        "off",
+        "torch.compile of the denoiser (and a copy reference): blocks (each repeated block, diffusers' "
+        "compile_repeated_blocks; the blocks the model declares for sharding otherwise), full (the whole "
+        "network), off. Applied after activation checkpointing and before sharding, torchtitan's order",
     )
     report_to: list[Literal["tensorboard", "wandb"]] = option(
         [], "metric sinks besides metrics.jsonl: tensorboard, wandb (pip install 'vipo[track]')"

@@ -25,6 +25,7 @@ from .checkpoint import (
     save_sharded_checkpoint,
 )
 from .errors import RunError
+from .models import compile_network
 
 
 class Strategy:
@@ -198,6 +199,10 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
     ds_config = (
         parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world) if strategy in parallel.DEEPSPEED else None
     )
+    # torchtitan's order: activation checkpointing (at the build), compile, then sharding.
+    compile_network(network, cfg.train.compile, world.device)
+    if reference is not None and getattr(reference, "network", None) is not None:
+        compile_network(reference.network, cfg.train.compile, world.device)
     policy = network
     if strategy == "ddp":
         policy = parallel.apply_ddp(network, world)

@@ -57,18 +57,22 @@ def _no_mark(phase: str) -> None:
 
 class Trainer:
     """Use as a context manager (or call `close()`) so that a process group it created is torn
-    down before the interpreter exits."""
+    down before the interpreter exits.
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    `data` and `reference` replace what the config would build: a pair source, and a function
+    of the adapter giving the reference (the step benchmark feeds synthetic batches and a
+    precomputed table this way; training never needs them)."""
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, data=None, reference=None):
         self.cfg = cfg
         self.world = parallel.init_world(cfg.parallel, cfg.train.device)
         try:
-            self._build(progress)
+            self._build(progress, data, reference)
         except BaseException:
             parallel.shutdown(self.world, clean=False)  # a group this trainer started ends with it
             raise
 
-    def _build(self, progress: bool) -> None:
+    def _build(self, progress: bool, data=None, reference=None) -> None:
         cfg, world = self.cfg, self.world
         self.progress = progress and world.is_main
         self.device = world.device
@@ -79,7 +83,9 @@ class Trainer:
                 f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
                 f"over {world.size} processes: use a multiple of {world.size}"
             )
-        if cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
+        if data is not None:
+            self.data = data
+        elif cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
             self.data = open_cache(cfg)
         else:
             self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.rank, world.size)
@@ -93,7 +99,7 @@ class Trainer:
         # (seed, pair id, epoch), so the precomputed reference errors match.
         self.cache_batches = (
             CacheBatchSource(self.data, cfg.train.seed, cfg.data.caption_dropout, self.device)
-            if cfg.data.cache
+            if cfg.data.cache and data is None
             else None
         )
         self.adapter = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=True,
@@ -101,7 +107,12 @@ class Trainer:
         # The reference is built here, before any checkpoint is loaded and before sharding: it is
         # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective
-        self.reference = None if self.objective == "sft" else build_reference(cfg.reference.mode, self.adapter, cfg)
+        if self.objective == "sft":
+            self.reference = None
+        elif reference is not None:
+            self.reference = reference(self.adapter)
+        else:
+            self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe_latents)

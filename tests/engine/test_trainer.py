@@ -208,3 +208,40 @@ def test_held_out_accuracy_is_one_half_when_policy_is_the_reference_and_tracks_t
     # policy - reference error: +1 on winners, -1 on losers -> every loser preferred.
     worse = held_out_accuracy(trainer.adapter, Shifted(), pairs, draws=2, batch_pairs=4)
     assert worse["accuracy"] == 0.0 and worse["winner_change"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_train_compile_compiles_the_policy_and_the_copy_reference_and_trains_like_eager(tmp_path, monkeypatch, mode):
+    """The wiring of train.compile (which modules, before sharding, both networks), with torch's
+    aot_eager backend: the same graphs as inductor without code generation, so CPU CI can run it."""
+    from vipo.engine import models
+
+    eager = Trainer(tiny_config(tmp_path / "eager"), progress=False)
+    expected = [float(eager.train_step()["loss"]) for _ in range(2)]
+    monkeypatch.setattr(models, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    trainer = Trainer(tiny_config(tmp_path / mode, f"train.compile={mode}"), progress=False)
+    for network in (trainer.network, trainer.reference.network):
+        compiled = [m for m in network.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        if mode == "full":
+            assert compiled == [network]
+        else:  # every repeated block, and only those
+            assert compiled and {type(m).__name__ for m in compiled} == set(network._repeated_blocks)
+    got = [float(trainer.train_step()["loss"]) for _ in range(2)]
+    assert got == pytest.approx(expected, rel=1e-5)
+    torch._dynamo.reset()
+
+
+def test_train_compile_full_with_inductor_on_cpu_is_refused_by_name(tmp_path):
+    with pytest.raises(RunError, match="train.compile=full gives wrong gradients with inductor on CPU"):
+        Trainer(tiny_config(tmp_path, "train.compile=full"), progress=False)
+
+
+def test_bfloat16_parameters_train_bf16_weights_and_feed_bf16_latents(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "model.param_dtype=bfloat16"), progress=False)
+    assert {p.dtype for p in trainer.network.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.reference.network.parameters()} == {torch.bfloat16}
+    assert trainer.adapter.dtype == torch.bfloat16
+    before = snapshot(trainer.network)
+    metrics = trainer.train_step()
+    assert torch.isfinite(metrics["loss"]) and changed(before, trainer.network)
