@@ -87,3 +87,14 @@ def test_the_arrow_check_would_catch_a_violation(tmp_path):
     bad = {"engine/trainer.py": {"vipo.engine.eval.demo"}, "kernels/x.py": {"vipo.engine.config"}}
     assert offenders(bad, ("vipo.engine.eval",)) == ["engine/trainer.py imports vipo.engine.eval.demo"]
     assert offenders(bad, ("vipo.engine",))
+
+
+def test_the_cli_parser_builds_without_torch():
+    """`vipo --help` stays fast: no command module pulls torch (or matplotlib) in at parser build."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vipo.engine.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'diffusers', 'numpy') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
