@@ -9,7 +9,6 @@ nothing in a config is executed.
 """
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any, Literal
 from vipo.configs import ROOT as CONFIGS_ROOT
 from vipo.configs import builtin_recipes
 
-from .families import family
-from .schema import ConfigError, field_types, load, option, read_yaml, shown, to_dict
+from .families import check_architecture, family
+from .schema import ConfigError, field_types, load, option, read_yaml, to_dict
 from .schema import describe as schema_describe
 
 __all__ = ["ConfigError", "RunConfig", "describe", "load_config", "load_tree", "read_recipe", "to_dict"]
@@ -298,7 +297,7 @@ class RunConfig:
         _check_parallel(self)
         _check_paths(self)
         if self.model.path is None:  # with model.path the weights' folder decides; model.config is unused
-            _check_architecture(self.model)
+            check_architecture(self.model.config, self.model.family)
         return self
 
 
@@ -370,50 +369,6 @@ def _check_paths(cfg: RunConfig) -> None:
                 raise ConfigError(f"train.output_dir {output_dir} lies under {folder}, which is a file: "
                                   "choose another one")  # fmt: skip
             break
-
-
-def architecture_path(name_or_path: str) -> Path:
-    """configs/models/NAME.json for a name (`sd15-tiny`), the path itself for a .json path."""
-    path = Path(name_or_path)
-    return path if path.suffix == ".json" else CONFIGS_ROOT / "models" / f"{name_or_path}.json"
-
-
-def _check_architecture(model: ModelConfig) -> None:
-    """model.config exists, is a JSON object, and is an architecture of model.family."""
-    path = architecture_path(model.config)
-    known = sorted(p.stem for p in (CONFIGS_ROOT / "models").glob("*.json"))
-    if not path.is_file():
-        raise ConfigError(f"model.config: no architecture config {model.config!r} (known: {', '.join(known)})")
-    try:
-        arch = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"model.config {path}: not UTF-8 text, not an architecture JSON") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"model.config {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-        ) from None
-    if not isinstance(arch, dict):
-        raise ConfigError(f"model.config {path}: an architecture config is a JSON object, got {shown(arch, 60)}")
-    family = arch.get("family")
-    if not isinstance(family, str):
-        raise ConfigError(
-            f"model.config {path} names no \"family\" (got {family!r}): add \"family\": \"{model.family}\" "
-            f"if it is a {model.family} architecture"
-        )
-    if family != model.family:
-        same = [name for name in known if _family_of(name) == model.family]
-        raise ConfigError(
-            f"model.config {model.config!r} is an architecture of family {family!r}, but model.family is "
-            f"{model.family!r}: use a config of family {model.family!r} ({', '.join(same) or 'none shipped'}), "
-            f"or model.family={family}"
-        )
-
-
-def _family_of(name: str) -> str | None:
-    try:
-        return json.loads(architecture_path(name).read_text(encoding="utf-8")).get("family")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------

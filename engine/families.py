@@ -3,7 +3,13 @@ its diffusers pipeline and denoiser folder, and whether it is a video family who
 1 + k * frame_chunk frames. The adapters (engine/models/) hold everything that needs the model.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from vipo.configs import ROOT as CONFIGS_ROOT
+
+from .schema import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -39,3 +45,51 @@ def family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model.family {name!r} (known: {', '.join(FAMILIES)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture configs (configs/models/*.json)
+
+
+def architecture_path(name_or_path: str) -> Path:
+    """configs/models/NAME.json for a name (`sd15-tiny`), the path itself for a .json path."""
+    path = Path(name_or_path)
+    return path if path.suffix == ".json" else CONFIGS_ROOT / "models" / f"{name_or_path}.json"
+
+
+def check_architecture(config: str, family_name: str) -> None:
+    """model.config exists, is a JSON object, and is an architecture of model.family."""
+    path = architecture_path(config)
+    known = sorted(p.stem for p in (CONFIGS_ROOT / "models").glob("*.json"))
+    if not path.is_file():
+        raise ConfigError(f"model.config: no architecture config {config!r} (known: {', '.join(known)})")
+    try:
+        arch = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"model.config {path}: not UTF-8 text, not an architecture JSON") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"model.config {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    if not isinstance(arch, dict):
+        raise ConfigError(f"model.config {path}: an architecture config is a JSON object, got {shown(arch, 60)}")
+    family = arch.get("family")
+    if not isinstance(family, str):
+        raise ConfigError(
+            f"model.config {path} names no \"family\" (got {family!r}): add \"family\": \"{family_name}\" "
+            f"if it is a {family_name} architecture"
+        )
+    if family != family_name:
+        same = [name for name in known if _family_of(name) == family_name]
+        raise ConfigError(
+            f"model.config {config!r} is an architecture of family {family!r}, but model.family is "
+            f"{family_name!r}: use a config of family {family_name!r} ({', '.join(same) or 'none shipped'}), "
+            f"or model.family={family}"
+        )
+
+
+def _family_of(name: str) -> str | None:
+    try:
+        return json.loads(architecture_path(name).read_text(encoding="utf-8")).get("family")
+    except (OSError, ValueError, AttributeError):
+        return None
