@@ -5,7 +5,7 @@ import importlib
 import torch
 
 from ..families import FAMILIES as _FAMILIES
-from .base import DiffusionAdapter, configure_attention, load_architecture
+from .base import DiffusionAdapter, configure_attention, frozen_mode, load_architecture
 
 # family -> (module of this package, builder function)
 BUILDERS = {name: (f.module, f.builder) for name, f in _FAMILIES.items()}
@@ -55,8 +55,8 @@ def build_adapter(model_cfg, device: torch.device, *, seed: int, trainable: bool
         if model_cfg.gradient_checkpointing:
             network.enable_gradient_checkpointing()
         network.train()
-    else:
-        network.requires_grad_(False).eval()
+    else:  # a frozen model is a reference: it runs as the policy does (base.frozen_mode)
+        network.requires_grad_(False).train(frozen_mode(network))
     if getattr(model_cfg, "param_dtype", "float32") == "bfloat16":  # the denoiser and what it is fed
         network.to(torch.bfloat16)
         adapter.dtype = torch.bfloat16

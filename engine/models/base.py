@@ -40,6 +40,21 @@ def load_architecture(name_or_path: str) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def frozen_mode(network: nn.Module) -> bool:
+    """The train/eval mode a frozen copy of `network` (the reference) runs in: the policy's own
+    (train) where no module's output depends on the mode (no dropout with p > 0, no batch norm),
+    eval otherwise. In train mode PyTorch can take other code paths (a dropout of p = 0 still
+    returns a new tensor), and with them other memory layouts and other bf16 GEMM kernels: the
+    reference then differs from the policy it was copied from, and z at step 0 is not 0 (SDXL with
+    bf16 autocast started at loss 0.596 with accuracy 1.0)."""
+    for module in network.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return False
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return False
+    return True
+
+
 def repeat_pairs(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Conditioning of B prompts -> 2B rows: winner and loser of a pair share their prompt."""
     return {key: torch.cat([value, value]) for key, value in cond.items()}

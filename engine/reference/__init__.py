@@ -1,6 +1,7 @@
 """Reference-model strategies: how e_ref is computed for a step's shared inputs.
 
-    copy     a frozen copy of the initial denoiser (no grads, eval mode)
+    copy     a frozen copy of the initial denoiser (no grads; the policy's train/eval mode where
+             the mode changes nothing, models.base.frozen_mode, so both take the same kernels)
     adapter  the policy itself with its LoRA adapters switched off: no second set of weights
 
     precomputed  e_ref read from `vipo score-reference`'s table by pair id and epoch
@@ -17,13 +18,16 @@ from torch import nn
 
 from vipo.kernels import sample_errors
 
+from ..models.base import frozen_mode
+
 
 class CopyReference:
     mode = "copy"
 
     def __init__(self, adapter):
         self.adapter = adapter
-        self.network: nn.Module = copy.deepcopy(adapter.network).requires_grad_(False).eval()
+        network = copy.deepcopy(adapter.network).requires_grad_(False)
+        self.network: nn.Module = network.train(frozen_mode(network))
 
     @torch.no_grad()
     def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
@@ -35,12 +39,13 @@ class AdapterReference:
 
     def __init__(self, adapter):
         self.adapter = adapter
+        self.same_mode = frozen_mode(adapter.network)  # run in the policy's mode (see frozen_mode)
 
     @torch.no_grad()
     def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
         network = self.adapter.network
         was_training = network.training
-        network.eval()
+        network.train(was_training and self.same_mode)
         network.disable_adapters()
         try:
             return sample_errors(self.adapter.predict(network, x_t, t, cond), target)
