@@ -25,7 +25,25 @@ def check_pair_batch(name: str, tensor: torch.Tensor) -> int:
     return rows // 2
 
 
+def check_float(name: str, tensor: torch.Tensor, *, bool_ok: bool = False) -> None:
+    """A floating-point tensor (or a bool mask where `bool_ok`), named in the refusal."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype in FLOAT_DTYPES or (bool_ok and tensor.dtype == torch.bool):
+        return
+    allowed = "float32, bfloat16, float16 or float64" + (" (or a bool mask)" if bool_ok else "")
+    raise TypeError(f"{name} must be {allowed}, got {tensor.dtype}")
+
+
+def check_no_grad(name: str, tensor: torch.Tensor) -> None:
+    """The loss differentiates policy_pred alone: a target that requires grad would get a gradient
+    on one path and none on the other, so both refuse it."""
+    if tensor.requires_grad:
+        raise ValueError(f"{name} requires grad, but the loss differentiates policy_pred only: pass {name}.detach()")
+
+
 def check_same_shape(name: str, tensor: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    check_float(name, tensor)
     if tensor.shape != like.shape:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {like_name} has {tuple(like.shape)}")
     if tensor.device != like.device:
@@ -35,6 +53,7 @@ def check_same_shape(name: str, tensor: torch.Tensor, like_name: str, like: torc
 def check_elem_weight(elem_weight: torch.Tensor | None, pred: torch.Tensor) -> None:
     if elem_weight is None:
         return
+    check_float("elem_weight", elem_weight, bool_ok=True)
     if elem_weight.dim() > pred.dim():
         raise ValueError(
             f"elem_weight has shape {tuple(elem_weight.shape)}, more dims than pred {tuple(pred.shape)}"
@@ -66,6 +85,7 @@ def check_loss_inputs(
     """Validate the arguments of `poly_dpo_loss`; returns B, the number of pairs."""
     pairs = check_pair_batch("policy_pred", policy_pred)
     check_same_shape("target", target, "policy_pred", policy_pred)
+    check_no_grad("target", target)
     if (ref_pred is None) == (ref_err is None):
         raise ValueError(
             "pass exactly one of ref_pred (reference prediction, same shape as policy_pred) or "
@@ -74,7 +94,8 @@ def check_loss_inputs(
     if ref_pred is not None:
         check_same_shape("ref_pred", ref_pred, "policy_pred", policy_pred)
     else:
-        if not isinstance(ref_err, torch.Tensor) or ref_err.shape != (2 * pairs,):
+        check_float("ref_err", ref_err)
+        if ref_err.shape != (2 * pairs,):
             shape = tuple(ref_err.shape) if isinstance(ref_err, torch.Tensor) else type(ref_err).__name__
             raise ValueError(f"ref_err must have shape [2B] = [{2 * pairs}], got {shape}")
         if ref_err.device != policy_pred.device:
@@ -86,6 +107,7 @@ def check_loss_inputs(
             raise ValueError(f"{name} must be finite, got {value}")
     check_elem_weight(elem_weight, policy_pred)
     if pair_weight is not None:
+        check_float("pair_weight", pair_weight)
         if pair_weight.shape != (pairs,):
             raise ValueError(f"pair_weight must have shape [B] = [{pairs}], got {tuple(pair_weight.shape)}")
         if pair_weight.device != policy_pred.device:

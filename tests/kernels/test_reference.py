@@ -121,13 +121,15 @@ def test_only_policy_pred_receives_gradient(seed):
     policy, ref, target = _batch(2, (3, 4), torch.float32)
     policy.requires_grad_(True)
     ref.requires_grad_(True)
-    target.requires_grad_(True)
     out = reference.poly_dpo_loss(policy, target, ref_pred=ref, beta=100.0, alpha=1.0)
     out.loss.backward()
     assert policy.grad is not None and policy.grad.abs().sum() > 0
     assert ref.grad is None
     for metric in out[1:]:
         assert not metric.requires_grad
+    # A target that requires grad is refused (the fused path could not give it one either).
+    with pytest.raises(ValueError, match="target requires grad"):
+        reference.poly_dpo_loss(policy, target.requires_grad_(True), ref_pred=ref, beta=100.0)
 
 
 def test_sample_errors_is_weighted_mean_over_every_non_batch_dim(seed):
