@@ -7,7 +7,7 @@ module: PyPI has a `kernels` package that transformers imports.
 
 from setuptools import find_packages, setup
 
-PARTS = ("engine", "kernels", "loaders", "configs")
+PARTS = ("engine", "kernels", "loaders", "configs", "benchmarks")
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:
@@ -59,5 +59,9 @@ setup(
         "track": ["tensorboard>=2.16", "wandb>=0.17"],
         "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"],
     },
-    entry_points={"console_scripts": ["vipo = vipo.engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["vipo = vipo.engine.cli:main"],
+        # Commands of installed parts outside the engine (engine/cli.py loads this group).
+        "vipo.commands": ["bench = vipo.benchmarks.cli:add_commands"],
+    },
 )

@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import provenance  # noqa: I001  (benchmarks/ is the script's folder)
 import torch
 import torch.nn.functional as F
-from registry import KERNEL_SHAPES, SMOKE_SHAPES
 
+from vipo.benchmarks import provenance
+from vipo.benchmarks.registry import KERNEL_SHAPES, SMOKE_SHAPES
 from vipo.kernels import poly_dpo_loss
 
 BETA, ALPHA = 5000.0, 8.0

@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import provenance  # noqa: I001  (benchmarks/ is the script's folder)
 import torch
 from PIL import Image
 
+from vipo.benchmarks import provenance
 from vipo.loaders import dali
 from vipo.loaders.video import FrameSampling, decode_pyav, plan_clip, probe
 

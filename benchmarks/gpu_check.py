@@ -111,11 +111,11 @@ def vipo_path(scratch: Path) -> str | None:
     """A folder that makes `import vipo.engine` etc. find this checkout without an install (the
     GPU image has no registry to install from): vipo/<part> links to each part. None where vipo
     is importable already (an editable install)."""
-    if importlib.util.find_spec("vipo") is not None and importlib.util.find_spec("vipo.kernels") is not None:
+    if importlib.util.find_spec("vipo") is not None and importlib.util.find_spec("vipo.benchmarks") is not None:
         return None
     shim = scratch / "vipo-src" / "vipo"
     shim.mkdir(parents=True, exist_ok=True)
-    for part in ("engine", "kernels", "loaders", "configs"):
+    for part in ("engine", "kernels", "loaders", "configs", "benchmarks"):
         link = shim / part
         if not link.exists():
             link.symlink_to(ROOT / part, target_is_directory=True)

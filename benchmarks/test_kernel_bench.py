@@ -8,8 +8,9 @@ comparison in pytest-benchmark's format (grouped by shape, one row per provider)
 
 import pytest
 import torch
-from bench_kernel import eager_poly_dpo, fused_poly_dpo  # noqa: I001
-from registry import KERNEL_SHAPES
+
+from vipo.benchmarks.bench_kernel import eager_poly_dpo, fused_poly_dpo
+from vipo.benchmarks.registry import KERNEL_SHAPES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

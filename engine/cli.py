@@ -21,7 +21,7 @@ OVERRIDES_HELP = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
 # Modules that add subcommands of their own, loaded by name (the engine imports nothing of the
 # evaluation part): each defines add_commands(commands) and imports nothing heavy at module level.
 # Installed packages add theirs through the `vipo.commands` entry-point group (benchmarks/ does).
-COMMAND_MODULES: tuple[str, ...] = ("vipo.engine.eval.cli", "vipo.engine.bench_cli")
+COMMAND_MODULES: tuple[str, ...] = ("vipo.engine.eval.cli",)
 ENTRY_POINT_GROUP = "vipo.commands"
 
 

@@ -228,14 +228,13 @@ def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: 
 
 
 @torch.no_grad()
-def first_forward(adapter, network: nn.Module, latents: torch.Tensor, device: torch.device) -> None:
+def first_forward(adapter, network: nn.Module, latents: torch.Tensor, cond: dict, device: torch.device) -> None:
     """One forward of one sample through an FSDP root, in the training state. FSDP2 settles
     each block's gradient dtypes at the root's first forward from which weights require grad
     then; PEFT turns that off for the LoRA weights while the adapter reference runs (the first
     forward of every step), which would leave bf16 LoRA gradients unreduced to fp32."""
     from torch.distributed.fsdp import FSDPModule
 
-    cond = adapter.encode_prompts([""])
     latents = latents[:1]
     t = adapter.sample_timesteps(1, torch.Generator(device=device).manual_seed(0))
     adapter.predict(network, latents, t, cond)

@@ -193,7 +193,7 @@ class DeepSpeedStrategy(Strategy):
 def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy:
     """Wrap the policy (and a copy reference) for `parallel.strategy` and build the AdamW that
     trains what the strategy trains (FSDP's sharded parameters, ZeRO's partitions). `probe()`
-    gives one sample's latents for FSDP's first forward."""
+    gives one sample's (latents, cond) for FSDP's first forward."""
     strategy, mixed = cfg.parallel.strategy, cfg.train.mixed_precision
     network = adapter.network
     ds_config = (
@@ -208,7 +208,7 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
         policy = parallel.apply_ddp(network, world)
     elif strategy == "fsdp":
         parallel.apply_fsdp(network, world, cfg.parallel, mixed)
-        parallel.first_forward(adapter, network, probe(), world.device)
+        parallel.first_forward(adapter, network, *probe(), world.device)
     if reference is not None:
         parallel.parallelize_reference(reference, strategy, world, cfg.parallel, mixed, ds_config)
     params = [p for p in network.parameters() if p.requires_grad]

@@ -97,13 +97,14 @@ class Trainer:
         self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
         # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of
         # (seed, pair id, epoch), so the precomputed reference errors match.
-        self.cache_batches = (
-            CacheBatchSource(self.data, cfg.train.seed, cfg.data.caption_dropout, self.device)
-            if cfg.data.cache and data is None
-            else None
-        )
         self.adapter = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=True,
                                      vocabulary=self.data.vocabulary())  # fmt: skip
+        self.cache_batches = None
+        if cfg.data.cache:  # cached latents and embeddings: the encoders are never called
+            self.adapter.drop_encoders()
+            if data is None:  # in the dtype the denoiser is fed (model.param_dtype)
+                self.cache_batches = CacheBatchSource(self.data, cfg.train.seed, cfg.data.caption_dropout,
+                                                      self.device, dtype=self.adapter.dtype)  # fmt: skip
         # The reference is built here, before any checkpoint is loaded and before sharding: it is
         # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective
@@ -115,7 +116,7 @@ class Trainer:
             self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
-        self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe_latents)
+        self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
         self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
         if cfg.data.cache:
@@ -164,14 +165,16 @@ class Trainer:
             weights = torch.tensor([r.weight for r in records], device=self.device)
         return PairBatch(ids, prompts, to_pixels(records, self.device), weights)
 
-    def _probe_latents(self) -> torch.Tensor:
-        """Latents of one sample, of the shape training will see (FSDP's first forward)."""
+    def _probe(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(latents, cond) of one sample, of the shape training will see (FSDP's first forward)."""
         if self.cache_batches is not None:
-            return self.cache_batches.batch([0], 0).latents
+            batch = self.cache_batches.batch([0], 0)
+            return batch.latents, batch.cond
+        cond = self.adapter.encode_prompts([""])
         if self.sampler is None:  # a stream: fixed-size squares (buckets are refused for shards)
             side = self.cfg.data.resolution
-            return self.adapter.encode_pixels(torch.zeros(1, 3, side, side, device=self.device))
-        return self.adapter.encode_pixels(to_pixels([self.data[0]], self.device))
+            return self.adapter.encode_pixels(torch.zeros(1, 3, side, side, device=self.device)), cond
+        return self.adapter.encode_pixels(to_pixels([self.data[0]], self.device)), cond
 
     # -- one optimizer step -------------------------------------------------------------------
 

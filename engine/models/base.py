@@ -139,9 +139,30 @@ class DiffusionAdapter(ABC):
         """The network's prediction for x_t's rows. `cond` holds B rows: for 2B rows (pairs) it is
         repeated so winner and loser share their prompt; for B rows it is used as is."""
 
+    def drop_encoders(self) -> None:
+        """Free the frozen encoders (text encoders, VAE): a run from the latent cache never calls
+        them, and for FLUX or Wan they are tens of GB. A call after this says so instead of failing
+        obscurely (or, for encode_pixels, silently treating pixels as latents)."""
+        for name, value in list(vars(self).items()):
+            if name.startswith(("text_encoder", "vae")) and isinstance(value, nn.Module):
+                setattr(self, name, _FreedEncoder(name))
+
     def export(self, out_dir: Path) -> None:
         """Save the denoiser in diffusers layout (`out_dir/unet` or `out_dir/transformer`)."""
         self.network.save_pretrained(Path(out_dir) / self.denoiser, safe_serialization=True)
+
+
+class _FreedEncoder:
+    """What a freed encoder leaves behind: any use of it is one clear error."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        raise RunError(f"the adapter's {self._name} was freed: this run trains from the latent cache (data.cache)")
+
+    def __call__(self, *args, **kwargs):
+        self.__getattr__("__call__")
 
 
 class FlowMatchingAdapter(DiffusionAdapter):

@@ -141,7 +141,7 @@ def score_reference(cfg, epochs: int, *, batch_pairs: int | None = None, rank: i
         raise RunError(
             f"reference table {folder}: this machine's noise draws differ from the table's (probe)"
         )
-    source = CacheBatchSource(cache, seed, cfg.data.caption_dropout, device)
+    source = CacheBatchSource(cache, seed, cfg.data.caption_dropout, device, dtype=adapter.dtype)
     batch_pairs = batch_pairs or cfg.train.batch_pairs
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
     jobs = [(e, s) for e in range(epochs) for s in range(rank, len(cache.index["shards"]), world_size)]

@@ -1,40 +1,93 @@
-"""The training-step benchmark runs end to end at tiny size on CPU: it checks the harness, its
-result file and the README table, not speed (CPU timings are noise)."""
+"""The training-step benchmark runs end to end at tiny size on CPU: it checks the harness, that
+vipo's run is the engine's own Trainer step, the result file and the README table, not speed (CPU
+timings are noise)."""
 
+import ast
 import copy
-import importlib
 import json
 import math
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vipo.engine.bench_cli import BENCHMARKS, load_harness
+from vipo.benchmarks import bench_step, step_report, step_timing
+from vipo.benchmarks.step_vipo import SYNTHETIC_CACHE
+from vipo.benchmarks.step_workload import HostBatch, Workload
+from vipo.engine import objectives
 from vipo.engine.cli import main
+from vipo.engine.config import load_config
+from vipo.engine.models import build_adapter
+from vipo.engine.reference.precomputed import PrecomputedReference
+from vipo.engine.trainer import Trainer
 
-bench_step = load_harness()
-flops = importlib.import_module("flops")  # benchmarks/flops.py, on sys.path through load_harness
+BENCHMARKS = Path(bench_step.__file__).resolve().parent
+SMOKE = ["--smoke", "--steps", "2", "--warmup", "0"]  # + the split pass: 1 step
+STEPS_PER_RUN = 3
+
+
+def spy_on_the_engine(monkeypatch) -> dict:
+    """Spies on the engine's step: Trainer.forward_backward (the batch kind), Trainer.update (the
+    finite flag), the fused loss objectives.forward_loss calls, and precomputed reference lookups."""
+    calls = {"forward_backward": [], "update": [], "poly_dpo_loss": 0, "precomputed_errors": 0}
+    forward_backward, update, loss = Trainer.forward_backward, Trainer.update, objectives.poly_dpo_loss
+    errors = PrecomputedReference.errors
+
+    def spy_forward_backward(self, batch, **kw):
+        calls["forward_backward"].append(type(batch).__name__)
+        return forward_backward(self, batch, **kw)
+
+    def spy_update(self, finite):
+        calls["update"].append(finite)
+        return update(self, finite)
+
+    def spy_loss(*args, **kw):
+        calls["poly_dpo_loss"] += 1
+        return loss(*args, **kw)
+
+    def spy_errors(self, *args, **kw):
+        calls["precomputed_errors"] += 1
+        return errors(self, *args, **kw)
+
+    monkeypatch.setattr(Trainer, "forward_backward", spy_forward_backward)
+    monkeypatch.setattr(Trainer, "update", spy_update)
+    monkeypatch.setattr(objectives, "poly_dpo_loss", spy_loss)
+    monkeypatch.setattr(PrecomputedReference, "errors", spy_errors)
+    return calls
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    return spy_on_the_engine(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     """A UNet (sd15-tiny) and a flow-matching DiT (flux-tiny, LoRA with the adapter reference),
-    each against its baseline, appended to one result file."""
+    each against its baseline, appended to one result file; with what the engine was asked to do."""
     out = tmp_path_factory.mktemp("bench") / "step.json"
-    runs = (["sd15-tiny"], ["flux-tiny", "--settings", "lora_rank=4", "reference=adapter"])
-    for target in runs:
-        code = main(["bench", "step", *target, "--smoke", "--steps", "2", "--warmup", "0", "--out", str(out)])
-        assert code == 0
-    return json.loads(out.read_text())["runs"]
+    runs = (["sd15-tiny"], ["flux-tiny", "model.lora_rank=4", "reference.mode=adapter"])
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        calls = spy_on_the_engine(patch)
+        for target in runs:
+            before = {key: copy.copy(value) for key, value in calls.items()}
+            assert main(["bench", "step", *target, *SMOKE, "--out", str(out)]) == 0
+            seen.append({key: value[len(before[key]) :] if isinstance(value, list) else value - before[key]
+                         for key, value in calls.items()})  # fmt: skip
+    return json.loads(out.read_text())["runs"], seen
 
 
 def test_a_smoke_run_writes_every_figure_of_vipo_and_the_baseline(reports):
+    reports, _ = reports
     assert [r["target"]["name"] for r in reports] == ["sd15-tiny", "flux-tiny"]
     for report in reports:
         assert report["kind"] == "step" and report["smoke"] is True and report["device_type"] == "cpu"
         assert report["date"] and report["device"] and "commit" in report
         assert report["versions"]["torch"] and report["versions"]["diffusers"]
+        assert "forward_backward" in report["timing"]["vipo_step"]
         shapes = report["shapes"]
         assert shapes["batch_pairs"] == 1 and shapes["pixels"][0] == shapes["latents"][0] == 2
         assert report["flops"]["forward_per_sample"] > 0
@@ -51,7 +104,7 @@ def test_a_smoke_run_writes_every_figure_of_vipo_and_the_baseline(reports):
             )
             assert run["mfu"] is None and run["peak_memory_gib"] is None  # no peak and no allocator on CPU
             assert math.isfinite(run["loss"]) and run["loss_is_finite"]
-            assert list(run["split_ms"]) == list(bench_step.PHASES)
+            assert list(run["split_ms"]) == list(step_timing.PHASES)
             assert all(ms >= 0 for ms in run["split_ms"].values())
             assert run["split_total_ms"] == pytest.approx(sum(run["split_ms"].values()))
             for phase in ("reference", "policy_forward", "backward", "optimizer"):
@@ -59,68 +112,161 @@ def test_a_smoke_run_writes_every_figure_of_vipo_and_the_baseline(reports):
         vipo, base = report["runs"]["vipo"], report["runs"]["baseline"]
         assert report["ratios"]["pairs_per_s"] == pytest.approx(vipo["pairs_per_s"] / base["pairs_per_s"])
         assert report["ratios"]["peak_memory"] is None
-        assert (vipo["settings"]["inputs"], vipo["settings"]["loss"]) == ("latents", "fused")
+        # vipo's run is recorded as the resolved RunConfig: a latent-cache run on one CPU, fp32, no compile.
+        config = vipo["config"]
+        assert vipo["inputs"] == "latents" and config["data"]["cache"] == SYNTHETIC_CACHE
+        assert (config["train"]["device"], config["train"]["mixed_precision"], config["train"]["compile"]) == (
+            "cpu", "no", "off",
+        )  # fmt: skip
+        assert (config["parallel"]["strategy"], config["train"]["grad_accum_steps"]) == ("none", 1)
+        assert config["model"]["config"] == report["target"]["config"] and vipo["skipped_updates"] == 0
         assert base["settings"] | {"lora_rank": 0} == {
             "precision": "fp32", "reference": "copy", "lora_rank": 0, "inputs": "pixels", "compile": "off",
-            "gradient_checkpointing": False, "loss": "official", "attention": "sdpa",
+            "gradient_checkpointing": False, "attention": "sdpa",
         }  # fmt: skip
     flux = reports[1]["runs"]
-    assert (flux["vipo"]["settings"]["reference"], flux["vipo"]["settings"]["lora_rank"]) == ("adapter", 4)
+    assert (
+        flux["vipo"]["config"]["reference"]["mode"] == "adapter"
+        and flux["vipo"]["config"]["model"]["lora_rank"] == 4
+    )
     assert flux["baseline"]["settings"]["lora_rank"] == 4  # same trainable policy, separate reference copy
+
+
+def test_the_vipo_run_is_the_engines_trainer_step(reports):
+    # Every step of vipo's run (timed and split passes) is one Trainer.forward_backward on a cached
+    # batch and one Trainer.update, and its loss is the engine's fused loss; the baseline, which ran
+    # in between, never goes through the trainer.
+    _, seen = reports
+    for calls in seen:
+        assert calls["forward_backward"] == ["LatentPairBatch"] * STEPS_PER_RUN
+        assert calls["update"] == [True] * STEPS_PER_RUN
+        assert calls["poly_dpo_loss"] == STEPS_PER_RUN
+
+
+def code_of(path: Path) -> str:
+    """A module's code without its docstrings and comments (which may name what the code may not do)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def test_the_vipo_step_modules_hold_no_loss_formula_optimizer_or_backward():
+    # What is timed for vipo is the engine's code: outside the labelled baseline (and the kernel
+    # benchmark, which times the loss kernel itself) no benchmark file computes a loss or steps.
+    forbidden = ("logsigmoid", "sigmoid", "softplus", "poly_dpo_loss", "sample_errors", "mse_loss", "pow(2)",
+                 "clip_grad_norm_", "optimizer.step", ".backward(", "GradScaler")  # fmt: skip
+    for name in (
+        "bench_step.py",
+        "step_vipo.py",
+        "step_timing.py",
+        "step_workload.py",
+        "step_report.py",
+        "cli.py",
+    ):
+        found = [word for word in forbidden if word in code_of(BENCHMARKS / name)]
+        assert not found, f"{name} computes {found}"
+    assert "logsigmoid" in code_of(
+        BENCHMARKS / "step_baseline.py"
+    )  # the labelled baseline: the check sees code
 
 
 def test_the_phase_split_adds_up_to_the_step_time(reports):
     # The phases of the synchronised pass must cover its whole step, timed from outside: work left
     # between two marks, or counted twice, shows here. (Against the headline pass it is only
     # "about": on a shared 2-core machine single steps wander by seconds.)
-    for report in reports:
+    for report in reports[0]:
         for run in report["runs"].values():
             assert run["split_total_ms"] == pytest.approx(run["split_step_ms"], rel=0.05, abs=5.0)
             assert run["split_vs_headline"] == pytest.approx(run["split_step_ms"] / run["step_ms"]["median"])
 
 
-def test_cached_inputs_leave_no_encoder_in_memory_and_pixels_keep_them():
-    work = bench_step.Workload(
-        bench_step.resolve_target("flux-tiny"), torch.device("cpu"), 1, (3, 16, 16), 1, 0, 1
-    )
-    cached = bench_step.StepRun(work, bench_step.StepSettings(precision="fp32"), official=False)
+def test_a_precomputed_reference_reads_its_errors_on_cached_latents(engine_calls, tmp_path):
+    out = tmp_path / "step.json"
+    args = [
+        "sd15-tiny",
+        "reference.mode=precomputed",
+        "--smoke",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-baseline",
+    ]
+    assert main(["bench", "step", *args, "--out", str(out)]) == 0
+    (report,) = json.loads(out.read_text())["runs"]
+    vipo = report["runs"]["vipo"]
+    assert set(report["runs"]) == {"vipo"} and report["ratios"] is None
     assert (
-        cached.adapter.vae is None
-        and cached.adapter.text_encoder is None
-        and cached.adapter.text_encoder_2 is None
+        vipo["config"]["reference"]["mode"] == "precomputed"
+        and vipo["config"]["data"]["cache"] == SYNTHETIC_CACHE
     )
-    assert cached.host_latents.shape == (2, 16, 8, 8) and cached.host_latents.dtype == torch.float16
-    assert work.latent_shape == (16, 8, 8) and set(work.cond_shapes) == {
-        "encoder_hidden_states",
-        "pooled_projections",
-    }
-    online = bench_step.StepRun(
-        work, bench_step.StepSettings(precision="fp32", inputs="pixels"), official=True
+    assert vipo["loss_is_finite"] and "error" not in vipo
+    # no reference model: e_ref looked up by pair id and epoch, once a step (timed + split)
+    assert (
+        engine_calls["forward_backward"] == ["LatentPairBatch"] * 2
+        and engine_calls["precomputed_errors"] == 2
     )
-    assert online.adapter.vae is not None and online.adapter.text_encoder_2 is not None
-    assert online.host_pixels.shape == (2, 3, 16, 16)
+
+
+def test_cached_inputs_are_float16_latents_and_embeddings_and_pixels_stay_pixels():
+    work = Workload("flux-tiny", "flux", "flux-tiny", torch.device("cpu"), 1, (3, 16, 16), 1, 0, 1)
+    cfg = load_config(None, ["model.family=flux", "model.config=flux-tiny"])
+    adapter = build_adapter(cfg.model, work.device, seed=0, trainable=False)
+    cached = HostBatch(work, adapter, "latents", torch.autocast("cpu", enabled=False))
+    assert (
+        cached.pixels is None
+        and cached.latents.shape == (2, 16, 8, 8)
+        and cached.latents.dtype == torch.float16
+    )
+    assert work.latent_shape == (16, 8, 8) and set(work.cond_shapes) == set(cached.cond)
+    assert set(cached.cond) == {"encoder_hidden_states", "pooled_projections"}
+    assert {value.dtype for value in cached.cond.values()} == {torch.float16}
+    latents, cond = cached.latents_on_device(torch.bfloat16)  # in the dtype the denoiser is fed
+    assert latents.dtype == torch.bfloat16 and {v.dtype for v in cond.values()} == {torch.bfloat16}
+    online = HostBatch(work, adapter, "pixels", torch.autocast("cpu", enabled=False))
+    assert online.latents is None and online.pixels.shape == (2, 3, 16, 16)
+    assert online.pixels.min() >= -1 and online.pixels.max() <= 1
 
 
 def test_an_attention_backend_choice_does_not_leak_into_the_next_run():
     # model.attention=sdpa_* switches PyTorch's SDPA backends process-wide; the baseline that runs
     # after vipo in the same process must get them back as they were.
-    before = {
-        name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in bench_step.SDPA_BACKENDS
-    }
-    work = bench_step.Workload(
-        bench_step.resolve_target("sd15-tiny"), torch.device("cpu"), 1, (3, 16, 16), 1, 0, 1
-    )
-    result = bench_step.measure(
-        work, bench_step.StepSettings(precision="fp32", attention="sdpa_flash"), official=False
-    )
-    assert "error" not in result and result["settings"]["attention"] == "sdpa_flash"
-    assert {
-        name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in bench_step.SDPA_BACKENDS
-    } == before
+    names = step_timing.SDPA_BACKENDS
+    before = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in names}
+
+    class FlipsBackends:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_math_sdp(False)
+            self.closed = False
+
+        def step(self, clock):
+            clock.start()
+            clock.mark("policy_forward")
+            return torch.tensor(0.5)
+
+        def close(self):
+            self.closed = True
+
+    built = []
+    work = SimpleNamespace(device=torch.device("cpu"), warmup=1, steps=2, split_steps=1, batch_pairs=1)
+    result = step_timing.measure(lambda: built.append(FlipsBackends()) or built[-1], work, {"step": "x"})
+    assert "error" not in result and result["loss"] == 0.5 and built[0].closed
+    assert {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in names} == before
 
 
 def test_the_phase_clock_puts_each_phase_wall_time_where_it_happened():
-    clock = bench_step.PhaseClock(torch.device("cpu"), enabled=True)
+    clock = step_timing.PhaseClock(torch.device("cpu"), enabled=True)
     started = time.perf_counter()
     clock.start()
     time.sleep(0.03)
@@ -131,10 +277,15 @@ def test_the_phase_clock_puts_each_phase_wall_time_where_it_happened():
     assert clock.totals["data"] >= 0.03 and clock.totals["backward"] >= 0.06
     assert sum(clock.totals.values()) == pytest.approx(total, rel=0.05)
     assert clock.totals["reference"] == 0.0
-    quiet = bench_step.PhaseClock(torch.device("cpu"), enabled=False)
+    quiet = step_timing.PhaseClock(torch.device("cpu"), enabled=False)
     quiet.start()
     quiet.mark("data")
     assert sum(quiet.totals.values()) == 0.0
+
+
+def test_step_quantiles_are_torch_quantiles():
+    got = step_timing.quantiles([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert got == pytest.approx({"min": 1.0, "q20": 1.8, "median": 3.0, "q80": 4.2, "max": 5.0})
 
 
 def _as_gpu_report(report, pairs_per_s=(12.5, 4.0), memory=(20.0, 40.0)):
@@ -147,9 +298,10 @@ def _as_gpu_report(report, pairs_per_s=(12.5, 4.0), memory=(20.0, 40.0)):
 
 
 def test_the_readme_table_has_a_row_per_gpu_run_and_says_when_there_is_none(reports, tmp_path):
-    assert "No GPU results" in bench_step.render_table([])
-    assert "No GPU results" in bench_step.render_table(reports)  # CPU smoke runs never reach the table
-    table = bench_step.render_table([_as_gpu_report(reports[0]), reports[1]]).splitlines()
+    reports, _ = reports
+    assert "No GPU results" in step_report.render_table([])
+    assert "No GPU results" in step_report.render_table(reports)  # CPU smoke runs never reach the table
+    table = step_report.render_table([_as_gpu_report(reports[0]), reports[1]]).splitlines()
     assert len(table) == 3  # header, rule, one row
     row = [cell.strip() for cell in table[2].strip("|").split("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
@@ -158,14 +310,16 @@ def test_the_readme_table_has_a_row_per_gpu_run_and_says_when_there_is_none(repo
     assert cells["device"] == "NVIDIA H100 80GB HBM3"
     assert (cells["vipo pairs/s"], cells["baseline pairs/s"], cells["pairs/s x"]) == ("12.50", "4.00", "3.12")
     assert (cells["peak GiB vipo / baseline"], cells["memory x"]) == ("20.0 / 40.0", "0.50")
-    assert cells["vipo MFU"] == "50.0%" and cells["vipo settings"].startswith("fp32, ref=copy, latents")
+    assert cells["vipo MFU"] == "50.0%" and cells["vipo settings"] == "fp32, ref=copy, latents"
+    flux = step_report.run_label(reports[1]["runs"]["vipo"])
+    assert flux == "fp32, ref=adapter, latents, lora_rank=4"
 
     # A baseline that does not fit is a result too: the row says so and has no ratios.
     oom = _as_gpu_report(reports[1])
     oom["runs"]["baseline"] = {"step": "official", "settings": oom["runs"]["baseline"]["settings"],
                                "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"}  # fmt: skip
     oom["ratios"] = {"pairs_per_s": None, "peak_memory": None}
-    row = bench_step.render_table([oom]).splitlines()[2]
+    row = step_report.render_table([oom]).splitlines()[2]
     assert "| 12.50 | OOM | - |" in row and "| 20.0 / OOM | - |" in row
 
     results = tmp_path / "results"
@@ -175,75 +329,15 @@ def test_the_readme_table_has_a_row_per_gpu_run_and_says_when_there_is_none(repo
     )
     readme = tmp_path / "README.md"
     readme.write_text(
-        f"# Benchmarks\n\nintro\n{bench_step.TABLE_START}\nold table\n{bench_step.TABLE_END}\nafter\n"
+        f"# Benchmarks\n\nintro\n{step_report.TABLE_START}\nold table\n{step_report.TABLE_END}\nafter\n"
     )
-    bench_step.render_readme(readme, results)
+    step_report.render_readme(readme, results)
     text = readme.read_text()
-    assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith(f"{bench_step.TABLE_END}\nafter\n")
+    assert text.startswith("# Benchmarks\n\nintro\n") and text.endswith(f"{step_report.TABLE_END}\nafter\n")
     assert "old table" not in text and "| flux-tiny | 16px | 1 |" in text
 
 
 def test_the_committed_readme_table_matches_the_committed_results():
     text = (BENCHMARKS / "README.md").read_text()
-    table = text.split(bench_step.TABLE_START)[1].split(bench_step.TABLE_END)[0].strip()
-    assert table == bench_step.render_table(bench_step.collect_reports())
-
-
-@pytest.mark.parametrize(
-    "args, words",
-    [
-        (["sd15-tiny", "--settings", "compiel=blocks"], "unknown setting 'compiel'"),
-        (["sd15-tiny", "--settings", "reference=adapter"], "needs a LoRA policy"),
-        (["sd15-tiny", "--settings", "inputs=pixels", "reference=precomputed"], "inputs=latents"),
-        (["sd15-tiny", "--baseline-settings", "reference=adapter"], "separate reference copy"),
-        (["sd15-tiny", "--resolution", "500"], "multiples of 8"),
-        (["wan-tiny", "--frames", "6"], "1 + 4k"),
-        (["sd15-tiny", "--batch", "0"], "--batch must be >= 1"),
-        (["no-such-model"], "no step recipe"),
-        (["sd15-tiny", "--out", str(BENCHMARKS / "results" / "step-cpu.json")], "never committed"),
-    ],
-)
-def test_a_bad_request_ends_in_one_clear_error(args, words, capsys):
-    assert main(["bench", "step", *args, "--smoke"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vipo: error:") and words in err and "Traceback" not in err
-
-
-def test_device_peaks_are_looked_up_by_name():
-    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert flops.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert flops.peak_tflops("NVIDIA H200") == 989.0
-    assert flops.peak_tflops("Some Future Accelerator") is None
-    assert flops.achieved(3.0, 10**12, 989.0) == pytest.approx((24.0, 24.0 / 989.0))
-    assert flops.achieved(None, 10**12, 989.0) == (None, None)
-
-
-def test_the_counted_sd15_forward_matches_the_issue_figure_at_512px():
-    # The issue counts ~0.8 TFLOP a sample for SD1.5 at 512px from the config; the meta-device count
-    # must include attention, which FlopCounterMode cannot see in CPU SDPA kernels.
-    model_cfg = bench_step.Workload(bench_step.resolve_target("sd15"), torch.device("cpu"), 1, (3, 512, 512),
-                                    1, 0, 1).model_cfg  # fmt: skip
-    forward = flops.forward_flops_per_sample(model_cfg, (4, 64, 64), {"encoder_hidden_states": (1, 77, 768)})
-    assert forward == pytest.approx(0.80e12, rel=0.03)
-
-
-def test_a_train_recipe_gives_its_model_shapes_and_settings():
-    sd15 = bench_step.resolve_target("vipo-sd15-poly")
-    assert (sd15.family, sd15.config, sd15.resolution, sd15.frames, sd15.beta) == (
-        "sd15",
-        "sd15",
-        "512",
-        None,
-        500.0,
-    )
-    settings = bench_step.apply_settings(bench_step.StepSettings(), sd15.settings, "recipe")
-    assert (
-        settings.gradient_checkpointing
-        and settings.precision == "bf16_autocast"
-        and settings.reference == "copy"
-    )
-    wan = bench_step.resolve_target("vipo-wan-poly")
-    assert (wan.config, wan.resolution, wan.frames) == ("wan2.1-t2v-1.3b", "1280x720", 81)
-    assert bench_step.parse_resolution(wan.resolution) == bench_step.parse_resolution("720p") == (1280, 720)
-    tiny = bench_step.resolve_target("tiny-sd15-poly")
-    assert (tiny.config, tiny.resolution) == ("sd15-tiny", "16")
+    table = text.split(step_report.TABLE_START)[1].split(step_report.TABLE_END)[0].strip()
+    assert table == step_report.render_table(step_report.collect_reports())

@@ -214,6 +214,19 @@ def test_training_with_the_precomputed_reference_matches_the_copy_reference(tmp_
     assert not torch.allclose(curves["copy"]["e_pol_w"], curves["copy"]["e_ref_w"])  # and the policy moved
 
 
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_a_cached_run_frees_its_encoders_and_feeds_the_denoisers_dtype(tmp_path, param_dtype):
+    cfg = run_config(tmp_path, f"model.param_dtype={param_dtype}", "train.max_steps=1")
+    run_cache(cfg, pairs_per_shard=4, progress=False)
+    with Trainer(cfg, progress=False) as trainer:
+        batch = trainer.next_batch()
+        assert batch.latents.dtype == trainer.adapter.dtype == getattr(torch, param_dtype)
+        assert torch.isfinite(trainer.train_step()["loss"])
+        with pytest.raises(RunError, match="text_encoder was freed: this run trains from the latent cache"):
+            trainer.adapter.encode_prompts(["a red square"])
+        assert not isinstance(trainer.adapter.text_encoder, torch.nn.Module)  # its memory is free
+
+
 def test_sft_from_the_cache_draws_counter_noise(tmp_path):
     cfg = run_config(tmp_path, "loss.objective=sft", "data.caption_dropout=0")
     run_cache(cfg, pairs_per_shard=4, progress=False)

@@ -1,27 +1,28 @@
-"""`vipo bench step`: the training-step benchmark of a source checkout's benchmarks/ folder.
+"""`vipo bench ...`: the benchmark commands, added to `vipo` through the `vipo.commands` entry point
+(setup.py). Argument parsing only, and nothing heavy at import: `vipo --help` loads this module,
+and the harness (bench_step.py, torch and the engine) only when a benchmark runs.
 
-The harness is a script beside the kernel benchmark (benchmarks/bench_step.py), not part of the
-installed package: results are committed next to it. The command finds it from an editable
-install (`pip install -e .`) and runs it in this process.
+    vipo bench step sdxl-1024 train.compile=blocks model.gradient_checkpointing=true --batch 4
 """
 
-import importlib
-import sys
-from pathlib import Path
-
-from .errors import RunError
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+STEP_TARGET_HELP = (
+    "a step recipe (sd15-512, sdxl-1024, sd35m-1024, flux-1024, wan-720p; see --list), a model config of "
+    "configs/models/ (sd15, flux1-dev, sd15-tiny, ...) or a train recipe (name or .yaml)"
+)
 
 
 def add_step_arguments(parser) -> None:
     """The options of `vipo bench step`, shared with `python benchmarks/bench_step.py`."""
+    parser.add_argument("target", nargs="?", help=STEP_TARGET_HELP)
     parser.add_argument(
-        "target", nargs="?",
-        help="a step recipe (sd15-512, sdxl-1024, sd35m-1024, flux-1024, wan-720p; see --list), a model "
-             "config of configs/models/ (sd15, flux1-dev, sd15-tiny, ...) or a train recipe (name or .yaml)",
+        "overrides", nargs="*", default=[], metavar="KEY=VALUE",
+        help="recipe overrides of vipo's step, as for `vipo train` (e.g. train.compile=blocks "
+             "model.gradient_checkpointing=true model.lora_rank=64 reference.mode=adapter; see --list)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, help="pairs per step (default: the step recipe's, else 1)")
+    parser.add_argument("--inputs", choices=["latents", "pixels"], default="latents",
+                        help="latents: a latent-cache run (latents and text embeddings, float16 on the host, no "
+                             "encoder in the step); pixels: VAE and text encoders every step (default latents)")  # fmt: skip
     parser.add_argument("--steps", type=int, help="timed steps (default 10; --smoke 2)")
     parser.add_argument(
         "--warmup", type=int, help="untimed steps first: compile, allocator, cuDNN (default 3; --smoke 1)"
@@ -31,12 +32,9 @@ def add_step_arguments(parser) -> None:
     )
     parser.add_argument("--resolution", help="512, 1024, WIDTHxHEIGHT or 720p (default: the model's)")
     parser.add_argument("--frames", type=int, help="video frames, 1 + 4k (Wan; default 81, tiny 5)")
-    parser.add_argument(
-        "--settings", nargs="+", default=[], metavar="KEY=VALUE", help="vipo step settings (see --list)"
-    )
     parser.add_argument("--baseline-settings", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="overrides of the official-style baseline's settings, e.g. gradient_checkpointing=true "
-                             "where it does not fit otherwise")  # fmt: skip
+                        help="settings of the official-style baseline, e.g. gradient_checkpointing=true where it "
+                             "does not fit otherwise (see --list)")  # fmt: skip
     parser.add_argument("--baseline", action="store_true", default=True,
                         help="also run the official-style baseline and print vipo / baseline ratios (default)")  # fmt: skip
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="vipo's step only")
@@ -52,28 +50,17 @@ def add_step_arguments(parser) -> None:
                         help="rewrite the results table of benchmarks/README.md from benchmarks/results/step-*.json")  # fmt: skip
 
 
-def load_harness():
-    """benchmarks/bench_step.py of this checkout, imported as a module."""
-    script = BENCHMARKS / "bench_step.py"
-    if not script.is_file():
-        raise RunError(
-            f"vipo bench needs a source checkout: {script} not found (install vipo with `pip install -e .` "
-            "from a clone of the repository)"
-        )
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("bench_step")
-
-
 def cmd_bench_step(args) -> int:
-    return load_harness().run(args)
+    from vipo.benchmarks import bench_step
+
+    return bench_step.run(args)
 
 
 def add_commands(commands) -> None:
     bench = commands.group("bench", "throughput benchmarks (training step)")
     step = bench.add_parser(
         "step",
-        help="pairs/s, MFU, phase split and peak memory of a training step, vipo vs the official-style baseline",
+        help="pairs/s, MFU, phase split and peak memory of the engine's training step vs the official-style baseline",
     )
     add_step_arguments(step)
     step.set_defaults(func=cmd_bench_step)
