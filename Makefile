@@ -25,6 +25,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check engine kernels loaders benchmarks tests configs setup.py
+	$(VENV)/bin/ruff format --check engine kernels loaders benchmarks tests configs setup.py
 
 bench: install
 	$(VENV)/bin/python benchmarks/bench_kernel.py

@@ -57,7 +57,13 @@ setup(
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         # Metric sinks besides metrics.jsonl (train.report_to); imported only when asked for.
         "track": ["tensorboard>=2.16", "wandb>=0.17"],
-        "dev": ["pytest>=8.0", "pytest-benchmark>=4.0", "hypothesis>=6.100", "ruff>=0.6", "tensorboard>=2.16"],
+        "dev": [
+            "pytest>=8.0",
+            "pytest-benchmark>=4.0",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "tensorboard>=2.16",
+        ],
     },
     entry_points={
         "console_scripts": ["vipo = vipo.engine.cli:main"],

@@ -87,7 +87,9 @@ def measure(provider_fn, shape, dtype, device, *, smoke: bool) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     target = torch.randn(shape, dtype=dtype, device=device, generator=gen)
     ref_pred = target + torch.randn(shape, dtype=dtype, device=device, generator=gen)
-    policy_pred = (ref_pred + 0.01 * torch.randn(shape, dtype=dtype, device=device, generator=gen)).requires_grad_(True)
+    policy_pred = (
+        ref_pred + 0.01 * torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    ).requires_grad_(True)
 
     def step():
         policy_pred.grad = None
@@ -113,10 +115,14 @@ def measure(provider_fn, shape, dtype, device, *, smoke: bool) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: check the harness, not speed")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU: check the harness, not speed"
+    )
     parser.add_argument("--shapes", nargs="*", help="names from benchmarks/registry.py (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument("--out", type=Path, help="result file (default: benchmarks/results/kernel-<device>-<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="result file (default: benchmarks/results/kernel-<device>-<date>.json)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -131,7 +137,9 @@ def main(argv=None) -> int:
         return 2
     providers = ["fused", "eager"] + ([] if args.no_compile else ["compiled_eager"])
     dtype = torch.bfloat16
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
     report = {
         "kind": "kernel",
         "device": device_name,
@@ -167,7 +175,9 @@ def main(argv=None) -> int:
         row["fused_share_of_copy_bandwidth"] = fused["gbps"] / report["copy"]["gbps"]
         if "peak_extra_bytes" in fused:
             eager_extra = row["providers"]["eager"]["peak_extra_bytes"]
-            row["fused_peak_extra_vs_eager"] = fused["peak_extra_bytes"] / eager_extra if eager_extra else None
+            row["fused_peak_extra_vs_eager"] = (
+                fused["peak_extra_bytes"] / eager_extra if eager_extra else None
+            )
         report["rows"].append(row)
         print(
             f"{name:14s} fused {fused['median_ms']:.3f} ms ({fused['gbps']:.0f} GB/s, "

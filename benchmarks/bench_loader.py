@@ -42,8 +42,10 @@ from vipo.loaders import dali
 from vipo.loaders.video import FrameSampling, decode_pyav, plan_clip, probe
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CODECS = {"vp9": ("libvpx-vp9", ".webm", {"deadline": "realtime", "cpu-used": "8"}),
-          "h264": ("libx264", ".mp4", {"preset": "ultrafast"})}  # fmt: skip
+CODECS = {
+    "vp9": ("libvpx-vp9", ".webm", {"deadline": "realtime", "cpu-used": "8"}),
+    "h264": ("libx264", ".mp4", {"preset": "ultrafast"}),
+}
 
 
 def _content(width: int, height: int, seed: int) -> np.ndarray:
@@ -51,7 +53,9 @@ def _content(width: int, height: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     tint = rng.uniform(0.2, 1.0, 3)
-    base = np.stack([x / width * tint[0], y / height * tint[1], (x + y) / (width + height) * tint[2]], -1) * 255
+    base = (
+        np.stack([x / width * tint[0], y / height * tint[1], (x + y) / (width + height) * tint[2]], -1) * 255
+    )
     return np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
@@ -94,9 +98,18 @@ def _timed(run, repeats: int) -> list[float]:
 
 def _row(kind: str, backend: str, items: int, unit: str, seconds: list[float], **extra) -> dict:
     median = statistics.median(seconds)
-    return {"kind": kind, "backend": backend, "items": items, "unit": unit, "median_s": median,
-            "min_s": min(seconds), "max_s": max(seconds), "repeats": len(seconds), f"{unit}_per_s": items / median,
-            **extra}  # fmt: skip
+    return {
+        "kind": kind,
+        "backend": backend,
+        "items": items,
+        "unit": unit,
+        "median_s": median,
+        "min_s": min(seconds),
+        "max_s": max(seconds),
+        "repeats": len(seconds),
+        f"{unit}_per_s": items / median,
+        **extra,
+    }
 
 
 def bench_images(pairs: list[tuple[bytes, bytes]], repeats: int, cuda: bool) -> list[dict]:
@@ -119,8 +132,16 @@ def bench_images(pairs: list[tuple[bytes, bytes]], repeats: int, cuda: bool) -> 
             rows.append({"kind": "image", "backend": name, "error": f"decoded by {sorted(used)}"})
             continue
         pixels = sum(2 * np.prod(Image.open(io.BytesIO(w)).size) for w, _ in pairs)
-        rows.append(_row("image", name, len(pairs), "pairs", seconds,
-                         megapixels_per_s=pixels / 1e6 / statistics.median(seconds)))  # fmt: skip
+        rows.append(
+            _row(
+                "image",
+                name,
+                len(pairs),
+                "pairs",
+                seconds,
+                megapixels_per_s=pixels / 1e6 / statistics.median(seconds),
+            )
+        )
     return rows
 
 
@@ -128,8 +149,12 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
     rows = []
     for codec, paths in clips.items():
         infos = [probe(p) for p in paths]
-        plans = [plan_clip(info, FrameSampling(info.num_frames, stride=1, start="start"), (info.height, info.width))
-                 for info in infos]  # fmt: skip
+        plans = [
+            plan_clip(
+                info, FrameSampling(info.num_frames, stride=1, start="start"), (info.height, info.width)
+            )
+            for info in infos
+        ]
         frames = sum(len(plan.frame_indices) for plan in plans)
         backends = [("pyav", None)]
         if dali.dali_available():
@@ -138,6 +163,7 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
                 backends.append(("dali-mixed", "mixed"))
         for name, device in backends:
             if device is None:
+
                 def run(infos=infos, plans=plans):
                     for info, plan in zip(infos, plans, strict=True):
                         decode_pyav(info, plan)
@@ -151,7 +177,9 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
                     for info, plan in zip(infos, plans, strict=True):
                         (clip,) = dali.decode_clips([(info, plan)], "dali", device)
                         if clip.backend != name:
-                            raise RuntimeError(f"{info.path}: decoded by {clip.backend}, not {name}: {clip.reason}")
+                            raise RuntimeError(
+                                f"{info.path}: decoded by {clip.backend}, not {name}: {clip.reason}"
+                            )
 
             rows.append(_row("video", name, frames, "frames", _timed(run, repeats), codec=codec))
     return rows
@@ -159,13 +187,18 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
 
 def _ratios(rows: list[dict]) -> dict:
     """Speed of each DALI decoder over the CPU decoder it replaces, from the same run."""
-    speed = {(r["kind"], r.get("codec"), r["backend"]): r.get("pairs_per_s") or r.get("frames_per_s")
-             for r in rows if "median_s" in r}  # fmt: skip
+    speed = {
+        (r["kind"], r.get("codec"), r["backend"]): r.get("pairs_per_s") or r.get("frames_per_s")
+        for r in rows
+        if "median_s" in r
+    }
     ratios = {}
     for (kind, codec, backend), value in speed.items():
         base = speed.get((kind, codec, "pil" if kind == "image" else "pyav"))
         if backend.startswith("dali") and base:
-            ratios[f"{kind}{'-' + codec if codec else ''}: {backend} / {'pil' if kind == 'image' else 'pyav'}"] = value / base
+            ratios[
+                f"{kind}{'-' + codec if codec else ''}: {backend} / {'pil' if kind == 'image' else 'pyav'}"
+            ] = value / base
     return ratios
 
 
@@ -178,8 +211,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=2, help="clips per codec")
     parser.add_argument("--codecs", default="vp9,h264", help=f"comma-separated, of {', '.join(CODECS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the harness, times nothing useful")
-    parser.add_argument("--out", type=Path, help="result file (default on a GPU: results/loader-<device>-<date>.json)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks the harness, times nothing useful"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="result file (default on a GPU: results/loader-<device>-<date>.json)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.pairs, args.clip_size, args.frames, args.clips, args.repeats = 64, 2, "64x48", 5, 1, 1
@@ -197,28 +234,54 @@ def main(argv=None) -> dict:
     width, height = (int(v) for v in args.clip_size.split("x"))
     with tempfile.TemporaryDirectory(prefix="vipo-bench-loader-") as folder:
         pairs = make_jpeg_pairs(args.pairs, args.size)
-        clips = {codec: [make_clip(Path(folder) / f"{codec}-{i}{CODECS[codec][1]}", codec, width, height, args.frames,
-                                   seed=i) for i in range(args.clips)]
-                 for codec in args.codecs.split(",")}  # fmt: skip
+        clips = {
+            codec: [
+                make_clip(
+                    Path(folder) / f"{codec}-{i}{CODECS[codec][1]}", codec, width, height, args.frames, seed=i
+                )
+                for i in range(args.clips)
+            ]
+            for codec in args.codecs.split(",")
+        }
         rows = bench_images(pairs, args.repeats, cuda) + bench_video(clips, args.repeats)
     device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     report = {
-        "kind": "loader", "smoke": args.smoke, "device": device, "device_type": "cuda" if cuda else "cpu",
-        "cpu_count": os.cpu_count(), "nvdec": dali.nvdec_available(),
+        "kind": "loader",
+        "smoke": args.smoke,
+        "device": device,
+        "device_type": "cuda" if cuda else "cpu",
+        "cpu_count": os.cpu_count(),
+        "nvdec": dali.nvdec_available(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": provenance.commit(), "versions": provenance.versions("PIL", "av", "nvidia.dali"),
-        "shapes": {"jpeg": [args.size, args.size, 3], "jpeg_pairs": args.pairs,
-                   "jpeg_bytes_mean": int(np.mean([len(b) for pair in pairs for b in pair])),
-                   "clip": [args.frames, height, width, 3], "clips_per_codec": args.clips, "codecs": args.codecs},
-        "rows": rows, "ratios": _ratios(rows),
-    }  # fmt: skip
+        "commit": provenance.commit(),
+        "versions": provenance.versions("PIL", "av", "nvidia.dali"),
+        "shapes": {
+            "jpeg": [args.size, args.size, 3],
+            "jpeg_pairs": args.pairs,
+            "jpeg_bytes_mean": int(np.mean([len(b) for pair in pairs for b in pair])),
+            "clip": [args.frames, height, width, 3],
+            "clips_per_codec": args.clips,
+            "codecs": args.codecs,
+        },
+        "rows": rows,
+        "ratios": _ratios(rows),
+    }
     for row in rows:
-        figure = f"{row['pairs_per_s']:.1f} pairs/s" if "pairs_per_s" in row else (
-            f"{row['frames_per_s']:.1f} frames/s" if "frames_per_s" in row else row.get("unsupported") or row.get("error"))
+        figure = (
+            f"{row['pairs_per_s']:.1f} pairs/s"
+            if "pairs_per_s" in row
+            else (
+                f"{row['frames_per_s']:.1f} frames/s"
+                if "frames_per_s" in row
+                else row.get("unsupported") or row.get("error")
+            )
+        )
         print(f"{row['kind']:5} {row.get('codec') or '':5} {row['backend']:10} {figure}")
     for name, ratio in report["ratios"].items():
         print(f"{name}: {ratio:.2f}x")
-    out = args.out or (RESULTS / f"loader-{device.replace(' ', '_')}-{report['date'][:10]}.json" if cuda else None)
+    out = args.out or (
+        RESULTS / f"loader-{device.replace(' ', '_')}-{report['date'][:10]}.json" if cuda else None
+    )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

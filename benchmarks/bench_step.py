@@ -56,26 +56,53 @@ DEFAULT_RESOLUTION = {"sd15": "512", "sdxl": "1024", "sd3": "1024", "flux": "102
 NAMED_RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
 LEARNING_RATE = 1e-6  # any finite value that keeps random weights finite: the bench measures speed
 # The recipe keys that change a step's speed or memory (`--list` prints them).
-STEP_KEYS = ("model.lora_rank", "model.gradient_checkpointing", "model.attention", "model.param_dtype",
-             "train.mixed_precision", "train.compile", "reference.mode", "loss.beta", "loss.alpha")  # fmt: skip
+STEP_KEYS = (
+    "model.lora_rank",
+    "model.gradient_checkpointing",
+    "model.attention",
+    "model.param_dtype",
+    "train.mixed_precision",
+    "train.compile",
+    "reference.mode",
+    "loss.beta",
+    "loss.alpha",
+)
 
 # The issue's recipes, with starting settings for one GPU (tune --batch and overrides on the GPU;
 # the baseline keeps its official form except where it cannot fit without checkpointing).
 STEP_RECIPES = {
     "sd15-512": {"config": "sd15", "resolution": "512", "batch": 8, "overrides": ["train.compile=blocks"]},
     "sdxl-1024": {"config": "sdxl", "resolution": "1024", "batch": 2, "overrides": ["train.compile=blocks"]},
-    "sd35m-1024": {"config": "sd3.5-medium", "resolution": "1024", "batch": 2,
-                   "overrides": ["train.compile=blocks", "model.gradient_checkpointing=true"]},
+    "sd35m-1024": {
+        "config": "sd3.5-medium",
+        "resolution": "1024",
+        "batch": 2,
+        "overrides": ["train.compile=blocks", "model.gradient_checkpointing=true"],
+    },
     # 12B parameters: a full fine-tune needs ~190 GB with AdamW; one GPU trains a LoRA on a frozen bf16
     # base, the reference is that base with the adapters off (zero extra weights).
-    "flux-1024": {"config": "flux1-dev", "resolution": "1024", "batch": 1,
-                  "overrides": ["model.param_dtype=bfloat16", "model.lora_rank=64", "reference.mode=adapter",
-                                "train.compile=blocks", "model.gradient_checkpointing=true"],
-                  "baseline_settings": ["gradient_checkpointing=true"]},
-    "wan-720p": {"config": "wan2.1-t2v-1.3b", "resolution": "720p", "frames": 81, "batch": 1,
-                 "overrides": ["train.compile=blocks", "model.gradient_checkpointing=true"],
-                 "baseline_settings": ["gradient_checkpointing=true"]},
-}  # fmt: skip
+    "flux-1024": {
+        "config": "flux1-dev",
+        "resolution": "1024",
+        "batch": 1,
+        "overrides": [
+            "model.param_dtype=bfloat16",
+            "model.lora_rank=64",
+            "reference.mode=adapter",
+            "train.compile=blocks",
+            "model.gradient_checkpointing=true",
+        ],
+        "baseline_settings": ["gradient_checkpointing=true"],
+    },
+    "wan-720p": {
+        "config": "wan2.1-t2v-1.3b",
+        "resolution": "720p",
+        "frames": 81,
+        "batch": 1,
+        "overrides": ["train.compile=blocks", "model.gradient_checkpointing=true"],
+        "baseline_settings": ["gradient_checkpointing=true"],
+    },
+}
 
 
 @dataclass
@@ -101,8 +128,17 @@ def resolve_target(name: str) -> Target:
     if name in STEP_RECIPES:
         spec = STEP_RECIPES[name]
         family = load_architecture(spec["config"])["family"]
-        return Target(name, family, spec["config"], spec["resolution"], spec.get("frames"), spec["batch"],
-                      list(spec["overrides"]), list(spec.get("baseline_settings", [])), step_recipe=True)  # fmt: skip
+        return Target(
+            name,
+            family,
+            spec["config"],
+            spec["resolution"],
+            spec.get("frames"),
+            spec["batch"],
+            list(spec["overrides"]),
+            list(spec.get("baseline_settings", [])),
+            step_recipe=True,
+        )
     if not name.endswith((".yaml", ".yml")):
         try:
             arch = load_architecture(name)
@@ -123,8 +159,14 @@ def resolve_target(name: str) -> Target:
         resolution = str(int(math.isqrt(data.bucket_area)))
     else:
         resolution = str(data.resolution)
-    return Target(name, family, FULL_CONFIGS[family] if cfg.model.path else cfg.model.config, resolution,
-                  data.num_frames if FAMILIES[family].video else None, recipe_file=str(path))  # fmt: skip
+    return Target(
+        name,
+        family,
+        FULL_CONFIGS[family] if cfg.model.path else cfg.model.config,
+        resolution,
+        data.num_frames if FAMILIES[family].video else None,
+        recipe_file=str(path),
+    )
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -143,23 +185,40 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return (sides[0], sides[-1])
 
 
-def vipo_config(target: Target, device: torch.device, inputs: str, batch: int, pixel_shape: tuple[int, ...],
-                overrides: list[str]) -> RunConfig:  # fmt: skip
+def vipo_config(
+    target: Target,
+    device: torch.device,
+    inputs: str,
+    batch: int,
+    pixel_shape: tuple[int, ...],
+    overrides: list[str],
+) -> RunConfig:
     """The RunConfig of vipo's run: the train recipe (or the defaults and a step recipe's overrides),
     what one benchmark step on one device needs, then the command line's overrides."""
     cpu = device.type == "cpu"
     base, asked = [], {o.partition("=")[0].strip() for o in overrides}
     if target.recipe_file is None:  # defaults: bf16 on a GPU, and the data section says the shapes
         width, height = pixel_shape[-1], pixel_shape[-2]
-        base = [f"model.family={target.family}", f"train.mixed_precision={'no' if cpu else 'bf16'}",
-                f"optim.lr={LEARNING_RATE}", "optim.scale_lr=false",
-                f"data.resolution={height}" if width == height else f"data.buckets=[[{width}, {height}]]"]  # fmt: skip
+        base = [
+            f"model.family={target.family}",
+            f"train.mixed_precision={'no' if cpu else 'bf16'}",
+            f"optim.lr={LEARNING_RATE}",
+            "optim.scale_lr=false",
+            f"data.resolution={height}" if width == height else f"data.buckets=[[{width}, {height}]]",
+        ]
         base += [f"data.num_frames={pixel_shape[1]}"] if len(pixel_shape) == 4 else []
     recipe = list(target.overrides)
     # One device, one micro-batch a step; a latent-cache run (counter-RNG noise) on synthetic latents.
-    bench = [f"model.config={target.config}", "model.path=null", "model.init_from=null", "parallel.strategy=none",
-             "train.grad_accum_steps=1", f"train.batch_pairs={batch}", f"train.device={device.type}",
-             f"data.cache={SYNTHETIC_CACHE}"]  # fmt: skip
+    bench = [
+        f"model.config={target.config}",
+        "model.path=null",
+        "model.init_from=null",
+        "parallel.strategy=none",
+        "train.grad_accum_steps=1",
+        f"train.batch_pairs={batch}",
+        f"train.device={device.type}",
+        f"data.cache={SYNTHETIC_CACHE}",
+    ]
     if cpu and "train.compile" not in asked:  # minutes of CPU inductor for timings of no value
         recipe = [o for o in recipe if not o.startswith("train.compile=")]
         bench.append("train.compile=off")
@@ -174,8 +233,10 @@ def vipo_config(target: Target, device: torch.device, inputs: str, batch: int, p
         raise ConfigError("loss.objective=sft: bench step compares preference steps (dpo, poly_dpo)")
     if inputs == "pixels":
         if cfg.reference.mode == "precomputed":
-            raise ConfigError("reference.mode=precomputed reads e_ref by pair id and epoch of cached latents: "
-                              "use --inputs latents")  # fmt: skip
+            raise ConfigError(
+                "reference.mode=precomputed reads e_ref by pair id and epoch of cached latents: "
+                "use --inputs latents"
+            )
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=None))  # encoders online
     return cfg
 
@@ -219,8 +280,11 @@ def plan(args: argparse.Namespace) -> Plan:
     cpu = device.type == "cpu"
     if cpu and target.config == FULL_CONFIGS[target.family]:
         target.config = TINY_CONFIGS[target.family]
-        print(f"bench step: CPU builds {target.config} instead of {requested_config} (checks the harness, "
-              "not speed)", file=sys.stderr)  # fmt: skip
+        print(
+            f"bench step: CPU builds {target.config} instead of {requested_config} (checks the harness, "
+            "not speed)",
+            file=sys.stderr,
+        )
     tiny = Path(target.config).stem.endswith("-tiny")
     out = Path(args.out).resolve() if args.out else None
     if cpu and out is not None and out.parent == step_report.RESULTS.resolve():
@@ -246,10 +310,16 @@ def plan(args: argparse.Namespace) -> Plan:
     smoke = args.smoke or cpu
     steps = _count(args.steps, 2 if smoke else 10, "--steps")
     work = Workload(
-        target.name, cfg.model.family, cfg.model.config, device, cfg.train.batch_pairs, pixel_shape, steps,
+        target.name,
+        cfg.model.family,
+        cfg.model.config,
+        device,
+        cfg.train.batch_pairs,
+        pixel_shape,
+        steps,
         _count(args.warmup, 1 if smoke else 3, "--warmup", low=0),
         _count(args.split_steps, min(steps, 1 if smoke else 3), "--split-steps"),
-    )  # fmt: skip
+    )
     return Plan(target, work, args.inputs, cfg, baseline, why, requested_config, out)
 
 
@@ -307,8 +377,11 @@ def run(args: argparse.Namespace) -> int:
     cuda = work.device.type == "cuda"
     device_name = torch.cuda.get_device_name(work.device) if cuda else platform.processor() or "cpu"
     peak = peak_tflops(device_name) if cuda else None
-    print(f"bench step: {work.name} ({work.config}) on {device_name}, {work.batch_pairs} pairs, "
-          f"pixels {work.pixel_shape}, inputs {request.inputs}", file=sys.stderr)  # fmt: skip
+    print(
+        f"bench step: {work.name} ({work.config}) on {device_name}, {work.batch_pairs} pairs, "
+        f"pixels {work.pixel_shape}, inputs {request.inputs}",
+        file=sys.stderr,
+    )
     runs = {"vipo": measure_vipo(request)}
     if request.baseline is not None:
         runs["baseline"] = measure_baseline(request)

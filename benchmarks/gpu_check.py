@@ -73,28 +73,72 @@ class Step:
 def steps(out: Path, py: str, scratch: Path) -> list[Step]:
     bench = ROOT / "benchmarks"
     return [
-        Step("kernel-tests", "compiled kernels vs float64 on the GPU",
-             [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/kernels",
-              f"--junitxml={out / 'kernel-tests.xml'}"],
-             [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--collect-only", "tests/kernels"],
-             timeout_s=90, result="kernel-tests.xml"),
-        Step("bench-kernel", "fused loss vs eager vs torch.compile",
-             [py, str(bench / "bench_kernel.py"), "--out", str(out / "kernel.json")],
-             [py, str(bench / "bench_kernel.py"), "--smoke", "--out", str(scratch / "kernel.json")],
-             timeout_s=100, result="kernel.json"),
-        Step("step-sd15-512", "SD1.5 512px training step, vipo vs baseline",
-             [py, str(bench / "bench_step.py"), "sd15-512", "--out", str(out / "step.json")],
-             [py, str(bench / "bench_step.py"), "sd15-512", "--smoke", "--out", str(scratch / "step.json")],
-             timeout_s=110, needs=("diffusers",), result="step.json"),
-        Step("step-sdxl-1024", "SDXL 1024px training step, vipo vs baseline",
-             [py, str(bench / "bench_step.py"), "sdxl-1024", "--out", str(out / "step.json")],
-             [py, str(bench / "bench_step.py"), "sdxl-1024", "--smoke", "--out", str(scratch / "step.json")],
-             timeout_s=130, needs=("diffusers",), result="step.json"),
-        Step("bench-loader", "JPEG and clip decoding rates",
-             [py, str(bench / "bench_loader.py"), "--out", str(out / "loader.json")],
-             [py, str(bench / "bench_loader.py"), "--smoke", "--out", str(scratch / "loader.json")],
-             timeout_s=40, needs=("av",), result="loader.json"),
-    ]  # fmt: skip
+        Step(
+            "kernel-tests",
+            "compiled kernels vs float64 on the GPU",
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "tests/kernels",
+                f"--junitxml={out / 'kernel-tests.xml'}",
+            ],
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "--collect-only",
+                "tests/kernels",
+            ],
+            timeout_s=90,
+            result="kernel-tests.xml",
+        ),
+        Step(
+            "bench-kernel",
+            "fused loss vs eager vs torch.compile",
+            [py, str(bench / "bench_kernel.py"), "--out", str(out / "kernel.json")],
+            [py, str(bench / "bench_kernel.py"), "--smoke", "--out", str(scratch / "kernel.json")],
+            timeout_s=100,
+            result="kernel.json",
+        ),
+        Step(
+            "step-sd15-512",
+            "SD1.5 512px training step, vipo vs baseline",
+            [py, str(bench / "bench_step.py"), "sd15-512", "--out", str(out / "step.json")],
+            [py, str(bench / "bench_step.py"), "sd15-512", "--smoke", "--out", str(scratch / "step.json")],
+            timeout_s=110,
+            needs=("diffusers",),
+            result="step.json",
+        ),
+        Step(
+            "step-sdxl-1024",
+            "SDXL 1024px training step, vipo vs baseline",
+            [py, str(bench / "bench_step.py"), "sdxl-1024", "--out", str(out / "step.json")],
+            [py, str(bench / "bench_step.py"), "sdxl-1024", "--smoke", "--out", str(scratch / "step.json")],
+            timeout_s=130,
+            needs=("diffusers",),
+            result="step.json",
+        ),
+        Step(
+            "bench-loader",
+            "JPEG and clip decoding rates",
+            [py, str(bench / "bench_loader.py"), "--out", str(out / "loader.json")],
+            [py, str(bench / "bench_loader.py"), "--smoke", "--out", str(scratch / "loader.json")],
+            timeout_s=40,
+            needs=("av",),
+            result="loader.json",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,15 +147,22 @@ def steps(out: Path, py: str, scratch: Path) -> list[Step]:
 
 def _importable(module: str, env: dict) -> bool:
     code = f"import importlib, sys; importlib.import_module({module!r})"
-    return subprocess.run([env.get("VIPO_PYTHON", sys.executable), "-c", code], env=env,
-                          capture_output=True, timeout=120).returncode == 0  # fmt: skip
+    return (
+        subprocess.run(
+            [env.get("VIPO_PYTHON", sys.executable), "-c", code], env=env, capture_output=True, timeout=120
+        ).returncode
+        == 0
+    )
 
 
 def vipo_path(scratch: Path) -> str | None:
     """A folder that makes `import vipo.engine` etc. find this checkout without an install (the
     GPU image has no registry to install from): vipo/<part> links to each part. None where vipo
     is importable already (an editable install)."""
-    if importlib.util.find_spec("vipo") is not None and importlib.util.find_spec("vipo.benchmarks") is not None:
+    if (
+        importlib.util.find_spec("vipo") is not None
+        and importlib.util.find_spec("vipo.benchmarks") is not None
+    ):
         return None
     shim = scratch / "vipo-src" / "vipo"
     shim.mkdir(parents=True, exist_ok=True)
@@ -153,8 +204,14 @@ def environment(out: Path, env: dict, py: str) -> dict:
         "print(json.dumps(info))\n"
     )
     proc = subprocess.run([py, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    info = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
-    info["optional_modules"] = {m: _importable(m, env) for m in (*CARRIED, *ABSENT_ON_GPU_IMAGE, "vipo.engine")}
+    info = (
+        json.loads(proc.stdout.strip().splitlines()[-1])
+        if proc.returncode == 0
+        else {"error": proc.stderr[-2000:]}
+    )
+    info["optional_modules"] = {
+        m: _importable(m, env) for m in (*CARRIED, *ABSENT_ON_GPU_IMAGE, "vipo.engine")
+    }
     info["host"] = platform.node()
     info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if shutil.which("nvidia-smi"):
@@ -169,8 +226,13 @@ def carried_wheels() -> dict[str, str | None]:
     found = {}
     for module, (spec, _) in CARRIED.items():
         name = spec.split("==")[0].replace("-", "_").lower()
-        files = [p.name for folder in (ROOT / ".whl", ROOT / ".whl-parts") if folder.is_dir()
-                 for p in folder.iterdir() if p.name.lower().replace("-", "_").startswith(name + "_")]  # fmt: skip
+        files = [
+            p.name
+            for folder in (ROOT / ".whl", ROOT / ".whl-parts")
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.name.lower().replace("-", "_").startswith(name + "_")
+        ]
         found[module] = files[0] if files else None
     return found
 
@@ -211,9 +273,16 @@ def headline(step: Step, out: Path) -> str:
             cells += [f"{k} x{v:.2f} of baseline" for k, v in ratios.items() if isinstance(v, (int, float))]
             return ", ".join(cells)
         if step.name == "bench-loader":
-            cells = [f"{r['kind']} {r.get('codec') or ''} {r['backend']} "
-                     + (f"{r['pairs_per_s']:.0f} pairs/s" if "pairs_per_s" in r else f"{r.get('frames_per_s', 0):.0f} frames/s")
-                     for r in data["rows"] if "pairs_per_s" in r or "frames_per_s" in r]  # fmt: skip
+            cells = [
+                f"{r['kind']} {r.get('codec') or ''} {r['backend']} "
+                + (
+                    f"{r['pairs_per_s']:.0f} pairs/s"
+                    if "pairs_per_s" in r
+                    else f"{r.get('frames_per_s', 0):.0f} frames/s"
+                )
+                for r in data["rows"]
+                if "pairs_per_s" in r or "frames_per_s" in r
+            ]
             cells += [f"{k} {v:.2f}x" for k, v in data.get("ratios", {}).items()]
             return "; ".join(" ".join(c.split()) for c in cells)
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -231,14 +300,25 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.txt", "w", encoding="utf-8")
     py = sys.executable
-    env = dict(os.environ, TRITON_INTERPRET="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")  # fmt: skip
-    paths = [p for p in (vipo_path(scratch), blocker(scratch, ABSENT_ON_GPU_IMAGE) if args.dry_run else None) if p]
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="0",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    paths = [
+        p for p in (vipo_path(scratch), blocker(scratch, ABSENT_ON_GPU_IMAGE) if args.dry_run else None) if p
+    ]
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
     info = environment(out, env, py)
     mode = f"dry run on {platform.machine()} CPU" if args.dry_run else info.get("device", "no CUDA device")
-    print(f"gpu_check: {mode}; torch {info.get('torch')}, triton {info.get('triton')}; results in {out}", flush=True)
+    print(
+        f"gpu_check: {mode}; torch {info.get('torch')}, triton {info.get('triton')}; results in {out}",
+        flush=True,
+    )
     if not args.dry_run and not info.get("cuda_available"):
         print("gpu_check: no CUDA device here; rehearse with --dry-run", file=sys.stderr)
         return 2
@@ -250,8 +330,10 @@ def run(args) -> int:
     if args.only:
         unknown = set(args.only) - {s.name for s in plan}
         if unknown:
-            print(f"gpu_check: --only {', '.join(sorted(unknown))}: steps are {', '.join(s.name for s in plan)}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"gpu_check: --only {', '.join(sorted(unknown))}: steps are {', '.join(s.name for s in plan)}",
+                file=sys.stderr,
+            )
             return 2
         plan = [s for s in plan if s.name in args.only]
     for step in plan:
@@ -271,7 +353,9 @@ def run(args) -> int:
         log.flush()
         began = time.monotonic()
         try:
-            proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            )
             step.status = "ok" if proc.returncode == 0 else f"failed ({proc.returncode})"
         except subprocess.TimeoutExpired:
             step.status = "timeout"
@@ -280,18 +364,31 @@ def run(args) -> int:
         if step.status != "ok":
             step.headline = _tail(out)
         elif args.dry_run and step.name == "kernel-tests":
-            step.headline = next((line for line in reversed(_log_lines(out)) if "collected" in line), "collected")
+            step.headline = next(
+                (line for line in reversed(_log_lines(out)) if "collected" in line), "collected"
+            )
         else:
             step.headline = headline(step, scratch if args.dry_run else out)
     log.close()
 
     rows = [(s.name, s.status, f"{s.seconds:.0f}", s.headline) for s in plan]
     summary = {
-        "dry_run": args.dry_run, "environment": info, "total_s": round(time.monotonic() - start, 1),
-        "steps": [dict(name=s.name, what=s.what, status=s.status, seconds=round(s.seconds, 1), headline=s.headline,
-                       command=" ".join(s.rehearsal if args.dry_run and s.rehearsal else s.command)) for s in plan],
+        "dry_run": args.dry_run,
+        "environment": info,
+        "total_s": round(time.monotonic() - start, 1),
+        "steps": [
+            dict(
+                name=s.name,
+                what=s.what,
+                status=s.status,
+                seconds=round(s.seconds, 1),
+                headline=s.headline,
+                command=" ".join(s.rehearsal if args.dry_run and s.rehearsal else s.command),
+            )
+            for s in plan
+        ],
         "wheels_to_carry": to_carry,
-    }  # fmt: skip
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     width = max(len(r[0]) for r in rows)
     print(f"\n{'step':<{width}}  {'status':<11} {'s':>4}  headline")

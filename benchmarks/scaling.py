@@ -253,10 +253,20 @@ def model_row(
     comm_s = bandwidth_s + latency_s
     memory = state_gib(strategy, workload.params, gpus, workload.largest_unit_params)
     return Row(
-        workload.name, strategy, fabric.name, gpus, fabric.nodes(gpus), memory <= state_budget_gib, memory,
-        compute_s, bus_bytes, bandwidth_s, latency_s, comm_s,
+        workload.name,
+        strategy,
+        fabric.name,
+        gpus,
+        fabric.nodes(gpus),
+        memory <= state_budget_gib,
+        memory,
+        compute_s,
+        bus_bytes,
+        bandwidth_s,
+        latency_s,
+        comm_s,
         {str(o): efficiency(compute_s, comm_s, o) for o in overlaps},
-    )  # fmt: skip
+    )
 
 
 def table(
@@ -270,13 +280,22 @@ def table(
     workloads: dict[str, Workload] = WORKLOADS,
 ) -> list[Row]:
     return [
-        model_row(workloads[name], strategy, n, fabric, seconds_per_pair[name], overlaps, grad_accum,
-                  reshard_after_forward, state_budget_gib)
+        model_row(
+            workloads[name],
+            strategy,
+            n,
+            fabric,
+            seconds_per_pair[name],
+            overlaps,
+            grad_accum,
+            reshard_after_forward,
+            state_budget_gib,
+        )
         for fabric in fabrics
         for name in workloads
         for strategy in STRATEGIES
         for n in gpus
-    ]  # fmt: skip
+    ]
 
 
 def render(rows: list[Row], overlaps: tuple[float, ...], fits_only: bool = True) -> str:
@@ -363,15 +382,24 @@ def main(argv: list[str] | None = None) -> int:
         replace(f, nvlink_busbw_gbs=args.nvlink_gbs, ib_nic_gbs=args.ib_nic_gbs) for f in FABRICS.values()
     )
     overlaps, gpus = tuple(args.overlap), tuple(args.gpus)
-    rows = table(seconds, gpus, overlaps, fabrics, args.grad_accum, not args.no_reshard_after_forward,
-                 args.state_budget_gib, workloads)  # fmt: skip
+    rows = table(
+        seconds,
+        gpus,
+        overlaps,
+        fabrics,
+        args.grad_accum,
+        not args.no_reshard_after_forward,
+        args.state_budget_gib,
+        workloads,
+    )
 
     step_source = {
-        n: "measured (--seconds-per-pair)" if n in measured
+        n: "measured (--seconds-per-pair)"
+        if n in measured
         else f"ASSUMED: {FORWARD_EQUIVALENTS_PER_PAIR} x {w.forward_tflop} TFLOP at {args.mfu:.0%} MFU of "
         f"{H100_PEAK_TFLOPS} TFLOP/s"
         for n, w in workloads.items()
-    }  # fmt: skip
+    }
     report = {
         "measured": False,
         "note": "A model on paper: no GPU timing and no NCCL bandwidth was measured for these figures.",
@@ -397,9 +425,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name}: {seconds[name]:.3f} s/pair x {workloads[name].micro_batch_pairs} pairs/GPU ({source})"
         )
     for f in fabrics:
-        print(f"  fabric {f.name}: NVLink {f.nvlink_busbw_gbs:g} GB/s busbw in a node; across nodes "
-              f"{f.busbw(f.gpus_per_node + 1) / 1e9:g} GB/s ({f.ib_rails_used} x {f.ib_nic_gbs:g} GB/s IB NICs); "
-              f"{f.gpus_per_node} GPUs/node")  # fmt: skip
+        print(
+            f"  fabric {f.name}: NVLink {f.nvlink_busbw_gbs:g} GB/s busbw in a node; across nodes "
+            f"{f.busbw(f.gpus_per_node + 1) / 1e9:g} GB/s ({f.ib_rails_used} x {f.ib_nic_gbs:g} GB/s IB NICs); "
+            f"{f.gpus_per_node} GPUs/node"
+        )
     print(render(rows, overlaps))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

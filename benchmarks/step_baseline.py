@@ -62,8 +62,9 @@ class BaselineSettings:
     )
 
 
-def baseline_settings(family: str, lora_rank: int, device: torch.device,
-                      overrides: list[str]) -> tuple[BaselineSettings, str]:  # fmt: skip
+def baseline_settings(
+    family: str, lora_rank: int, device: torch.device, overrides: list[str]
+) -> tuple[BaselineSettings, str]:
     """The baseline's settings and why its precision is what it is."""
     if device.type == "cpu":
         precision, why = "fp32", "CPU: fp32 everywhere"
@@ -85,16 +86,29 @@ class BaselineStep:
     """The official-style step for one settings: a policy, its separate reference copy, AdamW and
     a host batch; `step(clock)` runs one micro-batch and one optimizer update."""
 
-    def __init__(self, work: Workload, model_cfg, settings: BaselineSettings, loss_cfg, *, seed: int,
-                 vocabulary: list[str] | None):  # fmt: skip
+    def __init__(
+        self,
+        work: Workload,
+        model_cfg,
+        settings: BaselineSettings,
+        loss_cfg,
+        *,
+        seed: int,
+        vocabulary: list[str] | None,
+    ):
         self.settings, self.device = settings, work.device
         self.low = LOW_DTYPES.get(settings.precision)
         model_cfg = dataclasses.replace(
-            model_cfg, lora_rank=settings.lora_rank, gradient_checkpointing=settings.gradient_checkpointing,
-            attention=settings.attention, param_dtype="float32", init_from=None,
-        )  # fmt: skip
-        self.adapter = adapter = build_adapter(model_cfg, work.device, seed=seed, trainable=True,
-                                               vocabulary=vocabulary)  # fmt: skip
+            model_cfg,
+            lora_rank=settings.lora_rank,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            attention=settings.attention,
+            param_dtype="float32",
+            init_from=None,
+        )
+        self.adapter = adapter = build_adapter(
+            model_cfg, work.device, seed=seed, trainable=True, vocabulary=vocabulary
+        )
         network = adapter.network
         if self.low is not None:
             for param in network.parameters():  # a LoRA's frozen base in weight_dtype; trainable weights fp32

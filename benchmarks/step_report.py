@@ -20,8 +20,12 @@ RESULTS = HERE / "results"
 README = HERE / "README.md"
 TABLE_START, TABLE_END = "<!-- step-results:start -->", "<!-- step-results:end -->"
 VIPO_STEP = "vipo.engine.trainer.Trainer: strategy.zero_grad, forward_backward(batch), update(finite)"
-PRECISION = {("float32", "no"): "fp32", ("float32", "bf16"): "bf16_autocast", ("bfloat16", "no"): "bf16_params",
-             ("bfloat16", "bf16"): "bf16_params+autocast"}  # fmt: skip
+PRECISION = {
+    ("float32", "no"): "fp32",
+    ("float32", "bf16"): "bf16_autocast",
+    ("bfloat16", "no"): "bf16_params",
+    ("bfloat16", "bf16"): "bf16_params+autocast",
+}
 BASELINE_DEFAULTS = {"compile": "off", "gradient_checkpointing": False, "attention": "sdpa", "lora_rank": 0}
 
 
@@ -44,24 +48,46 @@ def build_report(plan, runs: dict[str, dict], forward: int, device_name: str, pe
         "commit": provenance.commit(),
         "versions": provenance.versions("diffusers", "transformers", "peft"),
         "smoke": work.device.type == "cpu",
-        "target": {"name": target.name, "recipe": target.recipe_file or (target.name if target.step_recipe else None),
-                   "family": work.family, "config": work.config, "requested_config": plan.requested_config},
-        "shapes": {"batch_pairs": work.batch_pairs, "resolution": list(work.pixel_shape[-1:-3:-1]),
-                   "frames": work.pixel_shape[1] if len(work.pixel_shape) == 4 else None,
-                   "pixels": [work.rows, *work.pixel_shape], "latents": [work.rows, *work.latent_shape],
-                   "cond": {key: list(shape) for key, shape in work.cond_shapes.items()}},
-        "loss": {"objective": cfg.loss.objective, "beta": cfg.loss.beta, "beta_convention": cfg.loss.beta_convention,
-                 "alpha": cfg.loss.alpha},
-        "flops": {"method": FLOP_METHOD, "forward_per_sample": forward,
-                  "forward_equivalents_per_pair": model_flops_per_pair(1), "per_pair": model_flops_per_pair(forward)},
-        "timing": {"method": "cuda events" if work.device.type == "cuda" else "time.perf_counter",
-                   "quantiles": "torch.quantile (linear)", "vipo_step": VIPO_STEP,
-                   "warmup_steps": work.warmup, "timed_steps": work.steps, "split_steps": work.split_steps,
-                   "split": "separate pass, device synchronised at each phase boundary"},
+        "target": {
+            "name": target.name,
+            "recipe": target.recipe_file or (target.name if target.step_recipe else None),
+            "family": work.family,
+            "config": work.config,
+            "requested_config": plan.requested_config,
+        },
+        "shapes": {
+            "batch_pairs": work.batch_pairs,
+            "resolution": list(work.pixel_shape[-1:-3:-1]),
+            "frames": work.pixel_shape[1] if len(work.pixel_shape) == 4 else None,
+            "pixels": [work.rows, *work.pixel_shape],
+            "latents": [work.rows, *work.latent_shape],
+            "cond": {key: list(shape) for key, shape in work.cond_shapes.items()},
+        },
+        "loss": {
+            "objective": cfg.loss.objective,
+            "beta": cfg.loss.beta,
+            "beta_convention": cfg.loss.beta_convention,
+            "alpha": cfg.loss.alpha,
+        },
+        "flops": {
+            "method": FLOP_METHOD,
+            "forward_per_sample": forward,
+            "forward_equivalents_per_pair": model_flops_per_pair(1),
+            "per_pair": model_flops_per_pair(forward),
+        },
+        "timing": {
+            "method": "cuda events" if work.device.type == "cuda" else "time.perf_counter",
+            "quantiles": "torch.quantile (linear)",
+            "vipo_step": VIPO_STEP,
+            "warmup_steps": work.warmup,
+            "timed_steps": work.steps,
+            "split_steps": work.split_steps,
+            "split": "separate pass, device synchronised at each phase boundary",
+        },
         "baseline_precision_reason": plan.baseline_why,
         "runs": runs,
         "ratios": ratios,
-    }  # fmt: skip
+    }
 
 
 def write_report(out: Path, report: dict) -> None:
@@ -95,11 +121,18 @@ def run_label(run: dict) -> str:
     vipo's run from its RunConfig, the baseline's from its settings."""
     if "config" in run:
         model, train = run["config"]["model"], run["config"]["train"]
-        parts = [PRECISION[model["param_dtype"], train["mixed_precision"]],
-                 f"ref={run['config']['reference']['mode']}", run["inputs"]]  # fmt: skip
-        extra = {"lora_rank": model["lora_rank"], "compile": train["compile"],
-                 "gradient_checkpointing": model["gradient_checkpointing"], "attention": model["attention"],
-                 "parallel": run["config"]["parallel"]["strategy"]}  # fmt: skip
+        parts = [
+            PRECISION[model["param_dtype"], train["mixed_precision"]],
+            f"ref={run['config']['reference']['mode']}",
+            run["inputs"],
+        ]
+        extra = {
+            "lora_rank": model["lora_rank"],
+            "compile": train["compile"],
+            "gradient_checkpointing": model["gradient_checkpointing"],
+            "attention": model["attention"],
+            "parallel": run["config"]["parallel"]["strategy"],
+        }
         defaults = {**BASELINE_DEFAULTS, "parallel": "none"}
     else:
         settings = run["settings"]
@@ -140,12 +173,20 @@ def render_table(reports: list[dict]) -> str:
         vipo, base = r["runs"]["vipo"], r["runs"].get("baseline") or {}
         ratios = r.get("ratios") or {}
         cells = [
-            r["date"][:10], r["device"], r["target"]["name"], shape_label(r), str(r["shapes"]["batch_pairs"]),
-            run_label(vipo), _cell(vipo, "pairs_per_s", ".2f"), _cell(base, "pairs_per_s", ".2f"),
-            _fmt(ratios.get("pairs_per_s"), ".2f"), _cell(vipo, "mfu", ".1%"), _cell(base, "mfu", ".1%"),
+            r["date"][:10],
+            r["device"],
+            r["target"]["name"],
+            shape_label(r),
+            str(r["shapes"]["batch_pairs"]),
+            run_label(vipo),
+            _cell(vipo, "pairs_per_s", ".2f"),
+            _cell(base, "pairs_per_s", ".2f"),
+            _fmt(ratios.get("pairs_per_s"), ".2f"),
+            _cell(vipo, "mfu", ".1%"),
+            _cell(base, "mfu", ".1%"),
             f"{_cell(vipo, 'peak_memory_gib', '.1f')} / {_cell(base, 'peak_memory_gib', '.1f')}",
             _fmt(ratios.get("peak_memory"), ".2f"),
-        ]  # fmt: skip
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -182,10 +223,12 @@ def print_run(label: str, run: dict) -> None:
         f"{label:9s} {run['pairs_per_s']:.3f} pairs/s ({run['samples_per_s']:.3f} samples/s), step {run['step_ms']['mean']:.1f} ms "
         f"(median {run['step_ms']['median']:.1f}); split ms [{split}]; {_fmt(run['model_tflops_per_s'], '.1f')} TFLOP/s, "
         f"MFU {_fmt(run['mfu'], '.1%', 'n/a')}; peak memory {memory} GiB; {run_label(run)}"
-    )  # fmt: skip
+    )
 
 
 def print_ratios(ratios: dict | None) -> None:
     if ratios:
-        print(f"vipo / baseline: pairs/s x{_fmt(ratios['pairs_per_s'], '.2f')}, "
-              f"peak memory x{_fmt(ratios['peak_memory'], '.2f', 'n/a')}")  # fmt: skip
+        print(
+            f"vipo / baseline: pairs/s x{_fmt(ratios['pairs_per_s'], '.2f')}, "
+            f"peak memory x{_fmt(ratios['peak_memory'], '.2f', 'n/a')}"
+        )

@@ -69,7 +69,9 @@ class VipoStep:
         # embeddings come from a frozen build made and freed first, as `vipo cache` encodes once.
         encoders = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=False)
         encoders.network = None
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
+        autocast = torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"
+        )
         self.host = HostBatch(work, encoders, inputs, autocast)
         del encoders
         gc.collect()

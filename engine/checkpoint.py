@@ -91,8 +91,18 @@ def _publish(tmp: Path, final: Path, root: Path, *, latest: bool = True) -> None
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, network, optimizer, scheduler, generator, state: dict, cfg, rng: dict | None = None,
-    *, latest: bool = True, suffix: str = "",
+    out_dir: Path,
+    step: int,
+    network,
+    optimizer,
+    scheduler,
+    generator,
+    state: dict,
+    cfg,
+    rng: dict | None = None,
+    *,
+    latest: bool = True,
+    suffix: str = "",
 ) -> Path:
     """One process (or rank 0 of a ddp run, whose replicas are identical). `rng` replaces the
     generator's state when there is one stream per rank."""
@@ -114,8 +124,19 @@ def save_checkpoint(
 
 
 def save_sharded_checkpoint(
-    out_dir: Path, step: int, *, world, network, optimizer, scheduler, engine, rng: dict, state: dict, cfg,
-    latest: bool = True, suffix: str = "",
+    out_dir: Path,
+    step: int,
+    *,
+    world,
+    network,
+    optimizer,
+    scheduler,
+    engine,
+    rng: dict,
+    state: dict,
+    cfg,
+    latest: bool = True,
+    suffix: str = "",
 ) -> Path:
     """Every rank calls this. FSDP writes with torch.distributed.checkpoint (each rank its
     shards, keyed by parameter name so any world size can read them); ZeRO with DeepSpeed's
@@ -167,7 +188,9 @@ def checkpoint_state(path: Path) -> dict:
         raise RunError(f"{file}: unreadable ({type(err).__name__}: {err})") from None
     state.setdefault("format", "safetensors")
     if state["format"] not in ("safetensors", "dcp", "deepspeed"):
-        raise RunError(f"{file}: unknown checkpoint format {state['format']!r} (safetensors, dcp or deepspeed)")
+        raise RunError(
+            f"{file}: unknown checkpoint format {state['format']!r} (safetensors, dcp or deepspeed)"
+        )
     return state
 
 
@@ -230,7 +253,9 @@ def _dcp_weights(path: Path) -> dict[str, torch.Tensor]:
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
     with _single_process_ok(), reading(folder):
-        dcp.load({"model": weights}, storage_reader=dcp_reader(folder), planner=dcp_planner(folder), no_dist=True)
+        dcp.load(
+            {"model": weights}, storage_reader=dcp_reader(folder), planner=dcp_planner(folder), no_dist=True
+        )
     return weights
 
 
@@ -240,7 +265,9 @@ def _deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
 
     with deepspeed_loads(), reading(Path(path) / DEEPSPEED_TAG):
         return dict(
-            get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+            get_fp32_state_dict_from_zero_checkpoint(
+                str(path), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True
+            )
         )
 
 
@@ -254,8 +281,10 @@ def trusted_checkpoint(path: Path, what: str) -> Path:
         raise RunError(f"{what}: {path} is not a folder (a run folder or one of its checkpoints/step-N)")
     if not (path / "state.json").is_file():
         if not (path / "checkpoints").is_dir():
-            raise RunError(f"{what}: {path} is neither a vipo checkpoint (no state.json) nor a run folder "
-                           "(no checkpoints/)")  # fmt: skip
+            raise RunError(
+                f"{what}: {path} is neither a vipo checkpoint (no state.json) nor a run folder "
+                "(no checkpoints/)"
+            )
         found = resolve_checkpoint(path, what=f"read for {what}", set_aside=False)
         if found is None:
             raise RunError(f"{what}: {path} is a run folder without checkpoints")
@@ -292,7 +321,9 @@ def load_weights(path: Path, network, what: str = "model.init_from") -> None:
     mismatched = [k for k, v in weights.items() if v.shape != own[k].shape]
     if mismatched:
         key = mismatched[0]
-        raise RunError(f"{what}: {path}: {key} is {tuple(weights[key].shape)}, the model's {tuple(own[key].shape)}")
+        raise RunError(
+            f"{what}: {path}: {key} is {tuple(weights[key].shape)}, the model's {tuple(own[key].shape)}"
+        )
     network.load_state_dict(weights, strict=False)
 
 
@@ -304,7 +335,9 @@ def load_checkpoint(path: Path, network, optimizer, scheduler, generator=None) -
         weights = load_file(path / "model.safetensors")
     missing = set(_trainable_state(network)) - set(weights)
     if missing:
-        raise RunError(f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        raise RunError(
+            f"{path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}"
+        )
     with reading(path / "model.safetensors"):
         network.load_state_dict(weights, strict=False)
     with reading(path / "optimizer.pt"):
@@ -328,9 +361,12 @@ def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine
     if state["format"] == "deepspeed":
         with deepspeed_loads(), reading(path / DEEPSPEED_TAG):
             loaded, _ = engine.load_checkpoint(
-                str(path), tag=DEEPSPEED_TAG, load_module_strict=False, load_optimizer_states=True,
+                str(path),
+                tag=DEEPSPEED_TAG,
+                load_module_strict=False,
+                load_optimizer_states=True,
                 load_lr_scheduler_states=False,
-            )  # fmt: skip
+            )
         if loaded is None:
             raise RunError(f"{path}: DeepSpeed found no checkpoint in {path / DEEPSPEED_TAG}")
     else:
@@ -343,9 +379,12 @@ def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine
         with _single_process_ok(), reading(folder):
             dcp.load(target, storage_reader=dcp_reader(folder), planner=dcp_planner(folder))
         set_state_dict(
-            network, optimizer, model_state_dict=target["model"], optim_state_dict=target["optimizer"],
+            network,
+            optimizer,
+            model_state_dict=target["model"],
+            optim_state_dict=target["optimizer"],
             options=StateDictOptions(ignore_frozen_params=True, strict=False),
-        )  # fmt: skip
+        )
     with reading(path / "scheduler.pt"):
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True)["scheduler"])
     return state, read_rng(path)
@@ -373,7 +412,9 @@ def _plain_class(network: nn.Module) -> type:
     """The model's own class under FSDP2's wrapper class."""
     from torch.distributed.fsdp import FSDPModule
 
-    return next(c for c in type(network).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    return next(
+        c for c in type(network).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule)
+    )
 
 
 def plain_twin(network: nn.Module, full_state: dict[str, torch.Tensor]) -> nn.Module:

@@ -169,10 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("recipe", help="recipe file or built-in name; data.cache names the folder")
     cache.add_argument("overrides", nargs="*", default=[], help=precompute)
-    cache.add_argument("--pairs-per-shard", type=int, default=256, help="pairs per safetensors shard (default 256)")
+    cache.add_argument(
+        "--pairs-per-shard", type=int, default=256, help="pairs per safetensors shard (default 256)"
+    )
     cache.add_argument("--batch-pairs", type=int, help="pairs per encoder batch (default: train.batch_pairs)")
-    cache.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                       help="storage dtype of latents and embeddings (default float16)")  # fmt: skip
+    cache.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="storage dtype of latents and embeddings (default float16)",
+    )
     cache.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cache.set_defaults(func=lazy("vipo.engine.data.cache", "cmd_cache"))
     score = sub.add_parser(
@@ -180,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("recipe", help="recipe file or built-in name (with data.cache set)")
     score.add_argument("overrides", nargs="*", default=[], help=precompute)
-    score.add_argument("--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)")
-    score.add_argument("--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)")
+    score.add_argument(
+        "--epochs", type=int, help="epochs to score (default: what the recipe needs on 1 process)"
+    )
+    score.add_argument(
+        "--batch-pairs", type=int, help="pairs per reference batch (default: train.batch_pairs)"
+    )
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=lazy("vipo.engine.reference.precomputed", "cmd_score_reference"))
 

@@ -32,7 +32,9 @@ class ModelConfig:
     path: str | None = option(
         None, "local diffusers-layout folder with the real weights; None builds from `config`"
     )
-    config: str = option("sd15-tiny", "architecture config in configs/models/ (or a .json path), random weights")
+    config: str = option(
+        "sd15-tiny", "architecture config in configs/models/ (or a .json path), random weights"
+    )
     init_from: str | None = option(
         None,
         "checkpoint folder (…/checkpoints/step-N) whose weights start the policy and the reference, "
@@ -60,19 +62,25 @@ class DataConfig:
         "(JSONL of image pairs), shards (tar shards of image pairs), video (JSONL of video pairs)",
     )
     path: str | None = option(
-        None, "the data: parquet file/folder/glob, manifest .jsonl, tar shard folder/glob (all but procedural)"
+        None,
+        "the data: parquet file/folder/glob, manifest .jsonl, tar shard folder/glob (all but procedural)",
     )
     num_pairs: int = option(512, "pairs in the procedural data set")
     resolution: int = option(16, "image side in pixels (square crops); video: frame height and width")
     buckets: list[tuple[int, int]] = option(
-        [], "aspect buckets as [[width, height], ...] (e.g. [[1280, 720], [960, 960]]); batches use one bucket"
+        [],
+        "aspect buckets as [[width, height], ...] (e.g. [[1280, 720], [960, 960]]); batches use one bucket",
     )
     bucket_area: int = option(0, "make buckets at this pixel area (e.g. 1048576 for 1024px); 0 = no buckets")
     bucket_step: int = option(64, "bucket sides are multiples of this")
     random_crop: bool = option(False, "random instead of centre crops (the same box for winner and loser)")
     hflip_prob: float = option(0.0, "horizontal flip probability, drawn once per pair")
-    keep_ties: bool = option(False, "pickapic: keep tied pairs (SFT only: ties never reach a preference loss)")
-    check_files: bool = option(False, "manifest: drop pairs with missing files up front (counted) instead of at read")
+    keep_ties: bool = option(
+        False, "pickapic: keep tied pairs (SFT only: ties never reach a preference loss)"
+    )
+    check_files: bool = option(
+        False, "manifest: drop pairs with missing files up front (counted) instead of at read"
+    )
     allow_outside_root: bool = option(
         False,
         "manifest / video: let entries point outside the manifest's folder (absolute paths, '..', symlinks "
@@ -81,7 +89,9 @@ class DataConfig:
     num_frames: int = option(17, "video: frames per clip (1 + 4k for Wan)")
     frame_stride: int = option(1, "video: take every n-th frame (ignored when fps is set)")
     fps: float = option(0.0, "video: resample clips to this frame rate by timestamps; 0 = use frame_stride")
-    frame_start: Literal["start", "center", "random"] = option("random", "video: where the frame window starts")
+    frame_start: Literal["start", "center", "random"] = option(
+        "random", "video: where the frame window starts"
+    )
     video_backend: Literal["auto", "dali", "pyav"] = option(
         "auto", "video decoding: auto (DALI NVDEC where a GPU has it, else PyAV), dali, pyav"
     )
@@ -94,16 +104,20 @@ class DataConfig:
     )
     cache: str | None = option(None, "latent cache folder written by `vipo cache`; None encodes online")
     max_bad_fraction: float = option(
-        0.01, "stop the run when more than this share of the pairs tried are bad files (corrupt, missing, short)"
+        0.01,
+        "stop the run when more than this share of the pairs tried are bad files (corrupt, missing, short)",
     )
-    prefetch_batches: int = option(2, "batches prepared ahead in a background thread while the step runs; 0 = off")
+    prefetch_batches: int = option(
+        2, "batches prepared ahead in a background thread while the step runs; 0 = off"
+    )
 
 
 @dataclass
 class ReferenceConfig:
     mode: Literal["copy", "adapter", "precomputed"] = option(
-        "copy", "copy: frozen copy of the initial denoiser; adapter: the LoRA policy with adapters off; "
-        "precomputed: e_ref from `vipo score-reference`'s table (needs data.cache)"
+        "copy",
+        "copy: frozen copy of the initial denoiser; adapter: the LoRA policy with adapters off; "
+        "precomputed: e_ref from `vipo score-reference`'s table (needs data.cache)",
     )
     table: str | None = option(None, "precomputed: reference-error table folder; None = DATA.CACHE/reference")
 
@@ -114,9 +128,15 @@ class LossConfig:
         "poly_dpo",
         "sft: diffusion loss (stage 1); dpo: Diffusion-DPO (alpha must be 0); poly_dpo: adds alpha * (1 - p)",
     )
-    winners_only: bool = option(True, "sft: train on winners only (the paper's stage 1); false uses both images")
-    beta: float = option(5000.0, "KL strength, official convention: z = -0.5 * beta * (model_diff - ref_diff)")
-    alpha: float = option(0.0, "Poly-DPO coefficient: > 0 for noisy labels, < 0 for over-simple pairs, 0 = DPO")
+    winners_only: bool = option(
+        True, "sft: train on winners only (the paper's stage 1); false uses both images"
+    )
+    beta: float = option(
+        5000.0, "KL strength, official convention: z = -0.5 * beta * (model_diff - ref_diff)"
+    )
+    alpha: float = option(
+        0.0, "Poly-DPO coefficient: > 0 for noisy labels, < 0 for over-simple pairs, 0 = DPO"
+    )
     beta_convention: Literal["official", "diffusers", "sum"] = option(
         "official", "convention `beta` is written in; converted with vipo.kernels.beta_from"
     )
@@ -145,11 +165,15 @@ class TrainConfig:
     seed: int = option(0, "seed for weights, data order, noise and timesteps")
     log_every_steps: int = option(20, "steps between metric logs")
     output_dir: str = option("runs/demo", "where metrics and checkpoints go")
-    checkpoint_every_steps: int = option(0, "steps between checkpoints; 0 = only at the end (and on SIGTERM / SIGINT)")
+    checkpoint_every_steps: int = option(
+        0, "steps between checkpoints; 0 = only at the end (and on SIGTERM / SIGINT)"
+    )
     checkpoint_every_minutes: float = option(
         0.0, "minutes between checkpoints, measured on rank 0 and agreed by all ranks; 0 = off"
     )
-    max_nonfinite_steps: int = option(3, "stop (with a checkpoint) after this many non-finite losses in a row")
+    max_nonfinite_steps: int = option(
+        3, "stop (with a checkpoint) after this many non-finite losses in a row"
+    )
     device: str = option("auto", "auto (cuda when available), cpu, cuda (this process's GPU) or cuda:N")
     mixed_precision: Literal["no", "bf16"] = option(
         "no", "bf16: autocast forward passes to bfloat16 (fp32 weights)"
@@ -180,7 +204,8 @@ class ParallelConfig:
     )
     cpu_offload: bool = option(False, "fsdp: keep sharded weights, grads and optimizer state in host memory")
     shard_size: int = option(
-        0, "fsdp: ranks a model is sharded over; 0 = all of them. Less (e.g. 8, a node) = hybrid sharding "
+        0,
+        "fsdp: ranks a model is sharded over; 0 = all of them. Less (e.g. 8, a node) = hybrid sharding "
         "(HSDP): shard inside each group of shard_size ranks, replicate across groups",
     )
     deepspeed_config: str | None = option(
@@ -226,20 +251,28 @@ class RunConfig:
                 "a latent cache (`vipo cache`, then `vipo score-reference`); set data.cache=FOLDER"
             )
         if self.reference.table and self.reference.mode != "precomputed":
-            raise ConfigError(f"reference.table is for reference.mode=precomputed, got {self.reference.mode!r}")
+            raise ConfigError(
+                f"reference.table is for reference.mode=precomputed, got {self.reference.mode!r}"
+            )
         data = self.data
         if data.source != "procedural" and not data.path:
-            raise ConfigError(f"data.source is {data.source!r}: set data.path to the data (file, folder or glob)")
+            raise ConfigError(
+                f"data.source is {data.source!r}: set data.path to the data (file, folder or glob)"
+            )
         if data.source == "procedural" and data.path:
             raise ConfigError(
                 f"data.path is {data.path!r} but data.source is 'procedural', which makes its pairs and reads "
                 "no files: set data.source (manifest, pickapic, shards, video), or drop data.path"
             )
         if data.keep_ties and self.loss.objective != "sft":
-            raise ConfigError("data.keep_ties is only for loss.objective=sft: a tie has no winner for a preference loss")
+            raise ConfigError(
+                "data.keep_ties is only for loss.objective=sft: a tie has no winner for a preference loss"
+            )
         if data.source == "shards" and (data.buckets or data.bucket_area):
-            raise ConfigError("data.source=shards streams pairs and cannot batch by bucket yet: drop data.buckets / "
-                              "data.bucket_area, or convert the shards to a manifest")  # fmt: skip
+            raise ConfigError(
+                "data.source=shards streams pairs and cannot batch by bucket yet: drop data.buckets / "
+                "data.bucket_area, or convert the shards to a manifest"
+            )
         if not 0.0 <= data.hflip_prob <= 1.0:
             raise ConfigError(f"data.hflip_prob must be in [0, 1], got {data.hflip_prob}")
         frames = family(self.model.family).frame_problem(data.num_frames) if data.source == "video" else None
@@ -283,7 +316,9 @@ class RunConfig:
         if self.train.seed >= 2**63:  # torch and numpy generators take 64-bit seeds; vipo adds offsets
             raise ConfigError(f"train.seed must be < 2**63, got {self.train.seed}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.train.device):
-            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {self.train.device!r}")
+            raise ConfigError(
+                f"train.device must be auto, cpu, cuda or cuda:N (N a GPU index), got {self.train.device!r}"
+            )
         for sink in set(self.train.report_to):
             if self.train.report_to.count(sink) > 1:
                 raise ConfigError(f"train.report_to names {sink!r} twice: {self.train.report_to}")
@@ -360,14 +395,19 @@ def _check_paths(cfg: RunConfig) -> None:
         )
     output_dir = cfg.train.output_dir
     if not output_dir.strip():
-        raise ConfigError("train.output_dir is empty: name the run folder (e.g. train.output_dir=runs/my-run)")
+        raise ConfigError(
+            "train.output_dir is empty: name the run folder (e.g. train.output_dir=runs/my-run)"
+        )
     for folder in (Path(output_dir), *Path(output_dir).parents):
         if folder.exists():
             if folder == Path(output_dir) and not folder.is_dir():
-                raise ConfigError(f"train.output_dir {output_dir} is a file, not a folder: choose another one")
+                raise ConfigError(
+                    f"train.output_dir {output_dir} is a file, not a folder: choose another one"
+                )
             if not folder.is_dir():
-                raise ConfigError(f"train.output_dir {output_dir} lies under {folder}, which is a file: "
-                                  "choose another one")  # fmt: skip
+                raise ConfigError(
+                    f"train.output_dir {output_dir} lies under {folder}, which is a file: choose another one"
+                )
             break
 
 
@@ -381,7 +421,11 @@ SECTIONS = ", ".join(f.name for f in dataclasses.fields(RunConfig))
 def read_recipe(path: Path) -> dict:
     """A recipe file's mapping (schema.read_yaml with the recipe's words)."""
     path = Path(path)
-    hint = f" (built-in recipes: {', '.join(builtin_recipes())})" if path.parent == CONFIGS_ROOT / "train" else ""
+    hint = (
+        f" (built-in recipes: {', '.join(builtin_recipes())})"
+        if path.parent == CONFIGS_ROOT / "train"
+        else ""
+    )
     return read_yaml(path, what="recipe", sections=SECTIONS + " (see configs/train/demo.yaml)", hint=hint)
 
 
@@ -401,7 +445,9 @@ def load_tree(tree: dict, overrides: list[str] | None = None, *, where: str = "d
     for item in overrides or []:
         section = item.partition("=")[0].strip().split(".")[0]
         if section in FOREIGN_SECTIONS:
-            raise ConfigError(f"override {item!r}: the {section} section is read by {FOREIGN_SECTIONS[section]} only")
+            raise ConfigError(
+                f"override {item!r}: the {section} section is read by {FOREIGN_SECTIONS[section]} only"
+            )
     return load(RunConfig, tree, overrides, where=where).validate()
 
 
@@ -415,18 +461,30 @@ class DemoConfig:
     sample_prompts: int = option(8, "prompts in the before/after sample grid")
 
 
-def load_demo_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, DemoConfig]:
+def load_demo_config(
+    path: str | Path | None, overrides: list[str] | None = None
+) -> tuple[RunConfig, DemoConfig]:
     """(RunConfig, DemoConfig) of a recipe: `demo.*` keys and overrides go to the demo, the rest
     to the run."""
     overrides = overrides or []
     tree = read_recipe(path) if path is not None else {}
     demo_tree = tree.get("demo") or {}
-    demo_overrides = [o.split(".", 1)[1] for o in overrides if o.partition("=")[0].strip().startswith("demo.")]
+    demo_overrides = [
+        o.split(".", 1)[1] for o in overrides if o.partition("=")[0].strip().startswith("demo.")
+    ]
     run_overrides = [o for o in overrides if not o.partition("=")[0].strip().startswith("demo.")]
-    demo = load(DemoConfig, demo_tree, demo_overrides, where=str(path) if path is not None else "defaults",
-                prefix="demo.")  # fmt: skip
-    for key, value, low in (("demo.sft_steps", demo.sft_steps, 0), ("demo.held_out_pairs", demo.held_out_pairs, 1),
-                            ("demo.sample_prompts", demo.sample_prompts, 1)):  # fmt: skip
+    demo = load(
+        DemoConfig,
+        demo_tree,
+        demo_overrides,
+        where=str(path) if path is not None else "defaults",
+        prefix="demo.",
+    )
+    for key, value, low in (
+        ("demo.sft_steps", demo.sft_steps, 0),
+        ("demo.held_out_pairs", demo.held_out_pairs, 1),
+        ("demo.sample_prompts", demo.sample_prompts, 1),
+    ):
         if value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
     if demo.sft_lr <= 0:

@@ -37,7 +37,9 @@ def find_checkpoint(run: Path, step: int | None = None) -> Path:
             raise RunError(f"{run}: no checkpoint at step {step} (found: {', '.join(known) or 'none'})")
         return trusted_checkpoint(path, "export")
     if not (run / "state.json").is_file() and not (run / "checkpoints").is_dir():
-        raise RunError(f"{run}: not a vipo run folder (no checkpoints/) nor a checkpoint folder (no state.json)")
+        raise RunError(
+            f"{run}: not a vipo run folder (no checkpoints/) nor a checkpoint folder (no state.json)"
+        )
     return trusted_checkpoint(run, "export")
 
 

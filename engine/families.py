@@ -27,8 +27,10 @@ class Family:
         if self.frame_chunk is None or (frames - 1) % self.frame_chunk == 0:
             return None
         below = frames - (frames - 1) % self.frame_chunk
-        return (f"{self.name}'s VAE encodes 1 + {self.frame_chunk}k frames (it would drop the last ones); "
-                f"use {below} or {below + self.frame_chunk}")  # fmt: skip
+        return (
+            f"{self.name}'s VAE encodes 1 + {self.frame_chunk}k frames (it would drop the last ones); "
+            f"use {below} or {below + self.frame_chunk}"
+        )
 
 
 FAMILIES = {
@@ -72,11 +74,13 @@ def check_architecture(config: str, family_name: str) -> None:
             f"model.config {path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None
     if not isinstance(arch, dict):
-        raise ConfigError(f"model.config {path}: an architecture config is a JSON object, got {shown(arch, 60)}")
+        raise ConfigError(
+            f"model.config {path}: an architecture config is a JSON object, got {shown(arch, 60)}"
+        )
     family = arch.get("family")
     if not isinstance(family, str):
         raise ConfigError(
-            f"model.config {path} names no \"family\" (got {family!r}): add \"family\": \"{family_name}\" "
+            f'model.config {path} names no "family" (got {family!r}): add "family": "{family_name}" '
             f"if it is a {family_name} architecture"
         )
     if family != family_name:

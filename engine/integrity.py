@@ -53,8 +53,10 @@ def write_manifest(folder: Path, world=None) -> None:
     and write manifest.json on rank 0 (collective when `world` is given)."""
     folder = Path(folder)
     files = checkpoint_files(folder)
-    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-            for name in _my_share(files, world)}  # fmt: skip
+    mine = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        for name in _my_share(files, world)
+    }
     entries: dict = {}
     for part in _gather(mine, world):
         entries.update(part)
@@ -130,7 +132,9 @@ def step_folders(out_dir: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
-def resolve_checkpoint(out_dir: Path, world=None, *, what: str = "resume", set_aside: bool = True) -> Path | None:
+def resolve_checkpoint(
+    out_dir: Path, world=None, *, what: str = "resume", set_aside: bool = True
+) -> Path | None:
     """The newest checkpoint of run `out_dir` that passes `check`: the one `checkpoints/latest`
     names when it passes, else the newest step-N that does (a warning line names each damaged
     file). With `set_aside` (a resume, which writes into the run) damaged ones are renamed on rank
@@ -149,7 +153,11 @@ def resolve_checkpoint(out_dir: Path, world=None, *, what: str = "resume", set_a
             named = None
     main = world is None or world.is_main
     if named is None or not named.is_dir():
-        why = "is missing" if not pointer.exists() else f"names {named.name if named else '?'}, which is not there"
+        why = (
+            "is missing"
+            if not pointer.exists()
+            else f"names {named.name if named else '?'}, which is not there"
+        )
         if main:
             log.warning("%s %s: looking for the newest complete checkpoint instead", pointer, why)
     else:
@@ -158,7 +166,9 @@ def resolve_checkpoint(out_dir: Path, world=None, *, what: str = "resume", set_a
     for folder in candidates:
         if _stopped_on_nonfinite(folder):
             if main:
-                log.warning("%s was written when the run stopped on non-finite losses: not used to %s", folder, what)
+                log.warning(
+                    "%s was written when the run stopped on non-finite losses: not used to %s", folder, what
+                )
             continue
         problem = check(folder, world)
         if problem is None:
@@ -171,11 +181,15 @@ def resolve_checkpoint(out_dir: Path, world=None, *, what: str = "resume", set_a
         if world is not None:
             world.barrier()
     if not problems:
-        raise RunError(f"{root}: every checkpoint was written when the run stopped on non-finite losses; "
-                       f"nothing to {what}")  # fmt: skip
+        raise RunError(
+            f"{root}: every checkpoint was written when the run stopped on non-finite losses; "
+            f"nothing to {what}"
+        )
     moved = "; the damaged folders were renamed to *.damaged" if set_aside else ""
-    raise RunError(f"{root}: no checkpoint passes its integrity check ({len(problems)} damaged, newest: "
-                   f"{problems[0]}){moved}")  # fmt: skip
+    raise RunError(
+        f"{root}: no checkpoint passes its integrity check ({len(problems)} damaged, newest: "
+        f"{problems[0]}){moved}"
+    )
 
 
 def _set_aside(folder: Path) -> None:

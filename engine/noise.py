@@ -169,7 +169,9 @@ class GlobalDrawNoise(GeneratorNoise):
 
     def caption_dropout(self, ids, epoch, prob):
         pairs = len(ids)
-        drop = torch.rand(pairs * self.world_size, generator=self.generator, device=self.generator.device) < prob
+        drop = (
+            torch.rand(pairs * self.world_size, generator=self.generator, device=self.generator.device) < prob
+        )
         return drop[self.rank * pairs : (self.rank + 1) * pairs].tolist()
 
 

@@ -68,7 +68,14 @@ def model_inputs(adapter, batch, winners_only: bool = False) -> tuple[torch.Tens
 
 
 def forward_loss(
-    objective: str, adapter, network, reference, batch, noise, loss_cfg, mark: Callable[[str], None] = _no_mark
+    objective: str,
+    adapter,
+    network,
+    reference,
+    batch,
+    noise,
+    loss_cfg,
+    mark: Callable[[str], None] = _no_mark,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch and its metrics. `network` is the policy as the strategy wraps
     it (DDP, FSDP, a DeepSpeed engine); `mark(phase)` is called as each phase ends (encode,
@@ -93,7 +100,9 @@ def forward_loss(
     pred = adapter.predict(network, x_t, t, cond)
     mark("policy_forward")
     beta = resolve_beta(loss_cfg, pred[0].numel())
-    out = poly_dpo_loss(pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha, pair_weight=batch.weights)
+    out = poly_dpo_loss(
+        pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha, pair_weight=batch.weights
+    )
     mark("loss")
     return out.loss, preference_metrics(out, loss_cfg.alpha)
 

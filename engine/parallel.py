@@ -107,8 +107,10 @@ def world_from_env() -> tuple[int, int]:
     try:
         rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ConfigError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
-                          f"{os.environ.get('WORLD_SIZE')!r}") from None  # fmt: skip
+        raise ConfigError(
+            f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
+            f"{os.environ.get('WORLD_SIZE')!r}"
+        ) from None
     if not 0 <= rank < world_size:
         raise ConfigError(f"RANK {rank} is outside WORLD_SIZE {world_size}")
     return rank, world_size
@@ -131,8 +133,13 @@ def init_world(parallel_cfg, device_name: str) -> World:
             )
         return World(device=pick_device(device_name))
     if not os.environ.get("RANK"):  # no launcher: a group of one
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):  # fmt: skip
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(_free_port())),
+        ):
             os.environ.setdefault(key, value)
     missing = [key for key in LAUNCH_ENV if key not in os.environ]
     if missing:
@@ -178,7 +185,9 @@ def blocks(network: nn.Module) -> list[nn.Module]:
         raise RunError(
             f"{type(network).__name__} declares no blocks (_no_split_modules): fsdp needs them to shard"
         )
-    found = [module for module in network.modules() if type(module).__name__ in names and module is not network]
+    found = [
+        module for module in network.modules() if type(module).__name__ in names and module is not network
+    ]
     if not found:
         raise RunError(f"{type(network).__name__}: none of its blocks {sorted(names)} is in the model")
     return found[::-1]  # modules() is pre-order: reversed, children come before their parents
@@ -210,15 +219,20 @@ def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: 
     if shard == world.size:
         mesh = init_device_mesh(world.device.type, (world.size,))
     else:  # HSDP: shard inside groups of `shard` ranks (a node), replicate across the groups
-        mesh = init_device_mesh(world.device.type, (world.size // shard, shard),
-                                mesh_dim_names=("replicate", "shard"))  # fmt: skip
+        mesh = init_device_mesh(
+            world.device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard")
+        )
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision == "bf16"
         else MixedPrecisionPolicy()
     )
     # Pinned host memory makes the copies to the GPU asynchronous; without a GPU there is none to pin.
-    offload = CPUOffloadPolicy(pin_memory=world.device.type == "cuda") if parallel_cfg.cpu_offload else OffloadPolicy()
+    offload = (
+        CPUOffloadPolicy(pin_memory=world.device.type == "cuda")
+        if parallel_cfg.cpu_offload
+        else OffloadPolicy()
+    )
     options = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
     for block in blocks(network):
         fully_shard(block, reshard_after_forward=parallel_cfg.reshard_after_forward, **options)
@@ -228,7 +242,9 @@ def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: 
 
 
 @torch.no_grad()
-def first_forward(adapter, network: nn.Module, latents: torch.Tensor, cond: dict, device: torch.device) -> None:
+def first_forward(
+    adapter, network: nn.Module, latents: torch.Tensor, cond: dict, device: torch.device
+) -> None:
     """One forward of one sample through an FSDP root, in the training state. FSDP2 settles
     each block's gradient dtypes at the root's first forward from which weights require grad
     then; PEFT turns that off for the LoRA weights while the adapter reference runs (the first
@@ -270,7 +286,7 @@ def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
             if key in config and config[key] != "auto" and config[key] != value:
                 raise ConfigError(
                     f"parallel.deepspeed_config {where}: {key} is {config[key]!r} but the recipe gives "
-                    f"{value!r} (set it from train.* / optim.*, or write \"auto\")"
+                    f'{value!r} (set it from train.* / optim.*, or write "auto")'
                 )
         bf16 = train_cfg.mixed_precision == "bf16"
         if config.get("bf16", {}).get("enabled", bf16) != bf16:
@@ -279,7 +295,9 @@ def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
                 f"{train_cfg.mixed_precision!r}: make them agree"
             )
         if config.get("fp16", {}).get("enabled", False):
-            raise ConfigError(f"parallel.deepspeed_config {where}: fp16 is not supported; use bf16 (train.mixed_precision=bf16)")
+            raise ConfigError(
+                f"parallel.deepspeed_config {where}: fp16 is not supported; use bf16 (train.mixed_precision=bf16)"
+            )
         file_stage = config.get("zero_optimization", {}).get("stage", stage)
         if file_stage != stage:
             raise ConfigError(

@@ -44,9 +44,17 @@ def refusal(file, what: str) -> UntrustedCheckpoint:
 # Every global a DCP `.metadata` pickle names (read off FSDP checkpoints of torch 2.11-2.13).
 _DCP_METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-                 "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
-} | {  # fmt: skip
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),

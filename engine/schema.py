@@ -251,7 +251,9 @@ def check_key(root: type, item: str, key: str) -> None:
     """Refuse an override key with an empty part, one below a value, or a whole section of `root`;
     a name the sections lack is left to build(), whose message lists what the section allows."""
     if "" in key.split("."):
-        raise ConfigError(f"override {item!r}: {key!r} has an empty part; keys are section.key (see `vipo config keys`)")
+        raise ConfigError(
+            f"override {item!r}: {key!r} has an empty part; keys are section.key (see `vipo config keys`)"
+        )
     section, walked = root, []
     for part in key.split("."):
         if section is None:
@@ -322,15 +324,24 @@ def read_yaml(path: Path, *, what: str = "recipe", sections: str = "", hint: str
     except yaml.YAMLError as err:
         raise not_a(_yaml_problem(err)) from None
     if tree is None:
-        raise ConfigError(f"{what} {path} is empty" + (f": a {what} sets some of the sections {sections}" if sections else ""))
+        raise ConfigError(
+            f"{what} {path} is empty"
+            + (f": a {what} sets some of the sections {sections}" if sections else "")
+        )
     if not isinstance(tree, dict):
-        kind = {str: "text", list: "a list", int: "a number", float: "a number"}.get(type(tree), type(tree).__name__)
-        raise not_a(f"it holds {kind} ({shown(tree, 60)}), not a mapping" + (f" of sections ({sections})" if sections else ""))
+        kind = {str: "text", list: "a list", int: "a number", float: "a number"}.get(
+            type(tree), type(tree).__name__
+        )
+        raise not_a(
+            f"it holds {kind} ({shown(tree, 60)}), not a mapping"
+            + (f" of sections ({sections})" if sections else "")
+        )
     return tree
 
 
-def load(cls: type, tree: dict, overrides: list[str] | None = None, *, where: str = "defaults",
-         prefix: str = "") -> Any:  # fmt: skip
+def load(
+    cls: type, tree: dict, overrides: list[str] | None = None, *, where: str = "defaults", prefix: str = ""
+) -> Any:
     """`cls` from a mapping (read from `where`) and dotted overrides: the file's mistakes are
     named as the file's, the overrides' as the command line's. `prefix` ("demo.") names keys of
     a section loaded on its own."""

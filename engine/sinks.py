@@ -14,9 +14,17 @@ INSTALL_HINT = "pip install 'vipo[track]'"
 
 
 class MetricSinks:
-    def __init__(self, out_dir: Path, report_to: list[str], *, run_name: str | None = None,
-                 config: dict | None = None, append: bool = False, resume_step: int | None = None,
-                 enabled: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: Path,
+        report_to: list[str],
+        *,
+        run_name: str | None = None,
+        config: dict | None = None,
+        append: bool = False,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
         """`append`: a resumed run. Rows after `resume_step` (written by the run that stopped after
         its last checkpoint) and a half-written last line are dropped first, so every step has
         one row."""
@@ -36,7 +44,9 @@ class MetricSinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ConfigError(f"train.report_to has tensorboard, which is not installed ({INSTALL_HINT})") from err
+                raise ConfigError(
+                    f"train.report_to has tensorboard, which is not installed ({INSTALL_HINT})"
+                ) from err
             # purge_step: a resumed run hides the events the stopped run logged past its checkpoint.
             purge = resume_step + 1 if append and resume_step is not None else None
             self._tensorboard = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
@@ -44,12 +54,15 @@ class MetricSinks:
             try:
                 import wandb
             except ImportError as err:
-                raise ConfigError(f"train.report_to has wandb, which is not installed ({INSTALL_HINT})") from err
+                raise ConfigError(
+                    f"train.report_to has wandb, which is not installed ({INSTALL_HINT})"
+                ) from err
             # A resumed run continues the same wandb run: its id is kept in the run folder.
             id_file = self.out_dir / "wandb-run-id"
             run_id = id_file.read_text().strip() if append and id_file.is_file() else None
-            self._wandb = wandb.init(name=name, id=run_id, resume="allow" if run_id else None, config=config,
-                                     dir=str(self.out_dir))  # fmt: skip
+            self._wandb = wandb.init(
+                name=name, id=run_id, resume="allow" if run_id else None, config=config, dir=str(self.out_dir)
+            )
             id_file.write_text(self._wandb.id)
 
     def write(self, row: dict) -> None:
@@ -102,4 +115,9 @@ def _truncate_rows(path: Path, last_step: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(path)
-        log.info("%s: dropped %d rows past step %d (the stopped run's, after its checkpoint)", path, dropped, last_step)
+        log.info(
+            "%s: dropped %d rows past step %d (the stopped run's, after its checkpoint)",
+            path,
+            dropped,
+            last_step,
+        )

@@ -25,8 +25,9 @@ from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
-                     if hasattr(signal, name))  # fmt: skip
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 _REPEAT_GRACE_S = 1.0
 
 
@@ -133,12 +134,18 @@ class RunFolder:
                     os.replace(path, final)
                     log.warning("restored %s from %s, left by a save that did not finish", final, path)
                     continue
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+            size = (
+                sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                if path.is_dir()
+                else path.stat().st_size
+            )
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-            log.warning("removed %s (%.1f MB), left by a checkpoint save that did not finish", path, size / 1e6)
+            log.warning(
+                "removed %s (%.1f MB), left by a checkpoint save that did not finish", path, size / 1e6
+            )
             removed.append(path)
         return removed
 

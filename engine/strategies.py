@@ -86,9 +86,19 @@ class Strategy:
     def save(self, out_dir: Path, step: int, state: dict, rng: dict, *, latest: bool, suffix: str) -> Path:
         path = Path(out_dir) / "checkpoints" / f"step-{step:06d}{suffix}"
         if self.world.is_main:  # replicas: rank 0 writes them all
-            path = save_checkpoint(out_dir, step, self.network, self.optimizer, self.scheduler, None,
-                                   {**state, "world_size": self.world.size}, self.cfg, rng, latest=latest,
-                                   suffix=suffix)  # fmt: skip
+            path = save_checkpoint(
+                out_dir,
+                step,
+                self.network,
+                self.optimizer,
+                self.scheduler,
+                None,
+                {**state, "world_size": self.world.size},
+                self.cfg,
+                rng,
+                latest=latest,
+                suffix=suffix,
+            )
         self.world.barrier()
         return path
 
@@ -97,8 +107,9 @@ class Strategy:
         if state["format"] == "safetensors":
             load_checkpoint(path, self.network, self.optimizer, self.scheduler)
             return read_rng(path)
-        _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, engine=None)  # fmt: skip
+        _, rng = load_sharded_checkpoint(
+            path, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, engine=None
+        )
         return rng
 
     def close(self) -> None:
@@ -126,9 +137,20 @@ class FSDPStrategy(Strategy):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def save(self, out_dir, step, state, rng, *, latest, suffix):
-        return save_sharded_checkpoint(out_dir, step, world=self.world, network=self.network, optimizer=self.optimizer,
-                                       scheduler=self.scheduler, engine=None, rng=rng, state=state, cfg=self.cfg,
-                                       latest=latest, suffix=suffix)  # fmt: skip
+        return save_sharded_checkpoint(
+            out_dir,
+            step,
+            world=self.world,
+            network=self.network,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            engine=None,
+            rng=rng,
+            state=state,
+            cfg=self.cfg,
+            latest=latest,
+            suffix=suffix,
+        )
 
 
 class DeepSpeedStrategy(Strategy):
@@ -175,13 +197,25 @@ class DeepSpeedStrategy(Strategy):
             )
 
     def save(self, out_dir, step, state, rng, *, latest, suffix):
-        return save_sharded_checkpoint(out_dir, step, world=self.world, network=self.network, optimizer=self.optimizer,
-                                       scheduler=self.scheduler, engine=self.engine, rng=rng, state=state,
-                                       cfg=self.cfg, latest=latest, suffix=suffix)  # fmt: skip
+        return save_sharded_checkpoint(
+            out_dir,
+            step,
+            world=self.world,
+            network=self.network,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            engine=self.engine,
+            rng=rng,
+            state=state,
+            cfg=self.cfg,
+            latest=latest,
+            suffix=suffix,
+        )
 
     def load(self, path, state):
-        _, rng = load_sharded_checkpoint(path, network=self.network, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, engine=self.engine)  # fmt: skip
+        _, rng = load_sharded_checkpoint(
+            path, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, engine=self.engine
+        )
         return rng
 
     def close(self) -> None:
@@ -197,7 +231,9 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
     strategy, mixed = cfg.parallel.strategy, cfg.train.mixed_precision
     network = adapter.network
     ds_config = (
-        parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world) if strategy in parallel.DEEPSPEED else None
+        parallel.deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
+        if strategy in parallel.DEEPSPEED
+        else None
     )
     # torchtitan's order: activation checkpointing (at the build), compile, then sharding.
     compile_network(network, cfg.train.compile, world.device)
@@ -212,15 +248,29 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
     if reference is not None:
         parallel.parallelize_reference(reference, strategy, world, cfg.parallel, mixed, ds_config)
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-                                  fused=world.device.type == "cuda")  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        fused=world.device.type == "cuda",
+    )
     warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
     if ds_config is not None:
         engine = parallel.apply_deepspeed(network, optimizer, ds_config)
         reference_engine = getattr(reference, "network", None)
-        return DeepSpeedStrategy(cfg, world, network, optimizer, scheduler, engine,
-                                 reference_engine if hasattr(reference_engine, "destroy") else None)  # fmt: skip
+        return DeepSpeedStrategy(
+            cfg,
+            world,
+            network,
+            optimizer,
+            scheduler,
+            engine,
+            reference_engine if hasattr(reference_engine, "destroy") else None,
+        )
     if strategy == "ddp":
         return DDPStrategy(cfg, world, network, optimizer, scheduler, policy)
     if strategy == "fsdp":

@@ -90,21 +90,27 @@ class Trainer:
         else:
             self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.rank, world.size)
         self.batches = BatchStream(
-            self.data, local_pairs, cfg.train.seed, world.rank, world.size,
+            self.data,
+            local_pairs,
+            cfg.train.seed,
+            world.rank,
+            world.size,
             max_bad_fraction=cfg.data.max_bad_fraction,
             prefetch_batches=0 if cfg.data.cache else cfg.data.prefetch_batches,  # cached batches are cheap
-        )  # fmt: skip
+        )
         self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
         # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of
         # (seed, pair id, epoch), so the precomputed reference errors match.
-        self.adapter = build_adapter(cfg.model, self.device, seed=cfg.train.seed, trainable=True,
-                                     vocabulary=self.data.vocabulary())  # fmt: skip
+        self.adapter = build_adapter(
+            cfg.model, self.device, seed=cfg.train.seed, trainable=True, vocabulary=self.data.vocabulary()
+        )
         self.cache_batches = None
         if cfg.data.cache:  # cached latents and embeddings: the encoders are never called
             self.adapter.drop_encoders()
             if data is None:  # in the dtype the denoiser is fed (model.param_dtype)
-                self.cache_batches = CacheBatchSource(self.data, cfg.train.seed, cfg.data.caption_dropout,
-                                                      self.device, dtype=self.adapter.dtype)  # fmt: skip
+                self.cache_batches = CacheBatchSource(
+                    self.data, cfg.train.seed, cfg.data.caption_dropout, self.device, dtype=self.adapter.dtype
+                )
         # The reference is built here, before any checkpoint is loaded and before sharding: it is
         # the initial model for the whole run, resumes included.
         self.objective = cfg.loss.objective
@@ -186,8 +192,16 @@ class Trainer:
         """One micro-batch: the objective's loss through the policy as the strategy wraps it, and
         its backward (scaled by 1 / accum). Returns the detached metrics."""
         with self.autocast(), self.strategy.micro_step(last):
-            loss, metrics = forward_loss(self.objective, self.adapter, self.strategy.policy, self.reference, batch,
-                                         self.noise, self.cfg.loss, self.mark)  # fmt: skip
+            loss, metrics = forward_loss(
+                self.objective,
+                self.adapter,
+                self.strategy.policy,
+                self.reference,
+                batch,
+                self.noise,
+                self.cfg.loss,
+                self.mark,
+            )
             self.strategy.backward(loss, accum, last)
         self.mark("backward")
         return {key: value.detach() for key, value in metrics.items()}
@@ -229,7 +243,9 @@ class Trainer:
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_total += 1
         self.nonfinite_in_row += 1
-        log.warning("step %d: non-finite %s, update skipped (%d in a row)", self.step + 1, what, self.nonfinite_in_row)
+        log.warning(
+            "step %d: non-finite %s, update skipped (%d in a row)", self.step + 1, what, self.nonfinite_in_row
+        )
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -253,7 +269,9 @@ class Trainer:
         # Per-rank streams do not carry over to another world size or noise_draw: a fresh,
         # reproducible stream per rank instead.
         log.warning("the checkpoint's noise streams do not fit this run: reseeding from (seed, rank, step)")
-        seed = int(np.random.SeedSequence([self.cfg.train.seed, self.world.rank, self.step]).generate_state(1)[0])
+        seed = int(
+            np.random.SeedSequence([self.cfg.train.seed, self.world.rank, self.step]).generate_state(1)[0]
+        )
         self.generator.manual_seed(seed)
 
     def resume(self) -> bool:
@@ -269,8 +287,13 @@ class Trainer:
         sampler = dict(state["sampler"])
         # The position counts global batches: a different world size with the same global
         # batch continues the same order. A stream (tar shards) resumes its own position.
-        if self.sampler is not None and sampler.get("world_size") is not None and (
-            sampler["batch_size"] * sampler["world_size"] == self.sampler.batch_size * self.sampler.world_size
+        if (
+            self.sampler is not None
+            and sampler.get("world_size") is not None
+            and (
+                sampler["batch_size"] * sampler["world_size"]
+                == self.sampler.batch_size * self.sampler.world_size
+            )
         ):
             sampler.update(batch_size=self.sampler.batch_size, world_size=self.sampler.world_size)
         self.batches.load_state_dict(sampler)
@@ -283,8 +306,11 @@ class Trainer:
         """A checkpoint of this step. `stopped="nonfinite"`: the run is stopping on non-finite
         losses; the checkpoint is kept for inspection as step-N.nonfinite and never becomes
         `latest`, so a resume starts from the last good one."""
-        state = {"sampler": self.batches.state_dict(), "nonfinite_total": self.nonfinite_total,
-                 "nonfinite_in_row": self.nonfinite_in_row}  # fmt: skip
+        state = {
+            "sampler": self.batches.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_in_row": self.nonfinite_in_row,
+        }
         if stopped:
             state["stopped"] = stopped
         latest = stopped is None
@@ -301,13 +327,17 @@ class Trainer:
         return path
 
     def _write_checkpoint(self, state: dict, latest: bool, suffix: str) -> Path:
-        return self.strategy.save(self.out_dir, self.step, state, self._rng_states(), latest=latest, suffix=suffix)
+        return self.strategy.save(
+            self.out_dir, self.step, state, self._rng_states(), latest=latest, suffix=suffix
+        )
 
     def export(self, out_dir: Path) -> Path | None:
         """The policy's full weights, gathered on rank 0, as a diffusers-layout folder (every
         rank calls this; rank 0 writes and gets the path)."""
         engine = getattr(self.strategy, "engine", None)
-        return export_full_weights(self.adapter, self.network, self.strategy.name, self.world, Path(out_dir), engine)
+        return export_full_weights(
+            self.adapter, self.network, self.strategy.name, self.world, Path(out_dir), engine
+        )
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -321,10 +351,14 @@ class Trainer:
     def _start(self, resume: bool) -> None:
         cfg = self.cfg.train
         if self.world.is_main:
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8")
+            (self.out_dir / "config.json").write_text(
+                json.dumps(to_dict(self.cfg), indent=2), encoding="utf-8"
+            )
             if not cfg.checkpoint_every_steps and not cfg.checkpoint_every_minutes:
-                log.warning("train.checkpoint_every_steps and train.checkpoint_every_minutes are 0: a crash loses "
-                            "the run's progress (SIGTERM / Ctrl-C still save); set one for a long run")  # fmt: skip
+                log.warning(
+                    "train.checkpoint_every_steps and train.checkpoint_every_minutes are 0: a crash loses "
+                    "the run's progress (SIGTERM / Ctrl-C still save); set one for a long run"
+                )
         if not resume:
             existing = step_folders(self.out_dir)
             if existing:
@@ -352,10 +386,22 @@ class Trainer:
         started = time.perf_counter()
         first_step = self.step
         last: dict[str, float] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.objective, disable=not self.progress,
-                   dynamic_ncols=True)  # fmt: skip
-        sinks = MetricSinks(self.out_dir, cfg.report_to, run_name=cfg.run_name, config=to_dict(self.cfg),
-                            append=resume, resume_step=self.step, enabled=main)  # fmt: skip
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=self.objective,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        sinks = MetricSinks(
+            self.out_dir,
+            cfg.report_to,
+            run_name=cfg.run_name,
+            config=to_dict(self.cfg),
+            append=resume,
+            resume_step=self.step,
+            enabled=main,
+        )
         with sinks:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
@@ -370,16 +416,21 @@ class Trainer:
                 if self.step % cfg.log_every_steps == 0 or done:
                     elapsed = time.perf_counter() - started
                     last = {key: float(value) for key, value in metrics.items()}
-                    last.update(step=self.step, pairs_per_s=(self.step - first_step) * step_pairs / max(elapsed, 1e-9),
-                                nonfinite_total=self.nonfinite_total)  # fmt: skip
+                    last.update(
+                        step=self.step,
+                        pairs_per_s=(self.step - first_step) * step_pairs / max(elapsed, 1e-9),
+                        nonfinite_total=self.nonfinite_total,
+                    )
                     skipped = sum(v for k, v in self.batches.stats().items() if k.startswith("skipped_"))
                     if skipped:  # bad or unusable samples so far (this process), each logged as it happened
                         last["data_skipped"] = skipped
                     if self.device.type == "cuda":
                         last["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                     sinks.write(last)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                    **({"acc": f"{last['accuracy']:.2f}"} if "accuracy" in last else {}))  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.4f}",
+                        **({"acc": f"{last['accuracy']:.2f}"} if "accuracy" in last else {}),
+                    )
                 signum, due = self._stop_or_save_due(stops)
                 every = cfg.checkpoint_every_steps
                 if (every and self.step % every == 0) or done or due or signum:
@@ -395,10 +446,18 @@ class Trainer:
                         )
         bar.close()
         seconds = time.perf_counter() - started
-        return {"steps": self.step, "steps_this_run": self.step - first_step, "seconds": seconds, "last": last,
-                "out_dir": str(self.out_dir), "nonfinite_total": self.nonfinite_total, "effective_lr": self.lr,
-                "loss_is_finite": math.isfinite(last.get("loss", float("nan"))),
-                "is_main": main, "world_size": self.world.size}  # fmt: skip
+        return {
+            "steps": self.step,
+            "steps_this_run": self.step - first_step,
+            "seconds": seconds,
+            "last": last,
+            "out_dir": str(self.out_dir),
+            "nonfinite_total": self.nonfinite_total,
+            "effective_lr": self.lr,
+            "loss_is_finite": math.isfinite(last.get("loss", float("nan"))),
+            "is_main": main,
+            "world_size": self.world.size,
+        }
 
     # -- teardown -----------------------------------------------------------------------------
 

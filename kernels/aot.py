@@ -152,7 +152,9 @@ def _cases(sms: int):
                     partial = torch.empty(3 if has_ref_pred else 1, 2 * pairs, n_chunks, **meta)
                     ref_err = None if has_ref_pred else torch.empty(2 * pairs, **meta)
                     pw = torch.empty(pairs, **meta) if has_pw else None
-                    desc = f"head pairs={pairs} chunks={n_chunks} ref_pred={has_ref_pred} pair_weight={has_pw}"
+                    desc = (
+                        f"head pairs={pairs} chunks={n_chunks} ref_pred={has_ref_pred} pair_weight={has_pw}"
+                    )
                     yield desc, ops.head_launch(partial, ref_err, pw, 4096, 500.0, 8.0, has_ref_pred, sms)[0]
 
 
@@ -166,7 +168,9 @@ def _bind(launch, target):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.options)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
     return signature, constexprs, attrs, options
 
 
@@ -182,7 +186,9 @@ def variants(arch: int) -> list[Variant]:
         named_constexprs = {names[k[0]]: _plain(v) for k, v in constexprs.items()}
         named_attrs = {names[k[0]]: _attr_word(v) for k, v in attrs.items()}
         opts = {k: options.__dict__[k] for k in ("num_warps", "num_stages", "enable_fp_fusion")}
-        key = json.dumps([launch.kernel.__name__, signature, named_constexprs, named_attrs, opts], sort_keys=True)
+        key = json.dumps(
+            [launch.kernel.__name__, signature, named_constexprs, named_attrs, opts], sort_keys=True
+        )
         if key not in found:
             found[key] = Variant(
                 launch.kernel.__name__, arch, dict(signature), named_constexprs, named_attrs, opts, desc
@@ -228,7 +234,9 @@ def _compile_one(variant: Variant) -> Variant:
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in variant.attrs.items() if v == "D"}
     src = ASTSource(fn, variant.signature, constexprs, attrs)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", variant.arch, 32), options=dict(variant.options))
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", variant.arch, 32), options=dict(variant.options)
+        )
     except Exception as exc:  # every failure is reported, none is fatal to the sweep
         variant.error = f"{type(exc).__name__}: {exc}"[:2000]
         variant.seconds = time.perf_counter() - start
@@ -278,7 +286,9 @@ def check(results: list[Variant]) -> list[str]:
             if not v.vector_loads.get("128"):
                 problems.append(f"no 128-bit global loads for aligned inputs: {where}: {v.vector_loads}")
             if v.kernel == "_poly_dpo_grad_kernel" and not v.vector_stores.get("128"):
-                problems.append(f"no 128-bit global stores for an aligned gradient: {where}: {v.vector_stores}")
+                problems.append(
+                    f"no 128-bit global stores for an aligned gradient: {where}: {v.vector_stores}"
+                )
     return problems
 
 
@@ -295,10 +305,14 @@ def table(results: list[Variant]) -> str:
     lines = [head, "-" * len(head)]
     for v in sorted(results, key=lambda v: (v.kernel, v.arch, json.dumps(v.signature), _flags(v))):
         sig = v.signature
-        dtypes = " ".join(f"{sig.get(k, '-').lstrip('*'):>4}" for k in ("pred_ptr", "target_ptr", "weight_ptr"))
+        dtypes = " ".join(
+            f"{sig.get(k, '-').lstrip('*'):>4}" for k in ("pred_ptr", "target_ptr", "weight_ptr")
+        )
         n = sig.get("n_elems", "-") + ("/16" if v.attrs.get("n_elems") == "D" else "")
         if not v.ok:
-            lines.append(f"{v.kernel:<23} {v.arch:>3} {dtypes} {n:>4} {_flags(v):<58} FAILED: {v.error[:100]}")
+            lines.append(
+                f"{v.kernel:<23} {v.arch:>3} {dtypes} {n:>4} {_flags(v):<58} FAILED: {v.error[:100]}"
+            )
             continue
         lines.append(
             f"{v.kernel:<23} {v.arch:>3} {dtypes} {n:>4} {_flags(v):<58} {v.options['num_warps']:>5} "
@@ -315,9 +329,13 @@ def summary(results: list[Variant]) -> str:
     groups: dict[tuple, list[Variant]] = {}
     for v in results:
         key = (
-            v.kernel, v.arch, v.signature.get("pred_ptr", "-").lstrip("*"), str(v.constexprs.get("HAS_REF", v.constexprs.get("HAS_REF_PRED", "-"))),
-            str(v.constexprs.get("WEIGHT_MODE", v.constexprs.get("HAS_PAIR_WEIGHT", "-"))), v.options["num_warps"],
-        )  # fmt: skip
+            v.kernel,
+            v.arch,
+            v.signature.get("pred_ptr", "-").lstrip("*"),
+            str(v.constexprs.get("HAS_REF", v.constexprs.get("HAS_REF_PRED", "-"))),
+            str(v.constexprs.get("WEIGHT_MODE", v.constexprs.get("HAS_PAIR_WEIGHT", "-"))),
+            v.options["num_warps"],
+        )
         groups.setdefault(key, []).append(v)
     head = (
         f"{'kernel':<23} {'sm':>3} {'pred':>4} {'ref':>5} {'wmode':>5} {'warps':>5} {'n':>4} "
@@ -328,12 +346,16 @@ def summary(results: list[Variant]) -> str:
         vs = groups[key]
         ok = [v for v in vs if v.ok]
         if len(ok) < len(vs):
-            lines.append(f"{key[0]:<23} {key[1]:>3} {key[2]:>4} {key[3]:>5} {key[4]:>5} {key[5]:>5} {len(vs):>4} "
-                         f"{len(vs) - len(ok)} FAILED")  # fmt: skip
+            lines.append(
+                f"{key[0]:<23} {key[1]:>3} {key[2]:>4} {key[3]:>5} {key[4]:>5} {key[5]:>5} {len(vs):>4} "
+                f"{len(vs) - len(ok)} FAILED"
+            )
             continue
         regs = f"{min(v.registers for v in ok)}-{max(v.registers for v in ok)}"
         aligned = [v for v in ok if v.aligned]
-        wide = "-" if not aligned else ("all" if all(v.vector_loads.get("128") for v in aligned) else "NOT ALL")
+        wide = (
+            "-" if not aligned else ("all" if all(v.vector_loads.get("128") for v in aligned) else "NOT ALL")
+        )
         lines.append(
             f"{key[0]:<23} {key[1]:>3} {key[2]:>4} {key[3]:>5} {key[4]:>5} {key[5]:>5} {len(vs):>4} {regs:>9} "
             f"{max(v.stack for v in ok):>5} {max(v.shared for v in ok):>5} {wide:>8}"
@@ -356,7 +378,9 @@ def available_archs() -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vipo.kernels.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="auto", help="comma-separated compute capabilities, e.g. 80,90 (auto: all)")
+    parser.add_argument(
+        "--arch", default="auto", help="comma-separated compute capabilities, e.g. 80,90 (auto: all)"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="write every variant with its resources to this file")
     parser.add_argument("--list", action="store_true", help="list the variants without compiling")

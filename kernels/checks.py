@@ -39,7 +39,9 @@ def check_no_grad(name: str, tensor: torch.Tensor) -> None:
     """The loss differentiates policy_pred alone: a target that requires grad would get a gradient
     on one path and none on the other, so both refuse it."""
     if tensor.requires_grad:
-        raise ValueError(f"{name} requires grad, but the loss differentiates policy_pred only: pass {name}.detach()")
+        raise ValueError(
+            f"{name} requires grad, but the loss differentiates policy_pred only: pass {name}.detach()"
+        )
 
 
 def check_same_shape(name: str, tensor: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
@@ -111,5 +113,7 @@ def check_loss_inputs(
         if pair_weight.shape != (pairs,):
             raise ValueError(f"pair_weight must have shape [B] = [{pairs}], got {tuple(pair_weight.shape)}")
         if pair_weight.device != policy_pred.device:
-            raise ValueError(f"pair_weight is on {pair_weight.device} but policy_pred is on {policy_pred.device}")
+            raise ValueError(
+                f"pair_weight is on {pair_weight.device} but policy_pred is on {policy_pred.device}"
+            )
     return pairs

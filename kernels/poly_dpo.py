@@ -78,9 +78,15 @@ def poly_dpo_loss(
     """
     if not use_fused(policy_pred):
         return reference.poly_dpo_loss(
-            policy_pred, target, ref_pred=ref_pred, ref_err=ref_err, beta=beta, alpha=alpha,
-            elem_weight=elem_weight, pair_weight=pair_weight,
-        )  # fmt: skip
+            policy_pred,
+            target,
+            ref_pred=ref_pred,
+            ref_err=ref_err,
+            beta=beta,
+            alpha=alpha,
+            elem_weight=elem_weight,
+            pair_weight=pair_weight,
+        )
     check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
     # Each input is read in its own dtype and widened to float32 inside the kernel.
     loss, stats, logits, prob, policy_err, ref_err_out, _ = _fused_ops().poly_dpo_fwd(
@@ -96,9 +102,14 @@ def poly_dpo_loss(
     # Only the loss is differentiable; the metric outputs of the op carry no gradient.
     stats = stats.detach()
     return PolyDPOOutput(
-        loss=loss, logits=logits.detach(), prob=prob.detach(), accuracy=stats[0], margin=stats[1],
-        policy_err=policy_err.detach(), ref_err=ref_err_out.detach(),
-    )  # fmt: skip
+        loss=loss,
+        logits=logits.detach(),
+        prob=prob.detach(),
+        accuracy=stats[0],
+        margin=stats[1],
+        policy_err=policy_err.detach(),
+        ref_err=ref_err_out.detach(),
+    )
 
 
 class PolyDPOLoss(nn.Module):
@@ -120,9 +131,15 @@ class PolyDPOLoss(nn.Module):
         pair_weight: torch.Tensor | None = None,
     ) -> PolyDPOOutput:
         return poly_dpo_loss(
-            policy_pred, target, ref_pred=ref_pred, ref_err=ref_err, beta=self.beta, alpha=self.alpha,
-            elem_weight=elem_weight, pair_weight=pair_weight,
-        )  # fmt: skip
+            policy_pred,
+            target,
+            ref_pred=ref_pred,
+            ref_err=ref_err,
+            beta=self.beta,
+            alpha=self.alpha,
+            elem_weight=elem_weight,
+            pair_weight=pair_weight,
+        )
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}"

@@ -47,9 +47,18 @@ def _new(shape, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 
 @triton.jit
 def _load_weight(
-    weight_ptr, row, offs, mask,
-    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2, WEIGHT_MODE: tl.constexpr,
-):  # fmt: skip
+    weight_ptr,
+    row,
+    offs,
+    mask,
+    w_row_stride,
+    w_size1,
+    w_size2,
+    w_stride0,
+    w_stride1,
+    w_stride2,
+    WEIGHT_MODE: tl.constexpr,
+):
     """fp32 element weights for flat indices `offs` of one row. Mode 1: a map laid out like the
     row (contiguous, vector loads); mode 2: three broadcast dims of sizes (-, w_size1, w_size2)
     and any strides (spatial maps, frame weights, per-channel or per-sample weights). Callers
@@ -60,7 +69,9 @@ def _load_weight(
     else:
         i2 = offs % w_size2
         rest = offs // w_size2
-        w_offs = row * w_row_stride + (rest // w_size1) * w_stride0 + (rest % w_size1) * w_stride1 + i2 * w_stride2
+        w_offs = (
+            row * w_row_stride + (rest // w_size1) * w_stride0 + (rest % w_size1) * w_stride1 + i2 * w_stride2
+        )
     return tl.load(weight_ptr + w_offs, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -82,16 +93,40 @@ def _row_program(n_elems, BLOCK: tl.constexpr, OFFS_64: tl.constexpr):
 # Integers that only index or count are not specialised: each specialisation (divisible by 16,
 # equal to 1) would be one more JIT compile on a GPU whenever a batch or bucket shape changes.
 # n_elems and a weight map's row stride stay specialised: their alignment decides the load widths.
-_NOT_SPECIALIZED = ("n_rows", "n_chunks", "iters", "w_size1", "w_size2", "w_stride0", "w_stride1", "w_stride2")
+_NOT_SPECIALIZED = (
+    "n_rows",
+    "n_chunks",
+    "iters",
+    "w_size1",
+    "w_size2",
+    "w_stride0",
+    "w_stride1",
+    "w_stride2",
+)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _errors_partial_kernel(
-    pred_ptr, target_ptr, ref_ptr, weight_ptr, partial_ptr,
-    n_elems, n_rows, n_chunks, iters,
-    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
-    HAS_REF: tl.constexpr, WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, OFFS_64: tl.constexpr,
-):  # fmt: skip
+    pred_ptr,
+    target_ptr,
+    ref_ptr,
+    weight_ptr,
+    partial_ptr,
+    n_elems,
+    n_rows,
+    n_chunks,
+    iters,
+    w_row_stride,
+    w_size1,
+    w_size2,
+    w_stride0,
+    w_stride1,
+    w_stride2,
+    HAS_REF: tl.constexpr,
+    WEIGHT_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    OFFS_64: tl.constexpr,
+):
     # Reads pred, target (ref, weight) once; writes 1 (or 3 with ref) fp32 partial sums.
     chunk, row, row_start, lanes = _row_program(n_elems, BLOCK, OFFS_64)
     acc_pol = tl.zeros([BLOCK], dtype=tl.float32)
@@ -108,9 +143,18 @@ def _errors_partial_kernel(
             w = 1.0
         else:
             w = _load_weight(
-                weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+                weight_ptr,
+                row,
+                offs,
+                mask,
+                w_row_stride,
+                w_size1,
+                w_size2,
+                w_stride0,
+                w_stride1,
+                w_stride2,
                 WEIGHT_MODE,
-            )  # fmt: skip
+            )
         acc_pol += w * dp * dp
         if HAS_REF:
             r = tl.load(ref_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
@@ -148,12 +192,28 @@ def _log1p(x):
 
 @triton.jit(do_not_specialize=("n_pairs", "n_chunks"))
 def _poly_dpo_head_kernel(
-    partial_ptr, ref_err_ptr, pair_weight_ptr,
-    loss_ptr, stats_ptr, logits_ptr, prob_ptr, policy_err_ptr, ref_err_out_ptr, coef_ptr,
-    n_pairs, n_chunks, inv_n, beta, alpha, coef_scale, inv_beta,
-    HAS_REF_PRED: tl.constexpr, HAS_PAIR_WEIGHT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    partial_ptr,
+    ref_err_ptr,
+    pair_weight_ptr,
+    loss_ptr,
+    stats_ptr,
+    logits_ptr,
+    prob_ptr,
+    policy_err_ptr,
+    ref_err_out_ptr,
+    coef_ptr,
+    n_pairs,
+    n_chunks,
+    inv_n,
+    beta,
+    alpha,
+    coef_scale,
+    inv_beta,
+    HAS_REF_PRED: tl.constexpr,
+    HAS_PAIR_WEIGHT: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # One program. Reads the partial sums (O(2B * chunks)); writes O(B) values.
     n_rows = 2 * n_pairs
     stream = n_rows * n_chunks
@@ -219,11 +279,25 @@ def _to_bf16_rtne(x):
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED[2:])
 def _poly_dpo_grad_kernel(
-    pred_ptr, target_ptr, weight_ptr, coef_ptr, grad_scale_ptr, grad_ptr,
-    n_elems, iters,
-    w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
-    WEIGHT_MODE: tl.constexpr, BLOCK: tl.constexpr, OFFS_64: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr,
-):  # fmt: skip
+    pred_ptr,
+    target_ptr,
+    weight_ptr,
+    coef_ptr,
+    grad_scale_ptr,
+    grad_ptr,
+    n_elems,
+    iters,
+    w_row_stride,
+    w_size1,
+    w_size2,
+    w_stride0,
+    w_stride1,
+    w_stride2,
+    WEIGHT_MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    OFFS_64: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+):
     # Reads pred, target (weight) once; writes grad once.
     chunk, row, row_start, lanes = _row_program(n_elems, BLOCK, OFFS_64)
     scale = tl.load(coef_ptr + row).to(tl.float32) * tl.load(grad_scale_ptr).to(tl.float32)
@@ -236,9 +310,18 @@ def _poly_dpo_grad_kernel(
             g = scale * (p - y)
         else:
             w = _load_weight(
-                weight_ptr, row, offs, mask, w_row_stride, w_size1, w_size2, w_stride0, w_stride1, w_stride2,
+                weight_ptr,
+                row,
+                offs,
+                mask,
+                w_row_stride,
+                w_size1,
+                w_size2,
+                w_stride0,
+                w_stride1,
+                w_stride2,
                 WEIGHT_MODE,
-            )  # fmt: skip
+            )
             g = scale * w * (p - y)
         if ROUND_BF16_BY_BITS:
             g = _to_bf16_rtne(g)
@@ -352,7 +435,9 @@ def head_config(n_pairs: int, n_chunks: int, interpret: bool) -> tuple[int, int]
     tiles to the data."""
     if not interpret:
         return 32, 32
-    return max(16, min(triton.next_power_of_2(n_pairs), 64)), max(16, min(triton.next_power_of_2(n_chunks), 1024))
+    return max(16, min(triton.next_power_of_2(n_pairs), 64)), max(
+        16, min(triton.next_power_of_2(n_chunks), 1024)
+    )
 
 
 _INT32_MAX = 2**31 - 1
@@ -362,7 +447,11 @@ def _needs_int64_offsets(n_elems: int, block: int, iters: int, weight: torch.Ten
     """Whether an offset inside a row can pass int32: the last program's lanes reach
     n_chunks * iters * BLOCK - 1, and a broadcast weight's in-row offset its largest stride sum."""
     covered = triton.cdiv(n_elems, block * iters) * block * iters
-    weight_span = 0 if weight is None else sum((s - 1) * st for s, st in zip(weight.shape[1:], weight.stride()[1:], strict=True))
+    weight_span = (
+        0
+        if weight is None
+        else sum((s - 1) * st for s, st in zip(weight.shape[1:], weight.stride()[1:], strict=True))
+    )
     return max(covered, weight_span + 1) > _INT32_MAX
 
 
@@ -389,14 +478,30 @@ def partials_launch(pred, target, ref, weight, sms: int | None):
         _errors_partial_kernel,
         (n_chunks, n_rows),
         (
-            pred, target, ref if ref is not None else pred, w if w is not None else pred, partial,
-            n_elems, n_rows, n_chunks, iters,
-            w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
-        ),  # fmt: skip
+            pred,
+            target,
+            ref if ref is not None else pred,
+            w if w is not None else pred,
+            partial,
+            n_elems,
+            n_rows,
+            n_chunks,
+            iters,
+            w_rs,
+            w_s1,
+            w_s2,
+            w_st0,
+            w_st1,
+            w_st2,
+        ),
         dict(
-            HAS_REF=ref is not None, WEIGHT_MODE=mode, BLOCK=block,
-            OFFS_64=_needs_int64_offsets(n_elems, block, iters, w), num_warps=num_warps, **_COMPILE_OPTIONS,
-        ),  # fmt: skip
+            HAS_REF=ref is not None,
+            WEIGHT_MODE=mode,
+            BLOCK=block,
+            OFFS_64=_needs_int64_offsets(n_elems, block, iters, w),
+            num_warps=num_warps,
+            **_COMPILE_OPTIONS,
+        ),
     )
     return launch, partial, n_elems
 
@@ -419,15 +524,26 @@ def head_launch(partial, ref_err, pair_weight, n_elems, beta: float, alpha: floa
         _poly_dpo_head_kernel,
         (1,),
         (
-            partial, ref_err if ref_err is not None else partial, pair_weight if pair_weight is not None else partial,
+            partial,
+            ref_err if ref_err is not None else partial,
+            pair_weight if pair_weight is not None else partial,
             *outputs,
-            n_pairs, n_chunks, 1.0 / n_elems, float(beta), float(alpha), float(beta) / (n_pairs * n_elems),
+            n_pairs,
+            n_chunks,
+            1.0 / n_elems,
+            float(beta),
+            float(alpha),
+            float(beta) / (n_pairs * n_elems),
             1.0 / beta if beta != 0 else 0.0,
-        ),  # fmt: skip
+        ),
         dict(
-            HAS_REF_PRED=has_ref_pred, HAS_PAIR_WEIGHT=pair_weight is not None,
-            BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4, **_COMPILE_OPTIONS,
-        ),  # fmt: skip
+            HAS_REF_PRED=has_ref_pred,
+            HAS_PAIR_WEIGHT=pair_weight is not None,
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+            num_warps=4,
+            **_COMPILE_OPTIONS,
+        ),
     )
     return launch, outputs
 
@@ -442,15 +558,29 @@ def grad_launch(grad_scale, pred, target, weight, coef, sms: int | None):
         _poly_dpo_grad_kernel,
         (n_chunks, n_rows),
         (
-            pred, target, w if w is not None else pred, coef, grad_scale, grad,
-            n_elems, iters,
-            w_rs, w_s1, w_s2, w_st0, w_st1, w_st2,
-        ),  # fmt: skip
+            pred,
+            target,
+            w if w is not None else pred,
+            coef,
+            grad_scale,
+            grad,
+            n_elems,
+            iters,
+            w_rs,
+            w_s1,
+            w_s2,
+            w_st0,
+            w_st1,
+            w_st2,
+        ),
         dict(
-            WEIGHT_MODE=mode, BLOCK=block, OFFS_64=_needs_int64_offsets(n_elems, block, iters, w),
+            WEIGHT_MODE=mode,
+            BLOCK=block,
+            OFFS_64=_needs_int64_offsets(n_elems, block, iters, w),
             ROUND_BF16_BY_BITS=sms is None and pred.dtype == torch.bfloat16,
-            num_warps=num_warps, **_COMPILE_OPTIONS,
-        ),  # fmt: skip
+            num_warps=num_warps,
+            **_COMPILE_OPTIONS,
+        ),
     )
     return launch, grad
 
@@ -480,7 +610,9 @@ def poly_dpo_fwd(
     sms = sm_count(policy_pred.device)
     launch, partial, n_elems = partials_launch(policy_pred, target, ref_pred, elem_weight, sms)
     launch.run()
-    launch, outputs = head_launch(partial, ref_err, pair_weight, n_elems, beta, alpha, ref_pred is not None, sms)
+    launch, outputs = head_launch(
+        partial, ref_err, pair_weight, n_elems, beta, alpha, ref_pred is not None, sms
+    )
     launch.run()
     return outputs
 
@@ -510,7 +642,9 @@ def poly_dpo_bwd(
 ) -> torch.Tensor:
     """grad[row] = grad_scale * coef[row] * elem_weight * (pred - target), in pred's dtype."""
     pred = _flat(pred)
-    launch, grad = grad_launch(_flat(grad_scale), pred, _flat(target), elem_weight, _flat(coef), sm_count(pred.device))
+    launch, grad = grad_launch(
+        _flat(grad_scale), pred, _flat(target), elem_weight, _flat(coef), sm_count(pred.device)
+    )
     launch.run()
     return grad
 
@@ -553,7 +687,9 @@ poly_dpo_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_con
 
 
 @torch.library.custom_op("vipo::sample_errors", mutates_args=())
-def sample_errors_op(pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None) -> torch.Tensor:
+def sample_errors_op(
+    pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None
+) -> torch.Tensor:
     """Per-sample mean of elem_weight * (pred - target)^2 -> fp32 [2B]."""
     pred = _flat(pred)
     launch, partial, n_elems = partials_launch(pred, _flat(target), None, elem_weight, sm_count(pred.device))

@@ -44,7 +44,9 @@ class Buckets:
         w the largest width for h. The rule is symmetric, so each bucket's transpose is one too;
         at 1 Mpx it gives 17 buckets from 512x2048 to 2048x512 (1024x1024, 1152x896, 1344x768, ...)."""
         if step < 1 or area < step * step or max_aspect < 1.0:
-            raise ValueError(f"need step >= 1, area >= step^2 and max_aspect >= 1; got {step}, {area}, {max_aspect}")
+            raise ValueError(
+                f"need step >= 1, area >= step^2 and max_aspect >= 1; got {step}, {area}, {max_aspect}"
+            )
 
         def longest(side: int) -> int:
             return (area // side) // step * step
@@ -52,7 +54,11 @@ class Buckets:
         sizes = []
         for width in range(step, area // step + 1, step):
             height = longest(width)
-            if height >= step and longest(height) == width and max(width / height, height / width) <= max_aspect:
+            if (
+                height >= step
+                and longest(height) == width
+                and max(width / height, height / width) <= max_aspect
+            ):
                 sizes.append((width, height))
         return cls(sorted(sizes, key=lambda s: s[0] / s[1]))
 
@@ -90,10 +96,14 @@ class BucketBatchSampler:
     PairSampler, and `next_batch()` is a drop-in for PairSampler's.
     """
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, bucket_ids: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         ids = np.asarray(bucket_ids, dtype=np.int64)
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}")
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}"
+            )
         self.num_items, self.batch_size, self.seed = len(ids), batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.members = {int(b): np.flatnonzero(ids == b) for b in np.unique(ids) if b >= 0}
@@ -106,8 +116,11 @@ class BucketBatchSampler:
             )
         starved = {b: len(m) for b, m in self.members.items() if len(m) < global_batch}
         if starved:
-            log.warning("buckets %s hold fewer items than one global batch (%d) and are never drawn",
-                        starved, global_batch)  # fmt: skip
+            log.warning(
+                "buckets %s hold fewer items than one global batch (%d) and are never drawn",
+                starved,
+                global_batch,
+            )
         self.assignment_crc = zlib.crc32(ids.tobytes())
         self.epoch, self.batch_in_epoch = 0, 0
         self.last_bucket = -1
@@ -138,9 +151,15 @@ class BucketBatchSampler:
         return indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "num_items": self.num_items, "batch_size": self.batch_size, "world_size": self.world_size,
-                "assignment_crc": self.assignment_crc}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "assignment_crc": self.assignment_crc,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_items", "batch_size", "world_size", "assignment_crc"):

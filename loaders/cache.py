@@ -196,8 +196,15 @@ def _same_shape_runs(records: list) -> list[list]:
     return runs
 
 
-def _encode_shard(source, encoder: PairEncoder, first: int, count: int, dtype, batch_pairs: int,
-                  advance: Callable[[int], object]) -> tuple[dict, dict]:  # fmt: skip
+def _encode_shard(
+    source,
+    encoder: PairEncoder,
+    first: int,
+    count: int,
+    dtype,
+    batch_pairs: int,
+    advance: Callable[[int], object],
+) -> tuple[dict, dict]:
     tensors: dict[str, torch.Tensor] = {}
     ids: list[str] = []
     slots: list[int] = []
@@ -233,23 +240,42 @@ def _encode_shard(source, encoder: PairEncoder, first: int, count: int, dtype, b
                 ids.append(str(record.id))
                 slots.append(prompts[record.prompt])
             advance(n)
-    metadata = {"ids": json.dumps(ids), "prompt_slots": json.dumps(slots),
-                "prompts": json.dumps(list(prompts)),
-                "posterior": "1" if posterior else "0"}  # fmt: skip
+    metadata = {
+        "ids": json.dumps(ids),
+        "prompt_slots": json.dumps(slots),
+        "prompts": json.dumps(list(prompts)),
+        "posterior": "1" if posterior else "0",
+    }
     return tensors, metadata
 
 
-def _start_index(folder: Path, fingerprint: dict, num_pairs: int, pairs_per_shard: int, dtype_name: str,
-                 vocabulary) -> dict:  # fmt: skip
+def _start_index(
+    folder: Path, fingerprint: dict, num_pairs: int, pairs_per_shard: int, dtype_name: str, vocabulary
+) -> dict:
     """The folder's index: created with the plan, or an existing one checked against this run."""
     index = read_json(folder / INDEX)
     if index is None:
         starts = range(0, num_pairs, pairs_per_shard)
-        shards = [{"file": shard_name(s), "first": first, "count": min(pairs_per_shard, num_pairs - first),
-                   "complete": False} for s, first in enumerate(starts)]  # fmt: skip
-        index = {"format": FORMAT, "fingerprint": fingerprint, "digest": digest_of(fingerprint),
-                 "num_pairs": num_pairs, "pairs_per_shard": pairs_per_shard, "dtype": dtype_name,
-                 "vocabulary": vocabulary, "shards": shards, "complete": False}  # fmt: skip
+        shards = [
+            {
+                "file": shard_name(s),
+                "first": first,
+                "count": min(pairs_per_shard, num_pairs - first),
+                "complete": False,
+            }
+            for s, first in enumerate(starts)
+        ]
+        index = {
+            "format": FORMAT,
+            "fingerprint": fingerprint,
+            "digest": digest_of(fingerprint),
+            "num_pairs": num_pairs,
+            "pairs_per_shard": pairs_per_shard,
+            "dtype": dtype_name,
+            "vocabulary": vocabulary,
+            "shards": shards,
+            "complete": False,
+        }
         write_json_atomic(folder / INDEX, index)
         return index
     if index.get("format") != FORMAT:
@@ -269,9 +295,19 @@ def _start_index(folder: Path, fingerprint: dict, num_pairs: int, pairs_per_shar
     return index
 
 
-def write_cache(source, encoder: PairEncoder, folder: str | Path, fingerprint: dict, *,
-                pairs_per_shard: int = 256, batch_pairs: int = 8, dtype: str = "float16",
-                rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:  # fmt: skip
+def write_cache(
+    source,
+    encoder: PairEncoder,
+    folder: str | Path,
+    fingerprint: dict,
+    *,
+    pairs_per_shard: int = 256,
+    batch_pairs: int = 8,
+    dtype: str = "float16",
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> dict:
     """Encode `source` (a map-style pair source) into `folder`: this rank's shards r, r + w, ...,
     keeping the shards a previous run finished. Returns a summary of what was written and kept."""
     if dtype not in DTYPES:
@@ -291,26 +327,41 @@ def write_cache(source, encoder: PairEncoder, folder: str | Path, fingerprint: d
     torch_dtype = DTYPES[dtype]
     empty_meta = header(folder / EMPTY_PROMPT)
     if empty_meta is None or empty_meta.get("digest") != digest:
-        empty = {key: _stored(value[0], torch_dtype, f"empty prompt: {key}")
-                 for key, value in encoder.encode_prompts([""]).items()}  # fmt: skip
+        empty = {
+            key: _stored(value[0], torch_dtype, f"empty prompt: {key}")
+            for key, value in encoder.encode_prompts([""]).items()
+        }
         save_atomic(empty, folder / EMPTY_PROMPT, {"format": FORMAT, "digest": digest})
     mine = [index["shards"][s] for s in range(rank, len(index["shards"]), world_size)]
     kept = [s["file"] for s in mine if whole_shard(folder / s["file"], digest, s["count"])]
     todo = [s for s in mine if s["file"] not in kept]
     written = []
-    with tqdm(total=sum(s["count"] for s in todo), desc=f"cache rank {rank}/{world_size}", unit="pair",
-              disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=sum(s["count"] for s in todo),
+        desc=f"cache rank {rank}/{world_size}",
+        unit="pair",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for shard in todo:
             path = folder / shard["file"]
             if remove_partials(path):
                 log.info("%s: removed a partial write, rebuilding", path)
-            tensors, metadata = _encode_shard(source, encoder, shard["first"], shard["count"], torch_dtype,
-                                              batch_pairs, bar.update)  # fmt: skip
+            tensors, metadata = _encode_shard(
+                source, encoder, shard["first"], shard["count"], torch_dtype, batch_pairs, bar.update
+            )
             save_atomic(tensors, path, {"format": FORMAT, "digest": digest, **metadata})
             written.append(shard["file"])
     index = finalize_index(folder)
-    return {"folder": str(folder), "written": written, "kept": kept, "complete": index["complete"],
-            "shards": len(index["shards"]), "rank": rank, "world_size": world_size}  # fmt: skip
+    return {
+        "folder": str(folder),
+        "written": written,
+        "kept": kept,
+        "complete": index["complete"],
+        "shards": len(index["shards"]),
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def _shard_contents(folder: Path, shard: dict) -> dict:
@@ -392,8 +443,11 @@ class LatentCache:
                 "run `vipo cache` for this recipe into another data.cache folder"
             )
         if not index["complete"]:
-            missing = [s["file"] for s in index["shards"]
-                       if not whole_shard(self.folder / s["file"], index["digest"], s["count"])]  # fmt: skip
+            missing = [
+                s["file"]
+                for s in index["shards"]
+                if not whole_shard(self.folder / s["file"], index["digest"], s["count"])
+            ]
             if missing:
                 raise CacheError(
                     f"latent cache {self.folder} is incomplete: {len(missing)} of {len(index['shards'])} "
@@ -443,8 +497,15 @@ class LatentCache:
         def get(name):
             return handle.get_tensor(f"{row}/{name}") if self.posterior or name.endswith("mean") else None
 
-        return CachedPair(self.ids[i], prompts[slot], get("winner_mean"), get("loser_mean"),
-                          get("winner_logvar"), get("loser_logvar"), cond)  # fmt: skip
+        return CachedPair(
+            self.ids[i],
+            prompts[slot],
+            get("winner_mean"),
+            get("loser_mean"),
+            get("winner_logvar"),
+            get("loser_logvar"),
+            cond,
+        )
 
     def empty_cond(self) -> dict[str, torch.Tensor]:
         """The empty prompt's conditioning, for caption dropout."""

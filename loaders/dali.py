@@ -103,8 +103,12 @@ def _drop_pipeline(kind: str, device: str) -> None:
 def _video_pipeline(device: str, device_id: int | None):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=MAX_BATCH, num_threads=min(4, os.cpu_count() or 1), device_id=device_id,
-                  prefetch_queue_depth=1)  # fmt: skip
+    @pipeline_def(
+        batch_size=MAX_BATCH,
+        num_threads=min(4, os.cpu_count() or 1),
+        device_id=device_id,
+        prefetch_queue_depth=1,
+    )
     def video():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
@@ -122,8 +126,12 @@ def _video_pipeline(device: str, device_id: int | None):
 def _image_pipeline(device: str, device_id: int | None):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=MAX_BATCH, num_threads=min(4, os.cpu_count() or 1), device_id=device_id,
-                  prefetch_queue_depth=1)  # fmt: skip
+    @pipeline_def(
+        batch_size=MAX_BATCH,
+        num_threads=min(4, os.cpu_count() or 1),
+        device_id=device_id,
+        prefetch_queue_depth=1,
+    )
     def image():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         return fn.decoders.image(encoded, device=device, output_type=types.RGB)
@@ -273,8 +281,9 @@ def image_device(backend: str = "auto", device: str = "auto") -> str:
     return device
 
 
-def decode_images(blobs: list[bytes], names: list[str] | None = None, backend: str = "auto",
-                  device: str = "auto") -> tuple[list[np.ndarray], str]:  # fmt: skip
+def decode_images(
+    blobs: list[bytes], names: list[str] | None = None, backend: str = "auto", device: str = "auto"
+) -> tuple[list[np.ndarray], str]:
     """HxWx3 uint8 RGB arrays of encoded images and the backend that decoded them ("pil" |
     "dali-cpu" | "dali-mixed"). `names` label errors (BadSample); a DALI failure retries with PIL,
     which names the bad image."""

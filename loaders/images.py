@@ -67,9 +67,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, UnidentifiedImageError, Imag
 
 
 def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):  # fmt: skip
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -89,8 +93,9 @@ def regular_file(path: str | os.PathLike, ref: str | None = None, what: str = "i
     except ValueError as err:  # a NUL character in the name
         raise BadSample(ref, f"cannot read {what} file {os.fspath(path)!r}: {err}") from None
     if not stat.S_ISREG(mode):
-        raise BadSample(ref, f"{os.fspath(path)} is {_file_kind(mode)}, not a regular {what} file",
-                        "skipped_not_a_file")  # fmt: skip
+        raise BadSample(
+            ref, f"{os.fspath(path)} is {_file_kind(mode)}, not a regular {what} file", "skipped_not_a_file"
+        )
 
 
 def _open(source: ImageInput, ref: str) -> Image.Image:
@@ -156,8 +161,11 @@ def image_size(source: ImageInput, ref: str | None = None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # The pair transform
 
-_RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-             "bilinear": Image.Resampling.BILINEAR}  # fmt: skip
+_RESAMPLE = {
+    "lanczos": Image.Resampling.LANCZOS,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
 
 
 def stable_hash(text: str) -> int:
@@ -176,9 +184,16 @@ class PairTransform:
     the same relative box. `flip_prob` is the chance of a horizontal flip of both.
     """
 
-    def __init__(self, size: int | Sequence[int] | None = None, *, buckets: Any = None,
-                 random_crop: bool = False, flip_prob: float = 0.0, seed: int = 0,
-                 resample: str = "lanczos"):  # fmt: skip
+    def __init__(
+        self,
+        size: int | Sequence[int] | None = None,
+        *,
+        buckets: Any = None,
+        random_crop: bool = False,
+        flip_prob: float = 0.0,
+        seed: int = 0,
+        resample: str = "lanczos",
+    ):
         if (size is None) == (buckets is None):
             raise ValueError("PairTransform needs exactly one of size= and buckets=")
         if size is not None:
@@ -210,7 +225,9 @@ class PairTransform:
             fx = fy = 0.5
         return float(fx), float(fy), bool(flip < self.flip_prob)
 
-    def _apply(self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool) -> np.ndarray:
+    def _apply(
+        self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool
+    ) -> np.ndarray:
         width, height = image.size
         tw, th = target
         scale = max(tw / width, th / height)
@@ -221,8 +238,15 @@ class PairTransform:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8).copy()
 
-    def __call__(self, winner: Image.Image, loser: Image.Image, *, key: str, epoch: int = 0,
-                 target: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def __call__(
+        self,
+        winner: Image.Image,
+        loser: Image.Image,
+        *,
+        key: str,
+        epoch: int = 0,
+        target: tuple[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Winner and loser as HxWx3 uint8 arrays of the same shape."""
         target = target or self.target_for(*winner.size)
         fx, fy, flip = self.decisions(key, epoch)

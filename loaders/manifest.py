@@ -88,18 +88,30 @@ def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) 
         weight = pair_weight(item.get("weight", 1.0), where)
         winner, loser = (root.path(item[key], where, key) for key in ("winner", "loser"))
         digest = hashlib.sha1("\0".join((item["prompt"], item["winner"], item["loser"])).encode()).hexdigest()
-        entries.append(ManifestEntry(
-            id=item.get("id") or f"manifest-{digest[:16]}", prompt=item["prompt"],
-            winner=winner, loser=loser, category=item.get("category", ""), weight=weight,
-        ))  # fmt: skip
+        entries.append(
+            ManifestEntry(
+                id=item.get("id") or f"manifest-{digest[:16]}",
+                prompt=item["prompt"],
+                winner=winner,
+                loser=loser,
+                category=item.get("category", ""),
+                weight=weight,
+            )
+        )
     return entries
 
 
 class ManifestPairs(CountedSource):
     """Map-style source over a JSONL manifest."""
 
-    def __init__(self, path: str | os.PathLike, transform: PairTransform, *, check_files: bool = False,
-                 allow_outside_root: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        transform: PairTransform,
+        *,
+        check_files: bool = False,
+        allow_outside_root: bool = False,
+    ):
         self.path, self.transform = Path(path), transform
         self._start_counts(f"manifest {self.path}", SKIP_KINDS)
         entries = read_manifest(self.path, allow_outside_root=allow_outside_root)

@@ -41,8 +41,14 @@ log = logging.getLogger(__name__)
 INDEX_COLUMNS = ("label_0", "label_1", "has_label", "are_different")
 FETCH_COLUMNS = ("caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid")
 REQUIRED_COLUMNS = FETCH_COLUMNS + INDEX_COLUMNS
-SKIP_KINDS = ("skipped_ties", "skipped_unlabeled", "skipped_identical", "skipped_bad_label",
-              "skipped_corrupt", "skipped_missing")  # fmt: skip
+SKIP_KINDS = (
+    "skipped_ties",
+    "skipped_unlabeled",
+    "skipped_identical",
+    "skipped_bad_label",
+    "skipped_corrupt",
+    "skipped_missing",
+)
 
 # Index column `winner`: which image won, or a kept tie.
 _WIN_0, _WIN_1, _TIE = 0, 1, 2
@@ -84,13 +90,21 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             f"{path}: missing column(s) {', '.join(missing)} for Pick-a-Pic pairs; "
             f"columns found: {', '.join(names)}"
         )
-    expected = {"label_0": pa.types.is_floating, "label_1": pa.types.is_floating,
-                "has_label": pa.types.is_boolean, "are_different": pa.types.is_boolean,
-                "jpg_0": pa.types.is_binary, "jpg_1": pa.types.is_binary}  # fmt: skip
+    expected = {
+        "label_0": pa.types.is_floating,
+        "label_1": pa.types.is_floating,
+        "has_label": pa.types.is_boolean,
+        "are_different": pa.types.is_boolean,
+        "jpg_0": pa.types.is_binary,
+        "jpg_1": pa.types.is_binary,
+    }
     for name, ok in expected.items():
         kind = schema.field(name).type
-        if not (ok(kind) or (name.startswith("label") and pa.types.is_integer(kind))
-                or (name.startswith("jpg") and pa.types.is_large_binary(kind))):  # fmt: skip
+        if not (
+            ok(kind)
+            or (name.startswith("label") and pa.types.is_integer(kind))
+            or (name.startswith("jpg") and pa.types.is_large_binary(kind))
+        ):
             raise SourceError(f"{path}: column {name} has type {kind}, expected {ok.__name__[3:]}")
     if not _is_text(schema.field("caption").type):
         raise SourceError(
@@ -102,8 +116,14 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
 class PickapicPairs(CountedSource):
     """Map-style Pick-a-Pic v2 source; `len()` counts the pairs kept after the label filters."""
 
-    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], transform: PairTransform,
-                 *, keep_ties: bool = False, cache_row_groups: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        transform: PairTransform,
+        *,
+        keep_ties: bool = False,
+        cache_row_groups: int = 2,
+    ):
         self.files = parquet_files(paths)
         self.transform, self.keep_ties = transform, keep_ties
         self.cache_row_groups = max(1, cache_row_groups)
@@ -146,8 +166,12 @@ class PickapicPairs(CountedSource):
         reasons[~has_label] = "skipped_unlabeled"
         for row in np.flatnonzero(reasons != ""):
             where = f"{self.files[file_index].name} row group {group} row {row}"
-            self.skips.skip(reasons[row], where, f"label_0={label_0[row]}, label_1={label_1[row]}, "
-                            f"has_label={has_label[row]}, are_different={different[row]}")  # fmt: skip
+            self.skips.skip(
+                reasons[row],
+                where,
+                f"label_0={label_0[row]}, label_1={label_1[row]}, "
+                f"has_label={has_label[row]}, are_different={different[row]}",
+            )
         rows = np.flatnonzero(reasons == "")
         return np.stack([np.full(len(rows), file_index), np.full(len(rows), group), rows, winner[rows]])
 
@@ -170,7 +194,9 @@ class PickapicPairs(CountedSource):
     def _row(self, index: int) -> tuple[str, str | None, list, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} out of range [0, {len(self)})")
-        file_index, group, row, winner = (int(a[index]) for a in (self.file_of, self.group_of, self.row_of, self.winner_of))
+        file_index, group, row, winner = (
+            int(a[index]) for a in (self.file_of, self.group_of, self.row_of, self.winner_of)
+        )
         table = self._row_group(file_index, group)
         uids = [table[f"image_{k}_uid"][row].as_py() for k in (0, 1)]
         caption = table["caption"][row].as_py()

@@ -25,8 +25,12 @@ def draw(shape: str, colour: str, position: str, size: int) -> np.ndarray:
     image = Image.new("RGB", (size, size), (128, 128, 128))
     pen = ImageDraw.Draw(image)
     r = size // 5
-    cx, cy = {"left": (size // 4, size // 2), "right": (3 * size // 4, size // 2),
-              "top": (size // 2, size // 4), "bottom": (size // 2, 3 * size // 4)}[position]  # fmt: skip
+    cx, cy = {
+        "left": (size // 4, size // 2),
+        "right": (3 * size // 4, size // 2),
+        "top": (size // 2, size // 4),
+        "bottom": (size // 2, 3 * size // 4),
+    }[position]
     box = (cx - r, cy - r, cx + r, cy + r)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -45,7 +49,14 @@ def prompt_of(shape: str, colour: str, position: str) -> str:
 class ProceduralPairs:
     """`len(pairs)` pairs at `resolution` px; `pairs[i]` -> PairRecord."""
 
-    def __init__(self, num_pairs: int, resolution: int = 32, regime: str = "clean", flip_prob: float = 0.3, seed: int = 0):
+    def __init__(
+        self,
+        num_pairs: int,
+        resolution: int = 32,
+        regime: str = "clean",
+        flip_prob: float = 0.3,
+        seed: int = 0,
+    ):
         if regime not in REGIMES:
             raise ValueError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
         if num_pairs < 1:
@@ -57,8 +68,11 @@ class ProceduralPairs:
         return self.num_pairs
 
     def _attributes(self, rng: np.random.Generator) -> tuple[str, str, str]:
-        return (SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
-                POSITIONS[rng.integers(len(POSITIONS))])  # fmt: skip
+        return (
+            SHAPES[rng.integers(len(SHAPES))],
+            list(COLOURS)[rng.integers(len(COLOURS))],
+            POSITIONS[rng.integers(len(POSITIONS))],
+        )
 
     def __getitem__(self, index: int) -> PairRecord:
         if not 0 <= index < self.num_pairs:
@@ -82,7 +96,9 @@ class ProceduralPairs:
             category = broken
         if self.regime == "noisy" and rng.random() < self.flip_prob:
             winner, loser = loser, winner
-        return PairRecord(f"procedural-{self.seed}-{index}", prompt_of(shape, colour, position), winner, loser, category)
+        return PairRecord(
+            f"procedural-{self.seed}-{index}", prompt_of(shape, colour, position), winner, loser, category
+        )
 
     def vocabulary(self) -> list[str]:
         """Every word a prompt of this data set can use."""

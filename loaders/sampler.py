@@ -49,8 +49,14 @@ class PairSampler:
         return order[start : start + self.batch_size].tolist()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "num_items": self.num_items, "batch_size": self.batch_size, "world_size": self.world_size}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.seed,
+            "num_items": self.num_items,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_items", "batch_size", "world_size"):

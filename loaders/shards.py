@@ -105,13 +105,25 @@ def _samples(path: Path, skip: int) -> Iterator[tuple[int, str, dict[str, bytes]
 class ShardPairs:
     """Iterable source over tar shards, one stream per (rank, worker)."""
 
-    def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], transform: PairTransform,
-                 *, seed: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                 shuffle_shards: bool = True, epochs: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str | os.PathLike],
+        transform: PairTransform,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+        shuffle_shards: bool = True,
+        epochs: int | None = None,
+    ):
         self.shards = shard_files(shards)
         if not (0 <= rank < world_size and 0 <= worker < num_workers):
-            raise ValueError(f"need 0 <= rank < world_size and 0 <= worker < num_workers; got "
-                             f"rank {rank} of {world_size}, worker {worker} of {num_workers}")  # fmt: skip
+            raise ValueError(
+                f"need 0 <= rank < world_size and 0 <= worker < num_workers; got "
+                f"rank {rank} of {world_size}, worker {worker} of {num_workers}"
+            )
         if len(self.shards) < world_size * num_workers:
             raise ValueError(
                 f"{len(self.shards)} shards cannot feed {world_size} ranks x {num_workers} workers: "
@@ -157,8 +169,11 @@ class ShardPairs:
                             yielded = True
                             yield record
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-                    self.skips.skip("skipped_corrupt_shards", str(path),
-                                    f"unreadable after sample {self.sample_offset} ({type(err).__name__}: {err})")  # fmt: skip
+                    self.skips.skip(
+                        "skipped_corrupt_shards",
+                        str(path),
+                        f"unreadable after sample {self.sample_offset} ({type(err).__name__}: {err})",
+                    )
                 self.shard_pos, self.sample_offset = self.shard_pos + 1, 0
             if yielded:
                 self._barren.clear()
@@ -190,16 +205,23 @@ class ShardPairs:
             prompt = meta.get("prompt")
             if prompt is None and "txt" in parts:
                 prompt = parts["txt"].decode("utf-8")
-            absent = [n for n, v in (("prompt", prompt), ("winner image", winner), ("loser image", loser)) if v is None]
+            absent = [
+                n
+                for n, v in (("prompt", prompt), ("winner image", winner), ("loser image", loser))
+                if v is None
+            ]
             if absent:
-                raise BadSample(ref, f"no {', '.join(absent)} (members: {', '.join(sorted(parts))})",
-                                "skipped_incomplete")  # fmt: skip
+                raise BadSample(
+                    ref, f"no {', '.join(absent)} (members: {', '.join(sorted(parts))})", "skipped_incomplete"
+                )
             if not isinstance(prompt, str):
                 raise BadSample(ref, f"prompt is not a string: {prompt!r}")
             pair_id = str(meta.get("id") or f"{_shard_name(path)}/{key}")
             winner_pixels, loser_pixels = self.transform(
-                decode_image(winner, ref=f"{ref}.winner"), decode_image(loser, ref=f"{ref}.loser"),
-                key=pair_id, epoch=self.epoch,
+                decode_image(winner, ref=f"{ref}.winner"),
+                decode_image(loser, ref=f"{ref}.loser"),
+                key=pair_id,
+                epoch=self.epoch,
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.skips.skip("skipped_corrupt", ref, f"bad prompt/json ({err})")
@@ -210,15 +232,38 @@ class ShardPairs:
         return PairRecord(pair_id, prompt, winner_pixels, loser_pixels, str(meta.get("category", "")))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_offset": self.sample_offset,
-                "seed": self.seed, "shards_crc": self.shards_crc, "num_shards": len(self.shards),
-                "rank": self.rank, "world_size": self.world_size, "worker": self.worker,
-                "num_workers": self.num_workers, "shuffle_shards": self.shuffle_shards}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "sample_offset": self.sample_offset,
+            "seed": self.seed,
+            "shards_crc": self.shards_crc,
+            "num_shards": len(self.shards),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "worker": self.worker,
+            "num_workers": self.num_workers,
+            "shuffle_shards": self.shuffle_shards,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "shards_crc", "num_shards", "rank", "world_size", "worker", "num_workers",
-                    "shuffle_shards"):  # fmt: skip
+        for key in (
+            "seed",
+            "shards_crc",
+            "num_shards",
+            "rank",
+            "world_size",
+            "worker",
+            "num_workers",
+            "shuffle_shards",
+        ):
             if state[key] != mine[key]:
-                raise ValueError(f"checkpoint shard stream {key}={state[key]} does not match this run's {mine[key]}")
-        self.epoch, self.shard_pos, self.sample_offset = state["epoch"], state["shard_pos"], state["sample_offset"]
+                raise ValueError(
+                    f"checkpoint shard stream {key}={state[key]} does not match this run's {mine[key]}"
+                )
+        self.epoch, self.shard_pos, self.sample_offset = (
+            state["epoch"],
+            state["shard_pos"],
+            state["sample_offset"],
+        )

@@ -216,8 +216,13 @@ def plan_clip(info: ClipInfo, sampling: FrameSampling, size: tuple[int, int], u:
     return ClipPlan(indices, resized, top, left, tuple(size))
 
 
-def plan_pair(winner: ClipInfo, loser: ClipInfo, sampling: FrameSampling, size: tuple[int, int] | None = None,
-              rng: np.random.Generator | None = None) -> tuple[ClipPlan, ClipPlan]:  # fmt: skip
+def plan_pair(
+    winner: ClipInfo,
+    loser: ClipInfo,
+    sampling: FrameSampling,
+    size: tuple[int, int] | None = None,
+    rng: np.random.Generator | None = None,
+) -> tuple[ClipPlan, ClipPlan]:
     """The same decisions for both clips: frame count, stride or fps, start policy (one random
     draw for the pair), output (h, w) -- `size`, or the winner's own size when None."""
     size = tuple(size) if size is not None else (winner.height, winner.width)

@@ -40,8 +40,17 @@ class VideoPairManifest(CountedSource):
     `backend` "auto" | "dali" | "pyav" and `device` "auto" | "cpu" | "mixed" go to dali.decode_clips.
     `allow_outside_root`: let entries name clips outside the manifest's folder."""
 
-    def __init__(self, path, sampling: FrameSampling, size: tuple[int, int] | None = None, backend: str = "auto",
-                 device: str = "auto", seed: int = 0, buckets=None, allow_outside_root: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        path,
+        sampling: FrameSampling,
+        size: tuple[int, int] | None = None,
+        backend: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        buckets=None,
+        allow_outside_root: bool = False,
+    ):
         if size is not None and buckets is not None:
             raise ValueError("VideoPairManifest takes size= or buckets=, not both")
         self.buckets = buckets
@@ -75,9 +84,15 @@ class VideoPairManifest(CountedSource):
                 "\0".join((row["prompt"], row["winner"], row["loser"])).encode()
             ).hexdigest()
             pair_id = str(row.get("id") or f"video-{digest[:16]}")
-            entries.append({"id": pair_id, "prompt": row["prompt"], "category": str(row.get("category") or ""),
-                            "winner": str(root.path(row["winner"], where, "winner")),
-                            "loser": str(root.path(row["loser"], where, "loser"))})  # fmt: skip
+            entries.append(
+                {
+                    "id": pair_id,
+                    "prompt": row["prompt"],
+                    "category": str(row.get("category") or ""),
+                    "winner": str(root.path(row["winner"], where, "winner")),
+                    "loser": str(root.path(row["loser"], where, "loser")),
+                }
+            )
         if not entries:
             raise SourceError(f"{path}: no pairs")
         return entries

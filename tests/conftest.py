@@ -35,5 +35,7 @@ def seed(request) -> int:
 def pytest_terminal_summary(terminalreporter, config):
     table = config.stash.get(AOT_TABLE, None)
     if table:
-        terminalreporter.write_sep("-", "fused kernels compiled ahead of time (tests/kernels/test_compile.py)")
+        terminalreporter.write_sep(
+            "-", "fused kernels compiled ahead of time (tests/kernels/test_compile.py)"
+        )
         terminalreporter.write_line(table)

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"engine": "vipo.engine", "kernels": "vipo.kernels", "loaders": "vipo.loaders", "configs": "vipo.configs"}
+PARTS = {
+    "engine": "vipo.engine",
+    "kernels": "vipo.kernels",
+    "loaders": "vipo.loaders",
+    "configs": "vipo.configs",
+}
 
 
 def module_name(path: Path) -> str:
@@ -53,13 +58,20 @@ def sources(part: str) -> list[Path]:
 
 
 def arrows(part: str, *, exclude: str | None = None) -> dict[str, set[str]]:
-    return {str(p.relative_to(ROOT)): imports_of(p) for p in sources(part)
-            if exclude is None or not str(p.relative_to(ROOT)).startswith(exclude)}  # fmt: skip
+    return {
+        str(p.relative_to(ROOT)): imports_of(p)
+        for p in sources(part)
+        if exclude is None or not str(p.relative_to(ROOT)).startswith(exclude)
+    }
 
 
 def offenders(table: dict[str, set[str]], forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{file} imports {name}" for file, names in sorted(table.items()) for name in sorted(names)
-            if any(name == f or name.startswith(f + ".") for f in forbidden)]  # fmt: skip
+    return [
+        f"{file} imports {name}"
+        for file, names in sorted(table.items())
+        for name in sorted(names)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 def test_the_module_resolver_sees_relative_imports():
@@ -75,8 +87,12 @@ def test_the_module_resolver_sees_relative_imports():
         ("engine", ("benchmarks", "vipo.benchmarks", "bench_step", "flops", "provenance", "registry"), None),
         ("engine", ("vipo.engine.eval",), "engine/eval/"),
     ],
-    ids=["kernels-import-nothing-of-ours", "loaders-know-no-engine", "engine-knows-no-benchmarks",
-         "only-eval-imports-eval"],  # fmt: skip
+    ids=[
+        "kernels-import-nothing-of-ours",
+        "loaders-know-no-engine",
+        "engine-knows-no-benchmarks",
+        "only-eval-imports-eval",
+    ],
 )
 def test_no_forbidden_import_arrow(part, forbidden, exclude):
     found = offenders(arrows(part, exclude=exclude), forbidden)
@@ -94,7 +110,31 @@ def test_the_cli_parser_builds_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from vipo.engine.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'matplotlib', 'diffusers', 'numpy') if m in sys.modules))")  # fmt: skip
+    code = (
+        "import sys; from vipo.engine.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'diffusers', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_source_tree_is_ruff_formatted_and_lint_clean():
+    """`make lint` as a test, so CI holds the tree to one format (ruff format) with no pragmas."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install 'vipo[dev]')")
+    parts = ["engine", "kernels", "loaders", "benchmarks", "tests", "configs", "setup.py"]
+    for command in (["check"], ["format", "--check"]):
+        done = subprocess.run([ruff, *command, *parts], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"ruff {' '.join(command)}:\n{done.stdout[-3000:]}{done.stderr[-1000:]}"
+    pragmas = [
+        str(p.relative_to(ROOT))
+        for part in parts[:-1]
+        for p in (ROOT / part).rglob("*.py")
+        if "# fmt" + ": skip" in p.read_text(encoding="utf-8")
+    ]
+    assert not pragmas, pragmas

@@ -14,7 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -28,8 +39,12 @@ def test_wheel_holds_only_the_vipo_namespace(wheel):
     top = {name.split("/")[0] for name in names}
     assert top <= {"vipo", *(n.split("/")[0] for n in names if ".dist-info/" in n)}
     assert "vipo/__init__.py" not in names  # a namespace package
-    for expected in ("vipo/kernels/reference.py", "vipo/engine/cli.py", "vipo/loaders/__init__.py",
-                     "vipo/configs/train/demo.yaml"):
+    for expected in (
+        "vipo/kernels/reference.py",
+        "vipo/engine/cli.py",
+        "vipo/loaders/__init__.py",
+        "vipo/configs/train/demo.yaml",
+    ):
         assert expected in names
 
 
@@ -37,7 +52,9 @@ def test_normal_install_imports_from_outside_the_checkout(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     code = (
         "import importlib.util, vipo.kernels, vipo.engine.config, vipo.configs as c\n"
@@ -46,7 +63,11 @@ def test_normal_install_imports_from_outside_the_checkout(wheel, tmp_path):
         "print([importlib.util.find_spec(m) for m in ('engine', 'kernels', 'loaders')])\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr

@@ -18,8 +18,9 @@ def assert_close(actual, expected, *, atol: float, rtol: float = 0.0, name: str 
     prefixed by `name`."""
     actual = torch.as_tensor(actual).detach().double().cpu()
     expected = torch.as_tensor(expected).detach().double().cpu()
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True,
-                               msg=lambda message: f"{name}: {message}")  # fmt: skip
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, equal_nan=True, msg=lambda message: f"{name}: {message}"
+    )
 
 
 def make_sd15_folder(root, *, resolution: int = 16):
@@ -37,31 +38,69 @@ def make_sd15_folder(root, *, resolution: int = 16):
     work = root.parent / f".{root.name}-tokenizer"
     work.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
-    vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars),
-                                                 "<|startoftext|>", "<|endoftext|>"])}  # fmt: skip
+    vocab = {
+        token: i
+        for i, token in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])
+    }
     (work / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (work / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    ))  # fmt: skip
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32],
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=resolution)  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=[16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )  # fmt: skip
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)  # fmt: skip
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)  # fmt: skip
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(root, safe_serialization=True)
     return root
 
@@ -70,11 +109,22 @@ def tiny_family_config(tmp_path, family, *overrides):
     """A one-step run config of `family`'s tiny architecture on procedural pairs."""
     from vipo.engine.config import load_config
 
-    return load_config(None, [
-        f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=16", "data.resolution=16",
-        "train.batch_pairs=2", "train.max_steps=1", "train.log_every_steps=1",
-        "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"model.family={family}",
+            f"model.config={family}-tiny",
+            "data.num_pairs=16",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.max_steps=1",
+            "train.log_every_steps=1",
+            "loss.beta=500",
+            "optim.lr=1e-4",
+            f"train.output_dir={tmp_path}",
+            *overrides,
+        ],
+    )
 
 
 _TINY_ADAPTERS: dict = {}
@@ -128,5 +178,7 @@ def write_clip_tokenizer(folder, words, max_length=16):
     # text at the largest token id.
     vocab = {token: i for i, token in enumerate(dict.fromkeys([*tokens, "<|startoftext|>", "<|endoftext|>"]))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges)))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges))
+    )
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)

@@ -41,7 +41,9 @@ def _buckets(data_cfg):
 def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int = 1):
     """The pair source `data.source` names; data errors become RunErrors naming file and field."""
     if data_cfg.source == "procedural":
-        return ProceduralPairs(data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed)
+        return ProceduralPairs(
+            data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed
+        )
     from vipo.loaders.images import PairTransform, SkipBadSamples
 
     buckets = _buckets(data_cfg)
@@ -51,15 +53,31 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
             from vipo.loaders.video_manifest import VideoPairManifest
 
             sampling = FrameSampling(
-                data_cfg.num_frames, stride=None if data_cfg.fps else data_cfg.frame_stride,
-                fps=data_cfg.fps or None, start=data_cfg.frame_start, frame_chunk=family(model_cfg.family).frame_chunk,
-            )  # fmt: skip
+                data_cfg.num_frames,
+                stride=None if data_cfg.fps else data_cfg.frame_stride,
+                fps=data_cfg.fps or None,
+                start=data_cfg.frame_start,
+                frame_chunk=family(model_cfg.family).frame_chunk,
+            )
             size = None if buckets else (data_cfg.resolution, data_cfg.resolution)
-            return SkipBadSamples(VideoPairManifest(data_cfg.path, sampling, size=size, buckets=buckets,
-                                                    backend=data_cfg.video_backend, seed=seed,
-                                                    allow_outside_root=data_cfg.allow_outside_root))  # fmt: skip
-        transform = PairTransform(None if buckets else data_cfg.resolution, buckets=buckets,
-                                  random_crop=data_cfg.random_crop, flip_prob=data_cfg.hflip_prob, seed=seed)  # fmt: skip
+            return SkipBadSamples(
+                VideoPairManifest(
+                    data_cfg.path,
+                    sampling,
+                    size=size,
+                    buckets=buckets,
+                    backend=data_cfg.video_backend,
+                    seed=seed,
+                    allow_outside_root=data_cfg.allow_outside_root,
+                )
+            )
+        transform = PairTransform(
+            None if buckets else data_cfg.resolution,
+            buckets=buckets,
+            random_crop=data_cfg.random_crop,
+            flip_prob=data_cfg.hflip_prob,
+            seed=seed,
+        )
         if data_cfg.source == "pickapic":
             from vipo.loaders.pickapic import PickapicPairs
 
@@ -67,8 +85,14 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
         if data_cfg.source == "manifest":
             from vipo.loaders.manifest import ManifestPairs
 
-            return SkipBadSamples(ManifestPairs(data_cfg.path, transform, check_files=data_cfg.check_files,
-                                                allow_outside_root=data_cfg.allow_outside_root))  # fmt: skip
+            return SkipBadSamples(
+                ManifestPairs(
+                    data_cfg.path,
+                    transform,
+                    check_files=data_cfg.check_files,
+                    allow_outside_root=data_cfg.allow_outside_root,
+                )
+            )
         if data_cfg.source == "shards":
             from vipo.loaders.shards import ShardPairs
 
@@ -78,8 +102,14 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
     raise RunError(f"data.source {data_cfg.source!r} is not known")
 
 
-BAD_KINDS = ("skipped_corrupt", "skipped_missing", "skipped_not_a_file", "skipped_short", "skipped_incomplete",
-             "skipped_corrupt_shards")  # fmt: skip
+BAD_KINDS = (
+    "skipped_corrupt",
+    "skipped_missing",
+    "skipped_not_a_file",
+    "skipped_short",
+    "skipped_incomplete",
+    "skipped_corrupt_shards",
+)
 MIN_ATTEMPTS_FOR_BAD_FRACTION = 50
 
 
@@ -109,8 +139,17 @@ class BatchStream:
     A data set in which every pair tried is bad stops however small it is, naming the first bad file.
     """
 
-    def __init__(self, source, batch_pairs: int, seed: int, rank: int = 0, world_size: int = 1, *,
-                 max_bad_fraction: float = 0.01, prefetch_batches: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        source,
+        batch_pairs: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        max_bad_fraction: float = 0.01,
+        prefetch_batches: int = 0,
+    ):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise RunError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if prefetch_batches < 0:
@@ -163,7 +202,9 @@ class BatchStream:
             try:
                 records = [next(self._iterator) for _ in range(self.batch_pairs)]
             except StopIteration:
-                raise RunError("the shard stream ended (data.path holds fewer pairs than the run needs)") from None
+                raise RunError(
+                    "the shard stream ended (data.path holds fewer pairs than the run needs)"
+                ) from None
             except SourceError as err:  # the stream found no usable pair in a whole pass
                 raise RunError(f"data: {err}") from None
         else:
@@ -181,8 +222,12 @@ class BatchStream:
             # CUDA's current device is per thread: without this, DALI's "mixed" decoders of every
             # rank would run on GPU 0.
             device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vipo-prefetch",
-                                                initializer=_use_cuda_device, initargs=(device,))  # fmt: skip
+            self._executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="vipo-prefetch",
+                initializer=_use_cuda_device,
+                initargs=(device,),
+            )
         self._pending.append(self._executor.submit(self._produce))
 
     def _drain(self) -> None:

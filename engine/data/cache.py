@@ -38,9 +38,12 @@ def model_identity(cfg) -> dict:
 
     architecture = json.dumps(load_architecture(model.config), sort_keys=True).encode()
     # Random weights: the encoders (and the reference) are made from train.seed.
-    return {"model.family": model.family, "model.config": model.config,
-            "model.architecture_sha256": hashlib.sha256(architecture).hexdigest()[:16],
-            "train.seed": cfg.train.seed}  # fmt: skip
+    return {
+        "model.family": model.family,
+        "model.config": model.config,
+        "model.architecture_sha256": hashlib.sha256(architecture).hexdigest()[:16],
+        "train.seed": cfg.train.seed,
+    }
 
 
 def cache_fingerprint(cfg) -> dict:
@@ -72,8 +75,14 @@ class CacheBatchSource:
     """Batches of cached pairs: a posterior sample per image and caption dropout per pair, both
     from the counter RNG of (seed, id, epoch), so any rank, batch or resume sees the same ones."""
 
-    def __init__(self, cache: LatentCache, seed: int, caption_dropout: float, device: torch.device,
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        cache: LatentCache,
+        seed: int,
+        caption_dropout: float,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.cache, self.seed, self.caption_dropout = cache, seed, caption_dropout
         self.device, self.dtype = torch.device(device), dtype
         self.empty = cache.empty_cond() if caption_dropout > 0 else None
@@ -86,11 +95,13 @@ class CacheBatchSource:
         shapes = {tuple(p.winner_mean.shape) for p in pairs}
         if len(shapes) > 1:
             raise RunError(f"pairs {ids} mix latent shapes {sorted(shapes)}: batch them by bucket")
-        latents = torch.cat([torch.stack([p.winner_mean for p in pairs]),
-                             torch.stack([p.loser_mean for p in pairs])]).float()  # fmt: skip
+        latents = torch.cat(
+            [torch.stack([p.winner_mean for p in pairs]), torch.stack([p.loser_mean for p in pairs])]
+        ).float()
         if self.cache.posterior:
-            logvar = torch.cat([torch.stack([p.winner_logvar for p in pairs]),
-                                torch.stack([p.loser_logvar for p in pairs])]).float()  # fmt: skip
+            logvar = torch.cat(
+                [torch.stack([p.winner_logvar for p in pairs]), torch.stack([p.loser_logvar for p in pairs])]
+            ).float()
             latents = latents + torch.exp(0.5 * logvar) * posterior_noise(
                 ids, self.seed, epoch, latents.shape[1:]
             )
@@ -105,9 +116,17 @@ class CacheBatchSource:
 # The reference-error table
 
 
-def run_cache(cfg, *, pairs_per_shard: int = 256, batch_pairs: int | None = None, dtype: str = "float16",
-              rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-              progress: bool = True) -> dict:  # fmt: skip
+def run_cache(
+    cfg,
+    *,
+    pairs_per_shard: int = 256,
+    batch_pairs: int | None = None,
+    dtype: str = "float16",
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> dict:
     """`vipo cache` without the argument parsing: this rank's share of the recipe's latent cache."""
     from ..models import build_adapter
     from . import build_source
@@ -119,13 +138,27 @@ def run_cache(cfg, *, pairs_per_shard: int = 256, batch_pairs: int | None = None
     source = build_source(cfg.data, cfg.model, cfg.train.seed)
     # Built whole as the trainer builds it (random-weight encoders follow the denoiser in the seed's
     # stream), then the denoiser is dropped: encoding needs the frozen encoders only.
-    adapter = build_adapter(cfg.model, device or torch.device("cpu"), seed=cfg.train.seed, trainable=False,
-                            vocabulary=source.vocabulary())  # fmt: skip
+    adapter = build_adapter(
+        cfg.model,
+        device or torch.device("cpu"),
+        seed=cfg.train.seed,
+        trainable=False,
+        vocabulary=source.vocabulary(),
+    )
     adapter.network = None
     try:
-        return write_cache(source, adapter, cfg.data.cache, cache_fingerprint(cfg),
-                           pairs_per_shard=pairs_per_shard, batch_pairs=batch_pairs or cfg.train.batch_pairs,
-                           dtype=dtype, rank=rank, world_size=world_size, progress=progress)  # fmt: skip
+        return write_cache(
+            source,
+            adapter,
+            cfg.data.cache,
+            cache_fingerprint(cfg),
+            pairs_per_shard=pairs_per_shard,
+            batch_pairs=batch_pairs or cfg.train.batch_pairs,
+            dtype=dtype,
+            rank=rank,
+            world_size=world_size,
+            progress=progress,
+        )
     except (CacheError, SourceError) as err:  # SourceError: e.g. every pair tried is a bad file
         raise RunError(str(err)) from None
 
@@ -136,12 +169,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     rank, world_size = world_from_env()
-    summary = run_cache(cfg, pairs_per_shard=args.pairs_per_shard, batch_pairs=args.batch_pairs,
-                        dtype=args.dtype, rank=rank, world_size=world_size, device=device_from_env(cfg.train.device),
-                        progress=not args.quiet)  # fmt: skip
+    summary = run_cache(
+        cfg,
+        pairs_per_shard=args.pairs_per_shard,
+        batch_pairs=args.batch_pairs,
+        dtype=args.dtype,
+        rank=rank,
+        world_size=world_size,
+        device=device_from_env(cfg.train.device),
+        progress=not args.quiet,
+    )
     state = "complete" if summary["complete"] else "not complete yet (other ranks, or a rerun, finish it)"
-    print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards, kept {len(summary['kept'])} "
-          f"finished ones; cache {summary['folder']} ({summary['shards']} shards) is {state}")  # fmt: skip
+    print(
+        f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards, kept {len(summary['kept'])} "
+        f"finished ones; cache {summary['folder']} ({summary['shards']} shards) is {state}"
+    )
     return 0
-
-

@@ -57,12 +57,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import sample
 
     summary = sample(
-        args.source, args.prompts, args.out, n=args.n, seed=args.seed, steps=args.steps, batch=args.batch,
-        device=args.device, dtype=args.dtype, guidance=args.guidance, height=args.height, width=args.width,
-        frames=args.frames, fps=args.fps, progress=not args.quiet,
-    )  # fmt: skip
-    print(f"wrote {summary['files']} samples ({summary['prompts']} prompts x {summary['n']}, "
-          f"{summary['family']}, {summary['steps']} steps) to {summary['out_dir']}/ (index.jsonl)")  # fmt: skip
+        args.source,
+        args.prompts,
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        guidance=args.guidance,
+        height=args.height,
+        width=args.width,
+        frames=args.frames,
+        fps=args.fps,
+        progress=not args.quiet,
+    )
+    print(
+        f"wrote {summary['files']} samples ({summary['prompts']} prompts x {summary['n']}, "
+        f"{summary['family']}, {summary['steps']} steps) to {summary['out_dir']}/ (index.jsonl)"
+    )
     return 0
 
 
@@ -78,8 +92,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for folder in [*args.dirs, *([args.base] if args.base else [])]:
         read_index(Path(folder))  # a wrong folder fails before the scorers load
     scorers = _scorers(args)
-    table = evaluate_folders([Path(d) for d in args.dirs], scorers, Path(args.out),
-                             Path(args.base) if args.base else None, progress=not args.quiet)  # fmt: skip
+    table = evaluate_folders(
+        [Path(d) for d in args.dirs],
+        scorers,
+        Path(args.out),
+        Path(args.base) if args.base else None,
+        progress=not args.quiet,
+    )
     from .scoring.table import to_markdown
 
     print(to_markdown(table), end="")
@@ -91,8 +110,14 @@ def cmd_agreement(args: argparse.Namespace) -> int:
     from .scoring.agreement import format_report
     from .scoring.evaluation import open_pairs, pair_agreement
 
-    source = open_pairs(args.source, pairs=args.pairs, resolution=args.resolution, flip_prob=args.flip_prob,
-                        seed=args.seed, allow_outside_root=args.allow_outside_root)  # fmt: skip
+    source = open_pairs(
+        args.source,
+        pairs=args.pairs,
+        resolution=args.resolution,
+        flip_prob=args.flip_prob,
+        seed=args.seed,
+        allow_outside_root=args.allow_outside_root,
+    )
     result = pair_agreement(source, _scorers(args), easy_margin=args.easy_margin, progress=not args.quiet)
     suggestion = result["suggestion"] if args.suggest_alpha else None
     print(format_report(result["stats"], suggestion))
@@ -117,7 +142,9 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     overrides += [f"data.source={args.source}"] if args.source else []
     overrides += [f"data.path={args.path}"] if args.path else []
     if not args.recipe and not any(o.startswith("data.source=") for o in overrides):
-        raise RunError("vipo data stats needs a recipe or --source (e.g. --source manifest --path pairs.jsonl)")
+        raise RunError(
+            "vipo data stats needs a recipe or --source (e.g. --source manifest --path pairs.jsonl)"
+        )
     cfg = load_config(find_recipe(args.recipe) if args.recipe else None, overrides)
     report = collect(cfg.data, cfg.model, progress=not args.quiet, decode=args.decode)
     print(json.dumps(report) if args.json else format_report(report))
@@ -132,8 +159,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not Path(args.tokenizer).is_dir():
         raise RunError(f"tokenizer folder not found: {args.tokenizer}")
     if args.model == "hpsv2":
-        out = convert.convert_hpsv2(Path(args.checkpoint), Path(args.tokenizer), Path(args.out),
-                                    vision_head_width=args.vision_head_width, text_head_width=args.text_head_width)  # fmt: skip
+        out = convert.convert_hpsv2(
+            Path(args.checkpoint),
+            Path(args.tokenizer),
+            Path(args.out),
+            vision_head_width=args.vision_head_width,
+            text_head_width=args.text_head_width,
+        )
     else:
         out = convert.convert_imagereward(Path(args.checkpoint), Path(args.tokenizer), Path(args.out))
     print(f"wrote {out}/ : set {args.model}.path to it in the scorers config")
@@ -142,7 +174,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_commands(commands) -> None:
     overrides_help = "dotted overrides, e.g. loss.alpha=8 optim.lr=1e-8"
-    demo = commands.add("demo", "SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)")
+    demo = commands.add(
+        "demo", "SFT then Poly-DPO of a tiny SD-style model on procedural pairs (CPU, minutes)"
+    )
     demo.add_argument("recipe", nargs="?", help="recipe file or built-in name (default: demo)")
     demo.add_argument("overrides", nargs="*", default=[], help=overrides_help)
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -151,9 +185,13 @@ def add_commands(commands) -> None:
     plot = commands.add("plot", "draw a run's metric curves to a PNG")
     plot.add_argument("run", help="run folder (holds metrics.jsonl)")
     plot.add_argument("--out", help="PNG path (default: RUN/curves.png)")
-    plot.add_argument("--keys", nargs="+", metavar="KEY",
-                      help="metrics to draw, a subplot each (default: those of loss, accuracy, margin, grad_norm "
-                      "the run logged)")  # fmt: skip
+    plot.add_argument(
+        "--keys",
+        nargs="+",
+        metavar="KEY",
+        help="metrics to draw, a subplot each (default: those of loss, accuracy, margin, grad_norm "
+        "the run logged)",
+    )
     plot.set_defaults(func=cmd_plot)
 
     sample = commands.add("sample", "images/videos for a prompt file from a run or a diffusers folder")
@@ -164,14 +202,20 @@ def add_commands(commands) -> None:
     sample.add_argument("--seed", type=int, default=0, help="image i of prompt p uses seed + p * n + i")
     sample.add_argument("--steps", type=int, help="denoising steps (default 50; 25 for tiny builds)")
     sample.add_argument("--batch", type=int, default=4, help="images per forward")
-    sample.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    sample.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)"
+    )
     sample.add_argument("--height", type=int, help="pixels (default: the pipeline's)")
     sample.add_argument("--width", type=int, help="pixels (default: the pipeline's)")
     sample.add_argument("--frames", type=int, help="video frames for Wan (default: the pipeline's)")
     sample.add_argument("--fps", type=int, default=16, help="frame rate of written videos")
     sample.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    sample.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="pipeline dtype (auto: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    sample.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="pipeline dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
     sample.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sample.set_defaults(func=cmd_sample)
 
@@ -190,25 +234,43 @@ def add_commands(commands) -> None:
     agree.add_argument("--scorers", required=True, help=SCORERS_HELP)
     agree.add_argument("--scorers-config", help=CONFIG_HELP)
     agree.add_argument("--suggest-alpha", action="store_true", help="recommend the Poly-DPO alpha regime")
-    agree.add_argument("--easy-margin", type=float, default=1.0,
-                       help="a pair is easy when every scorer prefers the winner by more than this many sd")  # fmt: skip
+    agree.add_argument(
+        "--easy-margin",
+        type=float,
+        default=1.0,
+        help="a pair is easy when every scorer prefers the winner by more than this many sd",
+    )
     agree.add_argument("--pairs", type=int, default=256, help="procedural: number of pairs")
     agree.add_argument("--resolution", type=int, default=64, help="procedural: image side in pixels")
-    agree.add_argument("--flip-prob", type=float, default=0.3, help="procedural noisy: share of flipped labels")
+    agree.add_argument(
+        "--flip-prob", type=float, default=0.3, help="procedural noisy: share of flipped labels"
+    )
     agree.add_argument("--seed", type=int, default=0, help="procedural: seed")
     agree.add_argument("--out", help="folder for agreement.json and pair_scores.jsonl")
-    agree.add_argument("--allow-outside-root", action="store_true",
-                       help="let manifest paths point outside the manifest's folder (absolute, '..', symlinks)")
+    agree.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="let manifest paths point outside the manifest's folder (absolute, '..', symlinks)",
+    )
     agree.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     agree.set_defaults(func=cmd_agreement)
 
-    stats = data.add_parser("stats", help="pairs, skips by reason, sizes, frames and categories of a data source")
-    stats.add_argument("recipe", nargs="?", metavar="SOURCE", help="recipe file or built-in name (its data.* keys)")
+    stats = data.add_parser(
+        "stats", help="pairs, skips by reason, sizes, frames and categories of a data source"
+    )
+    stats.add_argument(
+        "recipe", nargs="?", metavar="SOURCE", help="recipe file or built-in name (its data.* keys)"
+    )
     stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=pairs.jsonl")
-    stats.add_argument("--source", choices=["manifest", "pickapic", "shards", "video", "procedural"],
-                       help="data.source, without a recipe")  # fmt: skip
+    stats.add_argument(
+        "--source",
+        choices=["manifest", "pickapic", "shards", "video", "procedural"],
+        help="data.source, without a recipe",
+    )
     stats.add_argument("--path", help="data.path: manifest, parquet file/folder, tar shards")
-    stats.add_argument("--decode", action="store_true", help="decode every image (finds truncated files; slower)")
+    stats.add_argument(
+        "--decode", action="store_true", help="decode every image (finds truncated files; slower)"
+    )
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     stats.set_defaults(func=cmd_data_stats)
@@ -217,9 +279,14 @@ def add_commands(commands) -> None:
     convert = scorers.add_parser("convert", help="released HPSv2 / ImageReward checkpoint -> scorer folder")
     convert.add_argument("model", choices=["hpsv2", "imagereward"])
     convert.add_argument("checkpoint", help="HPS_v2.1_compressed.pt or ImageReward.pt")
-    convert.add_argument("--tokenizer", required=True,
-                         help="hpsv2: a CLIP tokenizer folder (vocab.json, merges.txt); imagereward: bert-base-uncased")  # fmt: skip
+    convert.add_argument(
+        "--tokenizer",
+        required=True,
+        help="hpsv2: a CLIP tokenizer folder (vocab.json, merges.txt); imagereward: bert-base-uncased",
+    )
     convert.add_argument("--out", required=True, help="output folder")
-    convert.add_argument("--vision-head-width", type=int, default=80, help="hpsv2: ViT-H-14 heads are 80 wide")
+    convert.add_argument(
+        "--vision-head-width", type=int, default=80, help="hpsv2: ViT-H-14 heads are 80 wide"
+    )
     convert.add_argument("--text-head-width", type=int, default=64, help="hpsv2: text heads width")
     convert.set_defaults(func=cmd_convert)

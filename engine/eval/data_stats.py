@@ -57,12 +57,16 @@ class _Tally:
             return dict(sorted(counter.items(), key=lambda item: (-item[1], item[0])))
 
         report = {
-            "source": source, "path": path, "rows": self.rows, "pairs": self.pairs,
-            "skipped": dict(self.skipped), "skipped_examples": self.examples,
+            "source": source,
+            "path": path,
+            "rows": self.rows,
+            "pairs": self.pairs,
+            "skipped": dict(self.skipped),
+            "skipped_examples": self.examples,
             "categories": ordered(self.categories),
             "resolution": {role: ordered(c) for role, c in self.resolution.items()},
             "aspect": {role: ordered(c) for role, c in self.aspect.items()},
-        }  # fmt: skip
+        }
         if video:
             report["frames"] = {role: dict(sorted(c.items())) for role, c in self.frames.items()}
             report["codecs"] = ordered(self.codecs)
@@ -86,7 +90,10 @@ def _pair_sizes(tally: _Tally, winner, loser, ref: str, category: str, decode: b
     from vipo.loaders.images import BadSample
 
     try:
-        sizes = [_image_size(data, f"{ref}:{role}", decode) for role, data in (("winner", winner), ("loser", loser))]
+        sizes = [
+            _image_size(data, f"{ref}:{role}", decode)
+            for role, data in (("winner", winner), ("loser", loser))
+        ]
     except BadSample as bad:
         tally.skip(bad.kind, f"{bad.ref}: {bad.reason}")
         return
@@ -145,8 +152,13 @@ def _video(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
     from vipo.loaders.video_manifest import VideoPairManifest
 
     entries = VideoPairManifest._read(Path(data_cfg.path), data_cfg.allow_outside_root)
-    sampling = FrameSampling(data_cfg.num_frames, stride=None if data_cfg.fps else data_cfg.frame_stride,
-                             fps=data_cfg.fps or None, start="start", frame_chunk=family(model_cfg.family).frame_chunk)  # fmt: skip
+    sampling = FrameSampling(
+        data_cfg.num_frames,
+        stride=None if data_cfg.fps else data_cfg.frame_stride,
+        fps=data_cfg.fps or None,
+        start="start",
+        frame_chunk=family(model_cfg.family).frame_chunk,
+    )
     with _progress(len(entries), progress) as bar:
         for entry in entries:
             tally.rows += 1
@@ -207,12 +219,18 @@ def _procedural(data_cfg, model_cfg, tally: _Tally, progress: bool) -> None:
 
 KINDS = {
     "manifest": ("skipped_missing", "skipped_corrupt", "skipped_not_a_file"),
-    "pickapic": ("skipped_ties", "skipped_unlabeled", "skipped_identical", "skipped_bad_label", "skipped_missing",
-                 "skipped_corrupt"),
+    "pickapic": (
+        "skipped_ties",
+        "skipped_unlabeled",
+        "skipped_identical",
+        "skipped_bad_label",
+        "skipped_missing",
+        "skipped_corrupt",
+    ),
     "video": ("skipped_missing", "skipped_corrupt", "skipped_short", "skipped_not_a_file"),
     "shards": ("skipped_missing", "skipped_corrupt", "skipped_incomplete", "skipped_corrupt_shards"),
     "procedural": (),
-}  # fmt: skip
+}
 
 
 def collect(data_cfg, model_cfg, *, progress: bool = True, decode: bool = False) -> dict:

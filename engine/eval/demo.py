@@ -81,8 +81,13 @@ def run_demo(cfg: RunConfig, demo: DemoConfig | None = None, *, progress: bool =
         dpo_cfg, model=dataclasses.replace(dpo_cfg.model, init_from=str(latest_checkpoint(out / "sft")))
     )
 
-    log.info("stage 2: %s (alpha %g, beta %g), %d steps", cfg.loss.objective, cfg.loss.alpha, cfg.loss.beta,
-             cfg.train.max_steps)  # fmt: skip
+    log.info(
+        "stage 2: %s (alpha %g, beta %g), %d steps",
+        cfg.loss.objective,
+        cfg.loss.alpha,
+        cfg.loss.beta,
+        cfg.train.max_steps,
+    )
     trainer = Trainer(dpo_cfg, progress=progress)
     held_out = ProceduralPairs(demo.held_out_pairs, cfg.data.resolution, "clean", seed=cfg.train.seed + 1)
     before = held_out_accuracy(trainer.adapter, trainer.reference, held_out)

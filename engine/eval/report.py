@@ -106,17 +106,25 @@ def plot_run(run_dir: Path, out: Path | None = None, keys: Sequence[str] | None 
 
 
 def plot_curves(
-    series: Mapping[str, Points], out: Path, title: str = "", *,
-    figsize: tuple[float, float] | None = None, dpi: int = DPI,
-) -> Path:  # fmt: skip
+    series: Mapping[str, Points],
+    out: Path,
+    title: str = "",
+    *,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = DPI,
+) -> Path:
     """One subplot per series name, titled with it: raw values faint under their centred mean."""
     return plot_stages({"": series}, out, title, figsize=figsize, dpi=dpi)
 
 
 def plot_stages(
-    stages: Mapping[str, Mapping[str, Points]], out: Path, title: str = "", *,
-    figsize: tuple[float, float] | None = None, dpi: int = DPI,
-) -> Path:  # fmt: skip
+    stages: Mapping[str, Mapping[str, Points]],
+    out: Path,
+    title: str = "",
+    *,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = DPI,
+) -> Path:
     """Several stages of a run on one page (see stages_figure) -> a PNG of figsize x dpi pixels."""
     figure = stages_figure(stages, title, figsize=figsize, dpi=dpi)
     out = Path(out)
@@ -126,9 +134,12 @@ def plot_stages(
 
 
 def stages_figure(
-    stages: Mapping[str, Mapping[str, Points]], title: str = "", *,
-    figsize: tuple[float, float] | None = None, dpi: int = DPI,
-):  # fmt: skip
+    stages: Mapping[str, Mapping[str, Points]],
+    title: str = "",
+    *,
+    figsize: tuple[float, float] | None = None,
+    dpi: int = DPI,
+):
     """A matplotlib Figure (on an Agg canvas) with one band per stage: its heading over its subplots,
     up to MAX_COLUMNS a row, in the stage's colour. A stage named "" has no heading. figsize
     (inches) defaults to PANEL_INCHES per subplot plus HEADING_INCHES per heading and title."""
@@ -197,24 +208,51 @@ def _draw_panel(ax, name: str, points: Points, colour: str) -> None:
         # Few points: mark each. Many: mark only a value between two gaps, which draws no segment.
         raw_alpha = 0.35 if window > 1 else 1.0
         marker = "o" if count <= MAX_MARKED else None
-        ax.plot(steps, values, color=colour, alpha=raw_alpha, linewidth=1, marker=marker, markersize=3,
-                label="raw")  # fmt: skip
+        ax.plot(
+            steps,
+            values,
+            color=colour,
+            alpha=raw_alpha,
+            linewidth=1,
+            marker=marker,
+            markersize=3,
+            label="raw",
+        )
         alone = finite & ~np.r_[False, finite[:-1]] & ~np.r_[finite[1:], False]
         if marker is None and alone.any():
-            ax.plot(steps[alone], values[alone], color=colour, alpha=raw_alpha, linestyle="none", marker="o",
-                    markersize=3)  # fmt: skip
+            ax.plot(
+                steps[alone],
+                values[alone],
+                color=colour,
+                alpha=raw_alpha,
+                linestyle="none",
+                marker="o",
+                markersize=3,
+            )
         if window > 1:
-            ax.plot(steps, centred_mean(values, window), color=colour, linewidth=2,
-                    label=f"centred mean of {window} points")  # fmt: skip
+            ax.plot(
+                steps,
+                centred_mean(values, window),
+                color=colour,
+                linewidth=2,
+                label=f"centred mean of {window} points",
+            )
         if name in GUIDES:
             level, label = GUIDES[name]
             ax.axhline(level, color="0.45", linestyle="--", linewidth=1, label=label)
     else:
         ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", va="center", color="0.4")
     if count < len(values):  # where the gaps are: a red cross on the x axis at each non-finite step
-        ax.plot(steps[~finite], np.full(len(values) - count, 0.02), transform=ax.get_xaxis_transform(),
-                color="tab:red", linestyle="none", marker="x", markersize=5,
-                label=f"not finite ({len(values) - count})")  # fmt: skip
+        ax.plot(
+            steps[~finite],
+            np.full(len(values) - count, 0.02),
+            transform=ax.get_xaxis_transform(),
+            color="tab:red",
+            linestyle="none",
+            marker="x",
+            markersize=5,
+            label=f"not finite ({len(values) - count})",
+        )
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.set_ylabel(AXIS_LABELS.get(name, name))

@@ -32,7 +32,15 @@ from ..families import FAMILIES
 log = logging.getLogger(__name__)
 
 PIPELINES = {name: f.pipeline for name, f in FAMILIES.items()}
-PIPELINE_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "vae")
+PIPELINE_PARTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "vae",
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +61,15 @@ def read_prompts(path: str | Path) -> list[str]:
         raise RunError(f"prompt file not found: {path}") from None
     prompts = []
     if path.suffix in (".jsonl", ".json"):
-        items = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
         for number, item in enumerate(items, start=1):
             prompt = item if isinstance(item, str) else item.get("prompt") if isinstance(item, dict) else None
             if not isinstance(prompt, str):
-                raise RunError(f"{path}: item {number} has no \"prompt\" string: {item!r}")
+                raise RunError(f'{path}: item {number} has no "prompt" string: {item!r}')
             prompts.append(prompt)
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -130,7 +142,9 @@ def load_diffusers(folder: Path, dtype: torch.dtype, device: torch.device):
     name = index.get("_class_name")
     families = {cls: family for family, cls in PIPELINES.items()}
     if not isinstance(name, str) or name not in families:
-        raise RunError(f"{folder}/model_index.json: pipeline {name!r} is not one of {', '.join(PIPELINES.values())}")
+        raise RunError(
+            f"{folder}/model_index.json: pipeline {name!r} is not one of {', '.join(PIPELINES.values())}"
+        )
     family = families[name]
     return family, pipeline_class(family).from_pretrained(folder, **dtype_kwarg(dtype)).to(device)
 
@@ -181,9 +195,15 @@ def tiny_sampler(cfg, adapter, steps: int):
         if adapter.prediction_type == "epsilon":
             # ddim_sample draws the noise of a whole call from one seed: one image a call keeps
             # each image a function of its own seed.
-            return np.concatenate([ddim_sample(adapter, adapter.network, [j.prompt], shape, steps=steps,
-                                               seed=j.seed) for j in jobs])  # fmt: skip
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
+            return np.concatenate(
+                [
+                    ddim_sample(adapter, adapter.network, [j.prompt], shape, steps=steps, seed=j.seed)
+                    for j in jobs
+                ]
+            )
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
+        )
         return to_uint8(flow_euler_sample(adapter, [j.prompt for j in jobs], noise, steps))
 
     return run
@@ -192,7 +212,9 @@ def tiny_sampler(cfg, adapter, steps: int):
 def run_pipeline(cfg, adapter, dtype: torch.dtype, device: torch.device):
     """The family's pipeline on `model.path` with the run's denoiser and the adapter's encoders
     and VAE (named as the pipelines name them), so nothing is loaded twice."""
-    components = {name: getattr(adapter, name) for name in PIPELINE_PARTS if getattr(adapter, name, None) is not None}
+    components = {
+        name: getattr(adapter, name) for name in PIPELINE_PARTS if getattr(adapter, name, None) is not None
+    }
     components[FAMILIES[cfg.model.family].denoiser] = adapter.network
     pipe = pipeline_class(cfg.model.family).from_pretrained(cfg.model.path, **components)
     return pipe.to(dtype).to(device)
@@ -202,8 +224,13 @@ def pipeline_sampler(pipe, family: str, steps: int, options: dict):
     def run(jobs: list[Job]) -> np.ndarray:
         generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
         kwargs = {key: value for key, value in options.items() if value is not None}
-        out = pipe(prompt=[j.prompt for j in jobs], generator=generators, num_inference_steps=steps,
-                   output_type="np", **kwargs)  # fmt: skip
+        out = pipe(
+            prompt=[j.prompt for j in jobs],
+            generator=generators,
+            num_inference_steps=steps,
+            output_type="np",
+            **kwargs,
+        )
         frames = out.frames if FAMILIES[family].video else out.images
         return (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
 
@@ -228,7 +255,9 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> Path:
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24"))
+            )
         container.mux(stream.encode())
     return path
 
@@ -245,10 +274,24 @@ def save_media(array: np.ndarray, out_dir: Path, job: Job, fps: int) -> Path:
     return path
 
 
-def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *, n: int = 4, seed: int = 0,
-           steps: int | None = None, batch: int = 4, device: str = "auto", dtype: str = "auto",
-           guidance: float | None = None, height: int | None = None, width: int | None = None,
-           frames: int | None = None, fps: int = 16, progress: bool = True) -> dict:  # fmt: skip
+def sample(
+    source: str | Path,
+    prompts_file: str | Path,
+    out_dir: str | Path,
+    *,
+    n: int = 4,
+    seed: int = 0,
+    steps: int | None = None,
+    batch: int = 4,
+    device: str = "auto",
+    dtype: str = "auto",
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+    fps: int = 16,
+    progress: bool = True,
+) -> dict:
     """Sample `n` images per prompt of `prompts_file` into `out_dir`; returns the summary."""
     from ..trainer import pick_device
 
@@ -257,8 +300,12 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
     prompts = read_prompts(prompts_file)
     kind, path = resolve_source(source)
     torch_device = pick_device(device)
-    torch_dtype = {"auto": torch.bfloat16 if torch_device.type == "cuda" else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]  # fmt: skip
+    torch_dtype = {
+        "auto": torch.bfloat16 if torch_device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[dtype]
     options = {"guidance_scale": guidance, "height": height, "width": width}
     extra = {"num_frames": frames}
     if kind == "diffusers":
@@ -274,8 +321,12 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
         cfg, adapter = load_run(path, torch.device("cpu") if real else torch_device)
         family = cfg.model.family
         if real:
-            run = pipeline_sampler(run_pipeline(cfg, adapter, torch_dtype, torch_device), family, steps or 50,
-                                   {**options, **(extra if FAMILIES[family].video else {})})  # fmt: skip
+            run = pipeline_sampler(
+                run_pipeline(cfg, adapter, torch_dtype, torch_device),
+                family,
+                steps or 50,
+                {**options, **(extra if FAMILIES[family].video else {})},
+            )
             steps = steps or 50
         else:
             steps = steps or 25
@@ -287,12 +338,19 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
     rows = []
     bar = tqdm(total=len(jobs), desc="sample", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(jobs), batch):
-        chunk = jobs[start:start + batch]
+        chunk = jobs[start : start + batch]
         arrays = run(chunk)
         for job, array in zip(chunk, arrays, strict=True):
             file = save_media(array, out_dir, job, fps)
-            rows.append({"prompt_index": job.prompt_index, "prompt": job.prompt, "sample": job.sample,
-                         "seed": job.seed, "file": str(file.relative_to(out_dir))})  # fmt: skip
+            rows.append(
+                {
+                    "prompt_index": job.prompt_index,
+                    "prompt": job.prompt,
+                    "sample": job.sample,
+                    "seed": job.seed,
+                    "file": str(file.relative_to(out_dir)),
+                }
+            )
         bar.update(len(chunk))
     bar.close()
     for sub in ("images", "videos"):
@@ -300,7 +358,16 @@ def sample(source: str | Path, prompts_file: str | Path, out_dir: str | Path, *,
             (out_dir / sub).rmdir()
     with open(out_dir / "index.jsonl", "w", encoding="utf-8") as index:
         index.writelines(json.dumps(row) + "\n" for row in rows)
-    summary = {"source": str(path), "kind": kind, "family": family, "prompts": len(prompts), "n": n,
-               "seed": seed, "steps": steps, "files": len(rows), "out_dir": str(out_dir)}  # fmt: skip
+    summary = {
+        "source": str(path),
+        "kind": kind,
+        "family": family,
+        "prompts": len(prompts),
+        "n": n,
+        "seed": seed,
+        "steps": steps,
+        "files": len(rows),
+        "out_dir": str(out_dir),
+    }
     (out_dir / "sample.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

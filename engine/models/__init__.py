@@ -27,8 +27,9 @@ def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = 
     return adapter
 
 
-def build_adapter(model_cfg, device: torch.device, *, seed: int, trainable: bool,
-                  vocabulary: list[str] | None = None) -> DiffusionAdapter:  # fmt: skip
+def build_adapter(
+    model_cfg, device: torch.device, *, seed: int, trainable: bool, vocabulary: list[str] | None = None
+) -> DiffusionAdapter:
     """The model as every part of vipo builds it, so that the trainer, the latent cache, the
     reference table, export, sampling and the benchmark agree exactly on its weights:
 
@@ -85,8 +86,10 @@ def compile_network(network, mode: str, device: torch.device) -> None:
         if torch.device(device).type == "cpu" and COMPILE_BACKEND == "inductor":
             # Measured with torch 2.13's CPU build: a full-graph inductor compile of the SD1.5 UNet
             # gave gradients 31% off eager (aot_eager and per-block compiles matched exactly).
-            raise RunError("train.compile=full gives wrong gradients with inductor on CPU (torch 2.13, measured); "
-                           "use train.compile=blocks there")  # fmt: skip
+            raise RunError(
+                "train.compile=full gives wrong gradients with inductor on CPU (torch 2.13, measured); "
+                "use train.compile=blocks there"
+            )
         network.compile(**backend)
     elif getattr(network, "_repeated_blocks", None):
         network.compile_repeated_blocks(**backend)
@@ -104,9 +107,18 @@ def add_lora(network, rank: int) -> None:
     from peft import LoraConfig
 
     network.requires_grad_(False)
-    network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                   target_modules=LORA_TARGETS))  # fmt: skip
+    network.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    )
 
 
-__all__ = ["BUILDERS", "FAMILIES", "LORA_TARGETS", "DiffusionAdapter", "add_lora", "build_adapter", "build_model",
-           "load_architecture"]  # fmt: skip
+__all__ = [
+    "BUILDERS",
+    "FAMILIES",
+    "LORA_TARGETS",
+    "DiffusionAdapter",
+    "add_lora",
+    "build_adapter",
+    "build_model",
+    "load_architecture",
+]

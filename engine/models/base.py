@@ -106,7 +106,9 @@ class DiffusionAdapter(ABC):
             return latents.float()
         config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
-        return self.vae.decode((latents.float() / config.scaling_factor + shift).to(self.vae.dtype)).sample.float()
+        return self.vae.decode(
+            (latents.float() / config.scaling_factor + shift).to(self.vae.dtype)
+        ).sample.float()
 
     @abstractmethod
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -159,7 +161,9 @@ class _FreedEncoder:
         self._name = name
 
     def __getattr__(self, attribute):
-        raise RunError(f"the adapter's {self._name} was freed: this run trains from the latent cache (data.cache)")
+        raise RunError(
+            f"the adapter's {self._name} was freed: this run trains from the latent cache (data.cache)"
+        )
 
     def __call__(self, *args, **kwargs):
         self.__getattr__("__call__")
@@ -196,9 +200,12 @@ def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> t
     if isinstance(tokenizer, WordTokenizer):
         return tokenizer(prompts)
     return tokenizer(
-        prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids  # fmt: skip
+        prompts,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def rows_for(cond: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
@@ -251,8 +258,9 @@ def configure_attention(adapter: DiffusionAdapter, attention: str) -> None:
     if attention in ("sdpa_flash", "sdpa_cudnn"):
         if adapter.device.type != "cuda":
             # CPU SDPA runs the math kernel, which these switches would turn off (it then fails).
-            logging.getLogger(__name__).warning("model.attention=%s is for CUDA; %s keeps SDPA's default",
-                                                attention, adapter.device)  # fmt: skip
+            logging.getLogger(__name__).warning(
+                "model.attention=%s is for CUDA; %s keeps SDPA's default", attention, adapter.device
+            )
             return
         torch.backends.cuda.enable_flash_sdp(attention == "sdpa_flash")
         torch.backends.cuda.enable_cudnn_sdp(attention == "sdpa_cudnn")
@@ -269,5 +277,6 @@ def configure_attention(adapter: DiffusionAdapter, attention: str) -> None:
     try:
         adapter.network.set_attention_backend("flash")
     except (RuntimeError, ImportError) as err:
-        raise RunError(f"model.attention=flash_attn: {err} (pip install 'vipo[gpu]' on a CUDA machine)") from None
-
+        raise RunError(
+            f"model.attention=flash_attn: {err} (pip install 'vipo[gpu]' on a CUDA machine)"
+        ) from None

@@ -55,8 +55,19 @@ def image_ids(h: int, w: int, device) -> torch.Tensor:
 class FluxAdapter(FlowMatchingAdapter):
     family = "flux"
 
-    def __init__(self, network, text_encoders, tokenizers, vae, device, *, t5_max_tokens=T5_MAX_TOKENS,
-                 guidance=GUIDANCE, dtype=torch.float32, **sampling):  # fmt: skip
+    def __init__(
+        self,
+        network,
+        text_encoders,
+        tokenizers,
+        vae,
+        device,
+        *,
+        t5_max_tokens=T5_MAX_TOKENS,
+        guidance=GUIDANCE,
+        dtype=torch.float32,
+        **sampling,
+    ):
         super().__init__(network, device, **sampling)
         for encoder in text_encoders:
             encoder.requires_grad_(False).eval()
@@ -81,10 +92,14 @@ class FluxAdapter(FlowMatchingAdapter):
         if network.config.guidance_embeds:  # FLUX.1-dev is guidance-distilled; schnell is not
             guidance = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=torch.float32)
         tokens = network(
-            hidden_states=pack_latents(x_t), timestep=t, guidance=guidance,  # t in [0, 1]: the model scales it
-            pooled_projections=cond["pooled_projections"], encoder_hidden_states=hidden,
-            txt_ids=torch.zeros(hidden.shape[1], 3, device=x_t.device), img_ids=image_ids(h, w, x_t.device),
-        ).sample  # fmt: skip
+            hidden_states=pack_latents(x_t),
+            timestep=t,
+            guidance=guidance,  # t in [0, 1]: the model scales it
+            pooled_projections=cond["pooled_projections"],
+            encoder_hidden_states=hidden,
+            txt_ids=torch.zeros(hidden.shape[1], 3, device=x_t.device),
+            img_ids=image_ids(h, w, x_t.device),
+        ).sample
         return unpack_latents(tokens, h, w)
 
 
@@ -102,25 +117,40 @@ def build_flux(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     options = {}
     if model_cfg.path:
         root = Path(model_cfg.path)
-        parts = ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae",
-                 "scheduler")  # fmt: skip
+        parts = (
+            "transformer",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+            "vae",
+            "scheduler",
+        )
         require_subfolders(root, parts, "FLUX")
         network = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer")
-        text_encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-                         T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2")]  # fmt: skip
-        tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-                      AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2")]  # fmt: skip
+        text_encoders = [
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2"),
+        ]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+        ]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, parts[3:5], strict=True):
             check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
     else:
         arch = load_architecture(model_cfg.config)
         network = FluxTransformer2DModel(**arch["transformer"])
-        text_encoders = [CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
-                         T5EncoderModel(T5Config(**arch["text_encoder_2"]))]  # fmt: skip
+        text_encoders = [
+            CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
+            T5EncoderModel(T5Config(**arch["text_encoder_2"])),
+        ]
         t5_max_tokens = arch.get("max_t5_tokens", T5_MAX_TOKENS)
-        tokenizers = [WordTokenizer(arch["text_encoder"]["vocab_size"], arch["max_prompt_tokens"], vocabulary),
-                      WordTokenizer(arch["text_encoder_2"]["vocab_size"], t5_max_tokens, vocabulary)]  # fmt: skip
+        tokenizers = [
+            WordTokenizer(arch["text_encoder"]["vocab_size"], arch["max_prompt_tokens"], vocabulary),
+            WordTokenizer(arch["text_encoder_2"]["vocab_size"], t5_max_tokens, vocabulary),
+        ]
         vae = AutoencoderKL(**arch["vae"]) if arch.get("vae") else None
         keys = ("timestep_sampling", "logit_mean", "logit_std", "guidance")
         options = {"t5_max_tokens": t5_max_tokens, **{key: arch[key] for key in keys if key in arch}}

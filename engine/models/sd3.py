@@ -36,8 +36,18 @@ TIMESTEP_SCALE = 1000.0  # the transformer's timestep embedding expects t in [0,
 class SD3Adapter(FlowMatchingAdapter):
     family = "sd3"
 
-    def __init__(self, network, text_encoders, tokenizers, vae, device, *, t5_max_tokens=T5_MAX_TOKENS,
-                 dtype=torch.float32, **sampling):  # fmt: skip
+    def __init__(
+        self,
+        network,
+        text_encoders,
+        tokenizers,
+        vae,
+        device,
+        *,
+        t5_max_tokens=T5_MAX_TOKENS,
+        dtype=torch.float32,
+        **sampling,
+    ):
         super().__init__(network, device, **sampling)
         for encoder in text_encoders:
             encoder.requires_grad_(False).eval()
@@ -62,9 +72,11 @@ class SD3Adapter(FlowMatchingAdapter):
     def predict(self, network: nn.Module, x_t, t, cond):
         cond = rows_for(cond, x_t.shape[0])
         return network(
-            hidden_states=x_t, timestep=t * TIMESTEP_SCALE, encoder_hidden_states=cond["encoder_hidden_states"],
+            hidden_states=x_t,
+            timestep=t * TIMESTEP_SCALE,
+            encoder_hidden_states=cond["encoder_hidden_states"],
             pooled_projections=cond["pooled_projections"],
-        ).sample  # fmt: skip
+        ).sample
 
 
 def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = None) -> SD3Adapter:
@@ -81,16 +93,29 @@ def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = No
     sampling = {}
     if model_cfg.path:
         root = Path(model_cfg.path)
-        parts = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
-                 "tokenizer", "tokenizer_2", "tokenizer_3", "vae", "scheduler")  # fmt: skip
+        parts = (
+            "transformer",
+            "text_encoder",
+            "text_encoder_2",
+            "text_encoder_3",
+            "tokenizer",
+            "tokenizer_2",
+            "tokenizer_3",
+            "vae",
+            "scheduler",
+        )
         require_subfolders(root, parts, "SD3")
         network = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer")
-        text_encoders = [CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder"),
-                         CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
-                         T5EncoderModel.from_pretrained(root, subfolder="text_encoder_3")]  # fmt: skip
-        tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-                      CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-                      AutoTokenizer.from_pretrained(root, subfolder="tokenizer_3")]  # fmt: skip
+        text_encoders = [
+            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder"),
+            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
+            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_3"),
+        ]
+        tokenizers = [
+            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_3"),
+        ]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, parts[4:7], strict=True):
             check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
@@ -98,14 +123,18 @@ def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = No
     else:
         arch = load_architecture(model_cfg.config)
         network = SD3Transformer2DModel(**arch["transformer"])
-        text_encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder"])),
-                         CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"])),
-                         T5EncoderModel(T5Config(**arch["text_encoder_3"]))]  # fmt: skip
+        text_encoders = [
+            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder"])),
+            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"])),
+            T5EncoderModel(T5Config(**arch["text_encoder_3"])),
+        ]
         t5_max_tokens = arch.get("max_t5_tokens", T5_MAX_TOKENS)
         clip_tokens = arch["max_prompt_tokens"]
-        tokenizers = [WordTokenizer(arch["text_encoder"]["vocab_size"], clip_tokens, vocabulary),
-                      WordTokenizer(arch["text_encoder_2"]["vocab_size"], clip_tokens, vocabulary),
-                      WordTokenizer(arch["text_encoder_3"]["vocab_size"], t5_max_tokens, vocabulary)]  # fmt: skip
+        tokenizers = [
+            WordTokenizer(arch["text_encoder"]["vocab_size"], clip_tokens, vocabulary),
+            WordTokenizer(arch["text_encoder_2"]["vocab_size"], clip_tokens, vocabulary),
+            WordTokenizer(arch["text_encoder_3"]["vocab_size"], t5_max_tokens, vocabulary),
+        ]
         vae = AutoencoderKL(**arch["vae"]) if arch.get("vae") else None
         sampling = {key: arch[key] for key in ("timestep_sampling", "logit_mean", "logit_std") if key in arch}
     for encoder in text_encoders:

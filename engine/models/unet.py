@@ -132,8 +132,10 @@ def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = N
         parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
         require_subfolders(root, parts, "SDXL")
         network = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        text_encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-                         CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2")]  # fmt: skip
+        text_encoders = [
+            CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
+        ]
         names = ("tokenizer", "tokenizer_2")
         tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder=name) for name in names]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, names, strict=True):
@@ -143,10 +145,14 @@ def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     else:
         arch = load_architecture(model_cfg.config)
         network = UNet2DConditionModel(**arch["unet"])
-        text_encoders = [CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
-                         CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))]  # fmt: skip
-        tokenizers = [WordTokenizer(arch[name]["vocab_size"], arch["max_prompt_tokens"], vocabulary)
-                      for name in ("text_encoder", "text_encoder_2")]  # fmt: skip
+        text_encoders = [
+            CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])),
+            CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"])),
+        ]
+        tokenizers = [
+            WordTokenizer(arch[name]["vocab_size"], arch["max_prompt_tokens"], vocabulary)
+            for name in ("text_encoder", "text_encoder_2")
+        ]
         vae = AutoencoderKL(**arch["vae"]) if arch.get("vae") else None
         alphas = _alphas_cumprod(arch["scheduler"])
     for encoder in text_encoders:

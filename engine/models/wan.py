@@ -34,8 +34,18 @@ def clean_prompt(prompt: str) -> str:
 class WanAdapter(FlowMatchingAdapter):
     family = "wan"
 
-    def __init__(self, network, text_encoder, tokenizer, vae, device, *, max_tokens=UMT5_MAX_TOKENS,
-                 dtype=torch.float32, **sampling):  # fmt: skip
+    def __init__(
+        self,
+        network,
+        text_encoder,
+        tokenizer,
+        vae,
+        device,
+        *,
+        max_tokens=UMT5_MAX_TOKENS,
+        dtype=torch.float32,
+        **sampling,
+    ):
         super().__init__(network, device, **sampling)
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
@@ -48,8 +58,15 @@ class WanAdapter(FlowMatchingAdapter):
         if isinstance(self.tokenizer, WordTokenizer):
             ids = self.tokenizer(prompts)
             return ids, (ids != PAD).long()
-        out = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
-                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")  # fmt: skip
+        out = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_tokens,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         return out.input_ids, out.attention_mask
 
     @torch.no_grad()
@@ -92,7 +109,9 @@ class WanAdapter(FlowMatchingAdapter):
             return self.encode_pixels(pixels), None
         posterior = self._posterior(pixels)
         mean, std = self._normalisation(posterior.mean.device)
-        return ((posterior.mean.float() - mean) / std).to(self.dtype), (posterior.logvar.float() - 2 * std.log()).to(self.dtype)
+        return ((posterior.mean.float() - mean) / std).to(self.dtype), (
+            posterior.logvar.float() - 2 * std.log()
+        ).to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

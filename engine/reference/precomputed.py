@@ -49,11 +49,17 @@ TABLE_FORMAT = "vipo-reference-table/1"
 def reference_fingerprint(cfg, cache: LatentCache) -> dict:
     """The reference weights and every input of its pass: a table is valid for runs that agree."""
     init_from = cfg.model.init_from
-    return plain_json({
-        **model_identity(cfg), "cache": cache.digest, "noise": NOISE_VERSION, "train.seed": cfg.train.seed,
-        "model.init_from": str(Path(init_from).resolve()) if init_from else None,
-        "data.caption_dropout": cfg.data.caption_dropout, "train.mixed_precision": cfg.train.mixed_precision,
-    })  # fmt: skip
+    return plain_json(
+        {
+            **model_identity(cfg),
+            "cache": cache.digest,
+            "noise": NOISE_VERSION,
+            "train.seed": cfg.train.seed,
+            "model.init_from": str(Path(init_from).resolve()) if init_from else None,
+            "data.caption_dropout": cfg.data.caption_dropout,
+            "train.mixed_precision": cfg.train.mixed_precision,
+        }
+    )
 
 
 def table_folder(cfg) -> Path:
@@ -89,8 +95,14 @@ def _table_is_whole(path: Path, digest: str, ids: list[str]) -> bool:
 def _start_table(folder: Path, fingerprint: dict, probe: dict, shards: int) -> dict:
     index = read_json(folder / "index.json")
     if index is None:
-        index = {"format": TABLE_FORMAT, "fingerprint": fingerprint, "digest": digest_of(fingerprint),
-                 "probe": probe, "shards": shards, "epochs": {}}  # fmt: skip
+        index = {
+            "format": TABLE_FORMAT,
+            "fingerprint": fingerprint,
+            "digest": digest_of(fingerprint),
+            "probe": probe,
+            "shards": shards,
+            "epochs": {},
+        }
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "index.json", index)
     elif index.get("fingerprint") != fingerprint:
@@ -121,8 +133,16 @@ def _finalize_table(folder: Path, cache: LatentCache, epochs: list[int]) -> dict
     return index
 
 
-def score_reference(cfg, epochs: int, *, batch_pairs: int | None = None, rank: int = 0, world_size: int = 1,
-                    device: torch.device | None = None, progress: bool = True) -> dict:  # fmt: skip
+def score_reference(
+    cfg,
+    epochs: int,
+    *,
+    batch_pairs: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> dict:
     """e_ref (winner, loser) of every cached pair for epochs [0, epochs), at the counter-RNG
     inputs of (train.seed, id, epoch): this rank's shards r, r + w, ... of each epoch."""
     from tqdm import tqdm
@@ -146,8 +166,13 @@ def score_reference(cfg, epochs: int, *, batch_pairs: int | None = None, rank: i
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
     jobs = [(e, s) for e in range(epochs) for s in range(rank, len(cache.index["shards"]), world_size)]
     kept, written = [], []
-    with tqdm(total=len(jobs), desc=f"score-reference rank {rank}/{world_size}", unit="shard",
-              disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=len(jobs),
+        desc=f"score-reference rank {rank}/{world_size}",
+        unit="shard",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for epoch, shard in jobs:
             path, ids = folder / table_file(epoch, shard), _shard_ids(cache, shard)
             if _table_is_whole(path, index["digest"], ids):
@@ -177,8 +202,14 @@ def score_reference(cfg, epochs: int, *, batch_pairs: int | None = None, rank: i
     complete = [
         int(e) for e, flags in sorted(index["epochs"].items(), key=lambda kv: int(kv[0])) if all(flags)
     ]
-    return {"folder": str(folder), "written": written, "kept": kept, "complete_epochs": complete,
-            "rank": rank, "world_size": world_size}  # fmt: skip
+    return {
+        "folder": str(folder),
+        "written": written,
+        "kept": kept,
+        "complete_epochs": complete,
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def _same_shape_runs(pairs: list) -> list[list]:
@@ -225,8 +256,9 @@ class ReferenceTable:
         errors = {}
         for epoch, flags in index["epochs"].items():
             paths = [folder / table_file(int(epoch), s) for s in range(index["shards"])]
-            if not all(flags) and not all(_table_is_whole(p, index["digest"], _shard_ids(cache, s))
-                                          for s, p in enumerate(paths)):  # fmt: skip
+            if not all(flags) and not all(
+                _table_is_whole(p, index["digest"], _shard_ids(cache, s)) for s, p in enumerate(paths)
+            ):
                 continue  # an unfinished epoch: a lookup of it says so
             errors[int(epoch)] = torch.cat([_load_table_file(p) for p in paths])
         return cls(folder, cache, errors)
@@ -289,12 +321,23 @@ def cmd_score_reference(args: argparse.Namespace) -> int:
     epochs = args.epochs
     if epochs is None:
         epochs = epochs_needed(cfg, len(open_cache(cfg)))
-        print(f"scoring {epochs} epochs: what the recipe needs on 1 process (more processes: pass --epochs)",
-              file=sys.stderr)  # fmt: skip
-    summary = score_reference(cfg, epochs, batch_pairs=args.batch_pairs, rank=rank, world_size=world_size,
-                              device=device_from_env(cfg.train.device), progress=not args.quiet)  # fmt: skip
+        print(
+            f"scoring {epochs} epochs: what the recipe needs on 1 process (more processes: pass --epochs)",
+            file=sys.stderr,
+        )
+    summary = score_reference(
+        cfg,
+        epochs,
+        batch_pairs=args.batch_pairs,
+        rank=rank,
+        world_size=world_size,
+        device=device_from_env(cfg.train.device),
+        progress=not args.quiet,
+    )
     complete = ", ".join(map(str, summary["complete_epochs"])) or "none yet"
-    print(f"rank {rank}/{world_size}: wrote {len(summary['written'])} table files, "
-          f"kept {len(summary['kept'])}; "
-          f"table {summary['folder']}, complete epochs: {complete}")  # fmt: skip
+    print(
+        f"rank {rank}/{world_size}: wrote {len(summary['written'])} table files, "
+        f"kept {len(summary['kept'])}; "
+        f"table {summary['folder']}, complete epochs: {complete}"
+    )
     return 0

@@ -43,7 +43,11 @@ def test_the_list_names_the_step_recipes_and_the_recipe_keys_that_matter(capsys)
 
 def test_the_script_takes_overrides_after_flags_and_ends_a_mistake_in_one_line():
     script = ROOT / "benchmarks" / "bench_step.py"
-    proc = subprocess.run([sys.executable, str(script), "sd15-tiny", "--smoke", "train.compiel=blocks"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(script), "sd15-tiny", "--smoke", "train.compiel=blocks"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("bench_step: error:"), proc.stderr
     assert "unknown key 'train.compiel'" in proc.stderr and "Traceback" not in proc.stderr

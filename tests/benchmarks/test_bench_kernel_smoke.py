@@ -14,7 +14,11 @@ def test_kernel_benchmark_writes_a_complete_result_file(tmp_path):
     out = tmp_path / "kernel.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -31,7 +35,9 @@ def test_kernel_benchmark_writes_a_complete_result_file(tmp_path):
 
 def test_kernel_benchmark_refuses_unknown_shapes_and_a_missing_gpu(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--shapes", "nope"], capture_output=True, text=True, env=env)
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--shapes", "nope"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and "unknown shape" in bad.stderr
     if not __import__("torch").cuda.is_available():
         no_gpu = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env)

@@ -15,8 +15,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_loader.py"
 
 def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
     out = tmp_path / "loader.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["kind"] == "loader" and report["smoke"] is True and report["device_type"] == "cpu"
@@ -24,9 +28,15 @@ def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
     assert report["versions"]["av"] and report["versions"]["PIL"] and report["versions"]["nvidia.dali"]
     assert report["shapes"]["jpeg"] == [64, 64, 3] and report["shapes"]["clip"] == [5, 48, 64, 3]
     rows = {(row["kind"], row.get("codec"), row["backend"]): row for row in report["rows"]}
-    assert rows[("image", None, "pil")]["pairs_per_s"] > 0 and rows[("image", None, "dali-cpu")]["pairs_per_s"] > 0
+    assert (
+        rows[("image", None, "pil")]["pairs_per_s"] > 0
+        and rows[("image", None, "dali-cpu")]["pairs_per_s"] > 0
+    )
     for codec in ("vp9", "h264"):
-        assert rows[("video", codec, "pyav")]["frames_per_s"] > 0 and rows[("video", codec, "pyav")]["items"] == 5
+        assert (
+            rows[("video", codec, "pyav")]["frames_per_s"] > 0
+            and rows[("video", codec, "pyav")]["items"] == 5
+        )
     assert rows[("video", "vp9", "dali-cpu")]["frames_per_s"] > 0  # DALI's CPU decoder does VP9 ...
     assert "cannot decode h264" in rows[("video", "h264", "dali-cpu")]["unsupported"]  # ... not H.264
     assert set(report["ratios"]) == {"image: dali-cpu / pil", "video-vp9: dali-cpu / pyav"}
@@ -35,6 +45,10 @@ def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU run writes into results/ by design")
 def test_a_cpu_run_refuses_to_write_into_results(tmp_path):
     target = SCRIPT.parent / "results" / "loader-cpu-test.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(target)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "never committed" in result.stderr and not target.exists()

@@ -63,8 +63,9 @@ def _config(name, device="cpu", overrides=(), inputs="latents"):
     target = bench_step.resolve_target(name)
     width, height = bench_step.parse_resolution(target.resolution or "16")
     shape = (3, target.frames, height, width) if target.frames else (3, height, width)
-    return target, bench_step.vipo_config(target, torch.device(device), inputs, target.batch or 1, shape,
-                                          list(overrides))  # fmt: skip
+    return target, bench_step.vipo_config(
+        target, torch.device(device), inputs, target.batch or 1, shape, list(overrides)
+    )
 
 
 def test_a_train_recipe_gives_its_model_shapes_and_settings():

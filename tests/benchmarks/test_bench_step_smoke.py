@@ -75,8 +75,12 @@ def reports(tmp_path_factory):
         for target in runs:
             before = {key: copy.copy(value) for key, value in calls.items()}
             assert main(["bench", "step", *target, *SMOKE, "--out", str(out)]) == 0
-            seen.append({key: value[len(before[key]) :] if isinstance(value, list) else value - before[key]
-                         for key, value in calls.items()})  # fmt: skip
+            seen.append(
+                {
+                    key: value[len(before[key]) :] if isinstance(value, list) else value - before[key]
+                    for key, value in calls.items()
+                }
+            )
     return json.loads(out.read_text())["runs"], seen
 
 
@@ -115,15 +119,26 @@ def test_a_smoke_run_writes_every_figure_of_vipo_and_the_baseline(reports):
         # vipo's run is recorded as the resolved RunConfig: a latent-cache run on one CPU, fp32, no compile.
         config = vipo["config"]
         assert vipo["inputs"] == "latents" and config["data"]["cache"] == SYNTHETIC_CACHE
-        assert (config["train"]["device"], config["train"]["mixed_precision"], config["train"]["compile"]) == (
-            "cpu", "no", "off",
-        )  # fmt: skip
+        assert (
+            config["train"]["device"],
+            config["train"]["mixed_precision"],
+            config["train"]["compile"],
+        ) == (
+            "cpu",
+            "no",
+            "off",
+        )
         assert (config["parallel"]["strategy"], config["train"]["grad_accum_steps"]) == ("none", 1)
         assert config["model"]["config"] == report["target"]["config"] and vipo["skipped_updates"] == 0
         assert base["settings"] | {"lora_rank": 0} == {
-            "precision": "fp32", "reference": "copy", "lora_rank": 0, "inputs": "pixels", "compile": "off",
-            "gradient_checkpointing": False, "attention": "sdpa",
-        }  # fmt: skip
+            "precision": "fp32",
+            "reference": "copy",
+            "lora_rank": 0,
+            "inputs": "pixels",
+            "compile": "off",
+            "gradient_checkpointing": False,
+            "attention": "sdpa",
+        }
     flux = reports[1]["runs"]
     assert (
         flux["vipo"]["config"]["reference"]["mode"] == "adapter"
@@ -161,8 +176,19 @@ def code_of(path: Path) -> str:
 def test_the_vipo_step_modules_hold_no_loss_formula_optimizer_or_backward():
     # What is timed for vipo is the engine's code: outside the labelled baseline (and the kernel
     # benchmark, which times the loss kernel itself) no benchmark file computes a loss or steps.
-    forbidden = ("logsigmoid", "sigmoid", "softplus", "poly_dpo_loss", "sample_errors", "mse_loss", "pow(2)",
-                 "clip_grad_norm_", "optimizer.step", ".backward(", "GradScaler")  # fmt: skip
+    forbidden = (
+        "logsigmoid",
+        "sigmoid",
+        "softplus",
+        "poly_dpo_loss",
+        "sample_errors",
+        "mse_loss",
+        "pow(2)",
+        "clip_grad_norm_",
+        "optimizer.step",
+        ".backward(",
+        "GradScaler",
+    )
     for name in (
         "bench_step.py",
         "step_vipo.py",
@@ -316,8 +342,11 @@ def test_the_readme_table_has_a_row_per_gpu_run_and_says_when_there_is_none(repo
 
     # A baseline that does not fit is a result too: the row says so and has no ratios.
     oom = _as_gpu_report(reports[1])
-    oom["runs"]["baseline"] = {"step": "official", "settings": oom["runs"]["baseline"]["settings"],
-                               "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"}  # fmt: skip
+    oom["runs"]["baseline"] = {
+        "step": "official",
+        "settings": oom["runs"]["baseline"]["settings"],
+        "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB",
+    }
     oom["ratios"] = {"pairs_per_s": None, "peak_memory": None}
     row = step_report.render_table([oom]).splitlines()[2]
     assert "| 12.50 | OOM | - |" in row and "| 20.0 / OOM | - |" in row

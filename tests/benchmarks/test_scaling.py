@@ -127,10 +127,21 @@ def test_accumulation_amortises_ddp_and_zero2_but_not_fsdp():
 
 @pytest.mark.parametrize(
     "model, strategy, readme_gib",
-    [("sdxl", "ddp", 47.8), ("sdxl", "fsdp", 6.2), ("sdxl", "zero2", 18.5), ("sdxl", "zero3", 5.6),
-     ("flux", "ddp", 221.7), ("flux", "fsdp", 29.0), ("flux", "zero2", 85.9), ("flux", "zero3", 26.2),
-     ("wan", "ddp", 26.4), ("wan", "fsdp", 3.5), ("wan", "zero2", 10.2), ("wan", "zero3", 3.1)],
-)  # fmt: skip
+    [
+        ("sdxl", "ddp", 47.8),
+        ("sdxl", "fsdp", 6.2),
+        ("sdxl", "zero2", 18.5),
+        ("sdxl", "zero3", 5.6),
+        ("flux", "ddp", 221.7),
+        ("flux", "fsdp", 29.0),
+        ("flux", "zero2", 85.9),
+        ("flux", "zero3", 26.2),
+        ("wan", "ddp", 26.4),
+        ("wan", "fsdp", 3.5),
+        ("wan", "zero2", 10.2),
+        ("wan", "zero3", 3.1),
+    ],
+)
 def test_state_memory_on_eight_gpus_matches_the_readme_table(model, strategy, readme_gib):
     w = scaling.WORKLOADS[model]
     assert scaling.state_gib(strategy, w.params, 8, w.largest_unit_params) == pytest.approx(
@@ -152,16 +163,40 @@ def test_default_step_time_is_counted_flops_at_the_assumed_mfu():
 def test_script_writes_every_field_and_says_nothing_is_measured(tmp_path):
     out = tmp_path / "scaling.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--gpus", "8", "64", "--overlap", "0", "0.8",
-         "--seconds-per-pair", "flux=3.0", "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--gpus",
+            "8",
+            "64",
+            "--overlap",
+            "0",
+            "0.8",
+            "--seconds-per-pair",
+            "flux=3.0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert "NOT MEASURED" in done.stdout and "| rails | flux | fsdp |" in done.stdout
     report = json.loads(out.read_text())
     assert report["measured"] is False
     assumptions = report["assumptions"]
-    for key in ("seconds_per_pair", "seconds_per_pair_source", "workloads", "fabrics", "overlaps", "gpus",
-                "grad_accum", "reshard_after_forward", "state_budget_gib"):  # fmt: skip
+    for key in (
+        "seconds_per_pair",
+        "seconds_per_pair_source",
+        "workloads",
+        "fabrics",
+        "overlaps",
+        "gpus",
+        "grad_accum",
+        "reshard_after_forward",
+        "state_budget_gib",
+    ):
         assert key in assumptions, key
     assert assumptions["seconds_per_pair"]["flux"] == 3.0
     assert assumptions["seconds_per_pair_source"]["flux"].startswith("measured")
@@ -180,9 +215,13 @@ def test_script_writes_every_field_and_says_nothing_is_measured(tmp_path):
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--seconds-per-pair", "sd3=1"], "MODEL=VALUE"), (["--seconds-per-pair", "flux=fast"], "not a number"),
-     (["--micro-batch", "wan=0"], "positive"), (["--mfu", "2"], "--mfu")],
-)  # fmt: skip
+    [
+        (["--seconds-per-pair", "sd3=1"], "MODEL=VALUE"),
+        (["--seconds-per-pair", "flux=fast"], "not a number"),
+        (["--micro-batch", "wan=0"], "positive"),
+        (["--mfu", "2"], "--mfu"),
+    ],
+)
 def test_bad_arguments_end_in_one_clear_line(argv, message):
     with pytest.raises(SystemExit, match=message):
         scaling.main(argv)

@@ -27,8 +27,9 @@ def sdpa_flags():
 
 
 def model_cfg(family, attention):
-    return load_config(None, [f"model.family={family}", f"model.config={family}-tiny",
-                              f"model.attention={attention}"]).model  # fmt: skip
+    return load_config(
+        None, [f"model.family={family}", f"model.config={family}-tiny", f"model.attention={attention}"]
+    ).model
 
 
 def test_sdpa_flash_leaves_only_the_flash_backend_on_for_a_cuda_model(sdpa_flags):

@@ -20,7 +20,12 @@ def run_vipo(*args, cwd=None, interpret="1"):
     # kernels are correct but ~50 ms a launch, and the kernel tests cover them.
     env = {**os.environ, "TRITON_INTERPRET": interpret}
     return subprocess.run(
-        [sys.executable, "-m", "vipo.engine", *args], capture_output=True, text=True, cwd=cwd, timeout=900, env=env
+        [sys.executable, "-m", "vipo.engine", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=900,
+        env=env,
     )
 
 
@@ -52,7 +57,9 @@ def test_python_m_from_the_checkout_does_not_expose_kernels_as_a_top_level_modul
         "try:\n    runpy.run_module('vipo.engine', run_name='__main__')\nexcept SystemExit:\n    pass\n"
         "print(before, importlib.util.find_spec('kernels') is not None)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "True False"
 
@@ -88,9 +95,23 @@ def test_the_default_demo_learns_the_preference(tmp_path):
 @pytest.mark.parametrize("alpha", ["0", "8"])
 def test_demo_runs_both_stages_for_dpo_and_poly_dpo(tmp_path, alpha):
     objective = "dpo" if alpha == "0" else "poly_dpo"
-    tiny = ["demo.sft_steps=2", "train.max_steps=3", "data.num_pairs=16", "demo.held_out_pairs=4",
-            "demo.sample_prompts=2", "train.batch_pairs=2", "train.log_every_steps=1"]  # fmt: skip
-    args = ["demo", "-q", f"loss.alpha={alpha}", f"loss.objective={objective}", f"train.output_dir={tmp_path}", *tiny]
+    tiny = [
+        "demo.sft_steps=2",
+        "train.max_steps=3",
+        "data.num_pairs=16",
+        "demo.held_out_pairs=4",
+        "demo.sample_prompts=2",
+        "train.batch_pairs=2",
+        "train.log_every_steps=1",
+    ]
+    args = [
+        "demo",
+        "-q",
+        f"loss.alpha={alpha}",
+        f"loss.objective={objective}",
+        f"train.output_dir={tmp_path}",
+        *tiny,
+    ]
     assert main(args) == 0  # in-process, through the interpreted kernels
     assert len((tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()) == 2
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

@@ -46,7 +46,9 @@ def test_wrong_type_names_the_key_and_the_expected_type(tmp_path):
 
 def test_overrides_are_typed_and_win_over_the_file(tmp_path):
     path = write(tmp_path, "optim:\n  lr: 1.0e-3\nloss:\n  alpha: 0.0\n")
-    cfg = load_config(path, ["optim.lr=1e-8", "loss.alpha=8", "optim.betas=[0.9,0.99]", "optim.scale_lr=false"])
+    cfg = load_config(
+        path, ["optim.lr=1e-8", "loss.alpha=8", "optim.betas=[0.9,0.99]", "optim.scale_lr=false"]
+    )
     assert cfg.optim.lr == 1e-8 and isinstance(cfg.optim.lr, float)  # YAML reads 1e-8 as a string
     assert cfg.loss.alpha == 8.0 and isinstance(cfg.loss.alpha, float)
     assert cfg.optim.betas == (0.9, 0.99)

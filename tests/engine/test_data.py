@@ -99,9 +99,18 @@ def test_video_pairs_become_five_dimensional_pixels(tmp_path):
                 frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), 128, np.uint8), format="rgb24")
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
-    (tmp_path / "v.jsonl").write_text(json.dumps({"prompt": "p", "winner": "w.webm", "loser": "l.webm"}) + "\n")
-    cfg = config("model.family=wan", "model.config=wan-tiny", "data.source=video", f"data.path={tmp_path / 'v.jsonl'}",
-                 "data.num_frames=5", "data.resolution=16", "data.video_backend=pyav")  # fmt: skip
+    (tmp_path / "v.jsonl").write_text(
+        json.dumps({"prompt": "p", "winner": "w.webm", "loser": "l.webm"}) + "\n"
+    )
+    cfg = config(
+        "model.family=wan",
+        "model.config=wan-tiny",
+        "data.source=video",
+        f"data.path={tmp_path / 'v.jsonl'}",
+        "data.num_frames=5",
+        "data.resolution=16",
+        "data.video_backend=pyav",
+    )
     records = BatchStream(build_source(cfg.data, cfg.model, seed=0), 1, seed=0).next_records()
     assert to_pixels(records, CPU).shape == (2, 3, 5, 16, 16)
     with pytest.raises(ConfigError, match="1 \\+ 4k"):
@@ -124,8 +133,10 @@ def test_a_missing_data_file_is_a_run_error_naming_it(tmp_path):
 
 
 def test_a_batch_of_mixed_shapes_is_refused():
-    records = [PairRecord(str(i), "p", np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 3), np.uint8)) for i, s in
-               enumerate((8, 16))]  # fmt: skip
+    records = [
+        PairRecord(str(i), "p", np.zeros((s, s, 3), np.uint8), np.zeros((s, s, 3), np.uint8))
+        for i, s in enumerate((8, 16))
+    ]
     with pytest.raises(RunError, match="set data.buckets"):
         to_pixels(records, CPU)
 
@@ -149,16 +160,28 @@ def write_clips(root, count):
 def tiny_run(tmp_path, *overrides):
     from vipo.engine.trainer import Trainer
 
-    cfg = config("train.batch_pairs=2", "train.max_steps=2", "train.log_every_steps=1", "loss.beta=500",
-                 "optim.lr=1e-4", f"train.output_dir={tmp_path / 'run'}", *overrides)  # fmt: skip
+    cfg = config(
+        "train.batch_pairs=2",
+        "train.max_steps=2",
+        "train.log_every_steps=1",
+        "loss.beta=500",
+        "optim.lr=1e-4",
+        f"train.output_dir={tmp_path / 'run'}",
+        *overrides,
+    )
     with Trainer(cfg, progress=False) as trainer:
         return trainer.train(), trainer
 
 
 def test_the_trainer_trains_on_a_bucketed_manifest_and_counts_skips(tmp_path):
     path = write_manifest(tmp_path, [(64, 32), (32, 64)] * 3, missing={2})
-    summary, trainer = tiny_run(tmp_path, "data.source=manifest", f"data.path={path}", "data.buckets=[[32,16],[16,32]]",
-                                "train.max_steps=3")  # fmt: skip
+    summary, trainer = tiny_run(
+        tmp_path,
+        "data.source=manifest",
+        f"data.path={path}",
+        "data.buckets=[[32,16],[16,32]]",
+        "train.max_steps=3",
+    )
     assert summary["steps"] == 3 and summary["loss_is_finite"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("data_skipped", 0) >= 1 for row in rows)
@@ -166,9 +189,16 @@ def test_the_trainer_trains_on_a_bucketed_manifest_and_counts_skips(tmp_path):
 
 def test_wan_trains_on_video_pairs(tmp_path):
     path = write_clips(tmp_path, 2)
-    summary, trainer = tiny_run(tmp_path, "model.family=wan", "model.config=wan-tiny", "data.source=video",
-                                f"data.path={path}", "data.num_frames=5", "data.resolution=16",
-                                "data.video_backend=pyav")  # fmt: skip
+    summary, trainer = tiny_run(
+        tmp_path,
+        "model.family=wan",
+        "model.config=wan-tiny",
+        "data.source=video",
+        f"data.path={path}",
+        "data.num_frames=5",
+        "data.resolution=16",
+        "data.video_backend=pyav",
+    )
     assert summary["steps"] == 2 and summary["loss_is_finite"]
 
 
@@ -189,22 +219,52 @@ def test_the_pickapic_recipe_runs_on_local_copies(tmp_path):
         Image.fromarray(np.full((24, 24, 3), value, np.uint8)).save(buffer, format="JPEG")
         return buffer.getvalue()
 
-    rows = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "image_0_uid": [],
-            "image_1_uid": [], "model_0": [], "model_1": [], "best_image_uid": [], "are_different": [],
-            "has_label": []}  # fmt: skip
+    rows = {
+        "caption": [],
+        "jpg_0": [],
+        "jpg_1": [],
+        "label_0": [],
+        "label_1": [],
+        "image_0_uid": [],
+        "image_1_uid": [],
+        "model_0": [],
+        "model_1": [],
+        "best_image_uid": [],
+        "are_different": [],
+        "has_label": [],
+    }
     for i, (l0, l1) in enumerate([(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 0.0), (0.0, 1.0)]):
-        for key, value in (("caption", f"prompt {i}"), ("jpg_0", jpeg(200)), ("jpg_1", jpeg(40)), ("label_0", l0),
-                           ("label_1", l1), ("image_0_uid", f"a{i}"), ("image_1_uid", f"b{i}"), ("model_0", "m"),
-                           ("model_1", "m"), ("best_image_uid", f"a{i}" if l0 > l1 else f"b{i}"),
-                           ("are_different", True), ("has_label", True)):  # fmt: skip
+        for key, value in (
+            ("caption", f"prompt {i}"),
+            ("jpg_0", jpeg(200)),
+            ("jpg_1", jpeg(40)),
+            ("label_0", l0),
+            ("label_1", l1),
+            ("image_0_uid", f"a{i}"),
+            ("image_1_uid", f"b{i}"),
+            ("model_0", "m"),
+            ("model_1", "m"),
+            ("best_image_uid", f"a{i}" if l0 > l1 else f"b{i}"),
+            ("are_different", True),
+            ("has_label", True),
+        ):
             rows[key].append(value)
     pq.write_table(pa.table(rows), tmp_path / "train-0.parquet", row_group_size=2)
     model = make_sd15_folder(tmp_path / "sd15")
-    cfg = load_config(find_recipe("sd15-pickapic-poly"), [
-        f"model.path={model}", f"data.path={tmp_path / 'train-0.parquet'}", "data.resolution=16",
-        "train.batch_pairs=2", "train.grad_accum_steps=1", "train.max_steps=2", "train.mixed_precision=no",
-        "parallel.strategy=none", f"train.output_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    cfg = load_config(
+        find_recipe("sd15-pickapic-poly"),
+        [
+            f"model.path={model}",
+            f"data.path={tmp_path / 'train-0.parquet'}",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.grad_accum_steps=1",
+            "train.max_steps=2",
+            "train.mixed_precision=no",
+            "parallel.strategy=none",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )
     with Trainer(cfg, progress=False) as trainer:
         summary = trainer.train()
         assert len(trainer.data) == 4 and trainer.data.stats()["skipped_ties"] == 1
@@ -222,8 +282,16 @@ def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path)
     for line, weight in zip(lines, (0.0, 2.0, 1.0, 3.5), strict=True):
         line["weight"] = weight
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    cfg = config("data.source=manifest", f"data.path={path}", "data.resolution=16", "train.batch_pairs=4",
-                 "loss.objective=poly_dpo", "loss.alpha=2", "loss.beta=500", f"train.output_dir={tmp_path / 'r'}")  # fmt: skip
+    cfg = config(
+        "data.source=manifest",
+        f"data.path={path}",
+        "data.resolution=16",
+        "train.batch_pairs=4",
+        "loss.objective=poly_dpo",
+        "loss.alpha=2",
+        "loss.beta=500",
+        f"train.output_dir={tmp_path / 'r'}",
+    )
     trainer = Trainer(cfg, progress=False)
     batch = trainer.next_batch()
     assert sorted(batch.weights.tolist()) == [0.0, 1.0, 2.0, 3.5]

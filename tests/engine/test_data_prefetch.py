@@ -24,14 +24,25 @@ def write_manifest(root, count, missing=(), corrupt=()):
             (root / f"w{i}.png").unlink()
         if i in corrupt:
             (root / f"w{i}.png").write_bytes(b"not an image")
-        lines.append(json.dumps({"prompt": f"prompt {i}", "winner": f"w{i}.png", "loser": f"l{i}.png", "id": f"p{i}"}))
+        lines.append(
+            json.dumps({"prompt": f"prompt {i}", "winner": f"w{i}.png", "loser": f"l{i}.png", "id": f"p{i}"})
+        )
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return root / "pairs.jsonl"
 
 
 def manifest_source(path, *overrides):
-    cfg = load_config(None, ["data.source=manifest", f"data.path={path}", "data.resolution=12",
-                             "data.random_crop=true", "data.hflip_prob=0.5", *overrides])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.source=manifest",
+            f"data.path={path}",
+            "data.resolution=12",
+            "data.random_crop=true",
+            "data.hflip_prob=0.5",
+            *overrides,
+        ],
+    )
     return build_source(cfg.data, cfg.model, seed=5)
 
 
@@ -48,7 +59,9 @@ def same_records(left, right):
 
 def test_prefetch_gives_the_same_records_in_the_same_order_across_epochs(tmp_path):
     path = write_manifest(tmp_path, 6)
-    plain = batches(BatchStream(manifest_source(path), 2, seed=5), 8)  # 3 batches an epoch: crosses two epochs
+    plain = batches(
+        BatchStream(manifest_source(path), 2, seed=5), 8
+    )  # 3 batches an epoch: crosses two epochs
     stream = BatchStream(manifest_source(path), 2, seed=5, prefetch_batches=3)
     prefetched = batches(stream, 8)
     stream.close()
@@ -82,7 +95,9 @@ def test_tar_shards_resume_from_the_handed_out_position_with_prefetch(tmp_path):
                 name = f"{i:03d}.{role}.png"
                 Image.fromarray(np.full((16, 16, 3), value + i, np.uint8)).save(tmp_path / name)
                 tar.add(tmp_path / name, arcname=name)
-    cfg = load_config(None, ["data.source=shards", f"data.path={tmp_path / 'shard-0.tar'}", "data.resolution=16"])
+    cfg = load_config(
+        None, ["data.source=shards", f"data.path={tmp_path / 'shard-0.tar'}", "data.resolution=16"]
+    )
     plain = BatchStream(build_source(cfg.data, cfg.model, seed=0), 2, seed=0)
     expected = batches(plain, 6)
     stream = BatchStream(build_source(cfg.data, cfg.model, seed=0), 2, seed=0, prefetch_batches=2)

@@ -13,10 +13,19 @@ from vipo_testing import assert_close, make_sd15_folder
 
 
 def train_tiny(out_dir, *overrides):
-    cfg = load_config(None, [
-        "data.num_pairs=8", "data.resolution=16", "train.batch_pairs=2", "train.max_steps=2",
-        "optim.lr=1e-3", "loss.beta=500", f"train.output_dir={out_dir}", *overrides,
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.num_pairs=8",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.max_steps=2",
+            "optim.lr=1e-3",
+            "loss.beta=500",
+            f"train.output_dir={out_dir}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg, progress=False)
     trainer.train()
     return trainer
@@ -39,8 +48,9 @@ def sd15_folder(tmp_path_factory):
 def test_a_lora_run_on_a_diffusers_folder_exports_a_pipeline_with_the_lora_merged(tmp_path, sd15_folder):
     from diffusers import StableDiffusionPipeline
 
-    trainer = train_tiny(tmp_path / "run", f"model.path={sd15_folder}", "model.lora_rank=4",
-                         "reference.mode=adapter")  # fmt: skip
+    trainer = train_tiny(
+        tmp_path / "run", f"model.path={sd15_folder}", "model.lora_rank=4", "reference.mode=adapter"
+    )
     trained = unet_output(trainer.adapter.network)
     out = export_run(tmp_path / "run", tmp_path / "export")
     pipeline = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)

@@ -53,13 +53,24 @@ def test_an_sft_step_trains_without_a_reference(tmp_path, family, winners_only):
 @pytest.mark.parametrize(
     ("family", "present", "named"),
     [
-        ("sdxl", ["unet", "tokenizer"], "missing text_encoder/, text_encoder_2/, tokenizer_2/, vae/, scheduler/"),
-        ("sd3", ["transformer", "text_encoder", "tokenizer", "vae"],
-         "missing text_encoder_2/, text_encoder_3/, tokenizer_2/, tokenizer_3/, scheduler/"),
-        ("flux", ["transformer", "tokenizer", "vae"], "missing text_encoder/, text_encoder_2/, tokenizer_2/, scheduler/"),
+        (
+            "sdxl",
+            ["unet", "tokenizer"],
+            "missing text_encoder/, text_encoder_2/, tokenizer_2/, vae/, scheduler/",
+        ),
+        (
+            "sd3",
+            ["transformer", "text_encoder", "tokenizer", "vae"],
+            "missing text_encoder_2/, text_encoder_3/, tokenizer_2/, tokenizer_3/, scheduler/",
+        ),
+        (
+            "flux",
+            ["transformer", "tokenizer", "vae"],
+            "missing text_encoder/, text_encoder_2/, tokenizer_2/, scheduler/",
+        ),
         ("wan", ["transformer", "vae"], "missing text_encoder/, tokenizer/, scheduler/"),
     ],
-)  # fmt: skip
+)
 def test_a_model_path_without_the_family_subfolders_names_them(tmp_path, family, present, named):
     for name in present:
         (tmp_path / name).mkdir()
@@ -73,11 +84,21 @@ def _part(kind: str, config: dict):
     import diffusers
     import transformers
 
-    if kind in ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel",
-                "WanTransformer3DModel", "AutoencoderKL", "AutoencoderKLWan"):  # fmt: skip
+    if kind in (
+        "UNet2DConditionModel",
+        "SD3Transformer2DModel",
+        "FluxTransformer2DModel",
+        "WanTransformer3DModel",
+        "AutoencoderKL",
+        "AutoencoderKLWan",
+    ):
         return getattr(diffusers, kind)(**config)
-    config_class = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
-                    "T5EncoderModel": "T5Config", "UMT5EncoderModel": "UMT5Config"}[kind]  # fmt: skip
+    config_class = {
+        "CLIPTextModel": "CLIPTextConfig",
+        "CLIPTextModelWithProjection": "CLIPTextConfig",
+        "T5EncoderModel": "T5Config",
+        "UMT5EncoderModel": "UMT5Config",
+    }[kind]
     return getattr(transformers, kind)(getattr(transformers, config_class)(**config))
 
 
@@ -100,7 +121,9 @@ PUBLISHED = [
 ]
 
 
-@pytest.mark.parametrize(("arch", "key", "kind", "published"), PUBLISHED, ids=[f"{a}-{k}" for a, k, _, _ in PUBLISHED])
+@pytest.mark.parametrize(
+    ("arch", "key", "kind", "published"), PUBLISHED, ids=[f"{a}-{k}" for a, k, _, _ in PUBLISHED]
+)
 def test_real_configs_have_the_published_sizes(arch, key, kind, published):
     with torch.device("meta"):  # shapes only: no memory, no init time
         size = stored_numel(_part(kind, load_architecture(arch)[key]))

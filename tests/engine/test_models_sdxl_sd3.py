@@ -157,10 +157,15 @@ def test_vae_latents_are_shifted_and_scaled_and_time_ids_count_pixels(adapter):
     torch.manual_seed(5)
     shift = 0.25 if adapter.family == "sd3" else None  # SDXL's VAE scales only
     vae = AutoencoderKL(
-        latent_channels=adapter.network.config.in_channels, layers_per_block=1, block_out_channels=[8, 8],
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=4, scaling_factor=1.5, shift_factor=shift,
-    )  # fmt: skip
+        latent_channels=adapter.network.config.in_channels,
+        layers_per_block=1,
+        block_out_channels=[8, 8],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4,
+        scaling_factor=1.5,
+        shift_factor=shift,
+    )
     encoders = list(text_encoders(adapter).values())
     tokenizers = [
         getattr(adapter, name.replace("text_encoder", "tokenizer")) for name in text_encoders(adapter)

@@ -38,20 +38,31 @@ def free_port() -> int:
 
 
 def launch_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT", "PYTEST_CURRENT_TEST")}  # fmt: skip
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TRITON_INTERPRET="1")  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST")
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRITON_INTERPRET="1",
+    )
     return env
 
 
 def launch(args: list[str], cwd: Path) -> str:
     """Run a launcher command; its output on success, a failure showing the output's tail otherwise."""
     try:
-        done = subprocess.run(args, cwd=cwd, env=launch_env(), capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT_S)  # fmt: skip
+        done = subprocess.run(
+            args, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{' '.join(args)} ran past {LAUNCH_TIMEOUT_S} s:\n{(err.stdout or '')[-3000:]}{(err.stderr or '')[-3000:]}")
+        pytest.fail(
+            f"{' '.join(args)} ran past {LAUNCH_TIMEOUT_S} s:\n{(err.stdout or '')[-3000:]}{(err.stderr or '')[-3000:]}"
+        )
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{output[-6000:]}"
     assert "terminate called" not in output, output[-6000:]
@@ -66,8 +77,18 @@ def run_worker(tmp_path: Path, spec: dict, launcher: str = "torchrun") -> str:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
     if launcher == "deepspeed":
-        args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port()), str(HERE), "--worker", str(spec_file)]  # fmt: skip
+        args = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(HERE),
+            "--worker",
+            str(spec_file),
+        ]
     else:
         args = torchrun(str(HERE), "--worker", str(spec_file))
     return launch(args, tmp_path)
@@ -96,7 +117,13 @@ def assert_same_curve(rows: list[dict], expected: list[dict], what: str) -> None
     assert [r["step"] for r in rows] == [e["step"] for e in expected], what
     for row, ref in zip(rows, expected, strict=True):
         for key in ("loss", "grad_norm", "accuracy"):
-            assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (what, row["step"], key, row[key], ref[key])
+            assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (
+                what,
+                row["step"],
+                key,
+                row[key],
+                ref[key],
+            )
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +176,15 @@ def assert_exported_like(folder: Path, one_process: dict) -> None:
 @pytest.mark.slow
 def test_ddp_via_torchrun_matches_one_process_and_resumes_exactly(recipe, one_process, tmp_path):
     run = tmp_path / "run"
-    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=ddp",
-              "model.gradient_checkpointing=true"]  # fmt: skip
+    common = [
+        "-m",
+        "vipo.engine",
+        "train",
+        str(recipe),
+        f"train.output_dir={run}",
+        "parallel.strategy=ddp",
+        "model.gradient_checkpointing=true",
+    ]
     first = launch(torchrun(*common, "train.max_steps=2", "-q"), tmp_path)
     second = launch(torchrun(*common, "-q", "--resume"), tmp_path)
     for output in (first, second):  # rank 0 alone prints the summary
@@ -161,18 +195,30 @@ def test_ddp_via_torchrun_matches_one_process_and_resumes_exactly(recipe, one_pr
 
 
 @pytest.mark.slow
-def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, one_process, tmp_path, monkeypatch):
+def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(
+    recipe, one_process, tmp_path, monkeypatch
+):
     first, resumed, export = tmp_path / "first", tmp_path / "resumed", tmp_path / "export"
     overrides = ["parallel.strategy=fsdp", "model.gradient_checkpointing=true"]
-    spec = {"recipe": str(recipe), "overrides": overrides, "phases": [
-        {"out": str(first), "overrides": ["train.max_steps=2"], "copy_to": str(resumed)},
-        {"out": str(resumed), "resume": True, "export": str(export)},
-    ]}  # fmt: skip
+    spec = {
+        "recipe": str(recipe),
+        "overrides": overrides,
+        "phases": [
+            {"out": str(first), "overrides": ["train.max_steps=2"], "copy_to": str(resumed)},
+            {"out": str(resumed), "resume": True, "export": str(export)},
+        ],
+    }
     run_worker(tmp_path, spec)
     two = read_metrics(resumed)
     assert_same_curve(two, one_process["metrics"], "fsdp on 2 ranks, resumed at step 2")
     assert sorted(p.name for p in (first / "checkpoints" / "step-000002").iterdir()) == [
-        "config.yaml", "dcp", "manifest.json", "rng.safetensors", "scheduler.pt", "state.json"]  # fmt: skip
+        "config.yaml",
+        "dcp",
+        "manifest.json",
+        "rng.safetensors",
+        "scheduler.pt",
+        "state.json",
+    ]
     assert_exported_like(export, one_process)
     # `vipo export` reads the sharded checkpoint in one process: the same weights as the gather.
     from vipo.engine.export import export_run
@@ -186,15 +232,22 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, on
     shutil.copytree(first, plain)
     with one_thread(), Trainer(load_config(recipe, [f"train.output_dir={plain}"]), progress=False) as trainer:
         trainer.train(resume=True)
-    assert_same_curve(read_metrics(plain)[-2:], one_process["metrics"][2:], "fsdp 2 ranks -> one plain process")
+    assert_same_curve(
+        read_metrics(plain)[-2:], one_process["metrics"][2:], "fsdp 2 ranks -> one plain process"
+    )
 
     # The same checkpoint on one FSDP rank. A first attempt dies while writing step 4:
     # the previous checkpoint stays the latest and whole, and the next attempt resumes from it.
     import torch.distributed.checkpoint as dcp
 
     def one_rank(*extra):
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):  # fmt: skip
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(free_port())),
+        ):
             monkeypatch.setenv(key, value)
         return Trainer(load_config(recipe, [f"train.output_dir={first}", *overrides, *extra]), progress=False)
 
@@ -206,7 +259,11 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(recipe, on
         raise OSError("disk full")
 
     monkeypatch.setattr(dcp, "save", dies_mid_write)
-    with one_thread(), pytest.raises(RunError, match=r"failed \(disk full\); the previous checkpoint"), one_rank() as trainer:
+    with (
+        one_thread(),
+        pytest.raises(RunError, match=r"failed \(disk full\); the previous checkpoint"),
+        one_rank() as trainer,
+    ):
         trainer.train(resume=True)
     root = first / "checkpoints"
     assert (root / "latest").read_text() == "step-000002" and not (root / "step-000004").exists()
@@ -223,8 +280,16 @@ def test_hybrid_sharding_matches_one_process(recipe, one_process, tmp_path):
     # shard_size=1 on 2 ranks: a 2-D (replicate=2, shard=1) mesh, FSDP2's HSDP path, where the
     # gradient all-reduce crosses the replicate groups as it would cross nodes.
     run = tmp_path / "run"
-    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=fsdp",
-              "parallel.shard_size=1", "-q"]  # fmt: skip
+    common = [
+        "-m",
+        "vipo.engine",
+        "train",
+        str(recipe),
+        f"train.output_dir={run}",
+        "parallel.strategy=fsdp",
+        "parallel.shard_size=1",
+        "-q",
+    ]
     launch(torchrun(*common), tmp_path)
     assert_same_curve(read_metrics(run), one_process["metrics"], "hsdp (replicate 2 x shard 1)")
     assert (run / "checkpoints" / "step-000004" / "dcp").is_dir()
@@ -232,7 +297,9 @@ def test_hybrid_sharding_matches_one_process(recipe, one_process, tmp_path):
 
 def test_hybrid_sharding_settings_are_checked(recipe, tmp_path):
     with pytest.raises(ConfigError, match="parallel.shard_size \\(hybrid sharding\\) is for strategy fsdp"):
-        load_config(recipe, ["parallel.strategy=ddp", "parallel.shard_size=8"])  # one validate() for every rule
+        load_config(
+            recipe, ["parallel.strategy=ddp", "parallel.shard_size=8"]
+        )  # one validate() for every rule
 
 
 @pytest.mark.slow
@@ -240,9 +307,14 @@ def test_hybrid_sharding_settings_are_checked(recipe, tmp_path):
 def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe, one_process, tmp_path):
     pytest.importorskip("deepspeed")
     run, export = tmp_path / "run", tmp_path / "export"
-    spec = {"recipe": str(recipe), "overrides": [f"parallel.strategy={strategy}", "model.gradient_checkpointing=true"],
-            "phases": [{"out": str(run), "overrides": ["train.max_steps=2"]},
-                       {"out": str(run), "resume": True, "export": str(export)}]}  # fmt: skip
+    spec = {
+        "recipe": str(recipe),
+        "overrides": [f"parallel.strategy={strategy}", "model.gradient_checkpointing=true"],
+        "phases": [
+            {"out": str(run), "overrides": ["train.max_steps=2"]},
+            {"out": str(run), "resume": True, "export": str(export)},
+        ],
+    }
     # zero3 starts through the deepspeed launcher, which appends --local_rank to the command.
     run_worker(tmp_path, spec, launcher="deepspeed" if strategy == "zero3" else "torchrun")
     assert_same_curve(read_metrics(run), one_process["metrics"], f"{strategy}, resumed at step 2")
@@ -276,7 +348,9 @@ def test_each_rank_keeps_its_rows_of_the_global_noise_draw(recipe, tmp_path):
     # Winners-only rows (SFT): one block of 2 rows per rank.
     whole = adapter.noisy_inputs(latents[:4], torch.Generator().manual_seed(6), paired=False)
     noise = GlobalDrawNoise(torch.Generator().manual_seed(6), 1, 2)
-    assert torch.equal(noise.draw(adapter, latents[2:4], ids=["a", "b"], epoch=None, paired=False)[0], whole[0][2:4])
+    assert torch.equal(
+        noise.draw(adapter, latents[2:4], ids=["a", "b"], epoch=None, paired=False)[0], whole[0][2:4]
+    )
     # Caption dropout: rank r keeps its pairs' draws of the global batch's.
     global_drop = (torch.rand(4, generator=torch.Generator().manual_seed(7)) < 0.5).tolist()
     for rank in (0, 1):
@@ -287,8 +361,13 @@ def test_each_rank_keeps_its_rows_of_the_global_noise_draw(recipe, tmp_path):
 def test_per_rank_noise_streams_differ_by_rank_and_global_ones_do_not():
     from vipo.engine.parallel import World, rank_generator
 
-    draws = {(rank, per_rank): torch.randn(4, generator=rank_generator(3, World(rank, 2), torch.device("cpu"), per_rank))
-             for rank in (0, 1) for per_rank in (False, True)}  # fmt: skip
+    draws = {
+        (rank, per_rank): torch.randn(
+            4, generator=rank_generator(3, World(rank, 2), torch.device("cpu"), per_rank)
+        )
+        for rank in (0, 1)
+        for per_rank in (False, True)
+    }
     assert torch.equal(draws[0, False], draws[1, False])
     assert not torch.equal(draws[0, True], draws[1, True])
 
@@ -303,8 +382,11 @@ def test_fsdp_shards_the_blocks_the_model_declares_children_first(recipe, tmp_pa
     assert {"BasicTransformerBlock", "ResnetBlock2D", "CrossAttnUpBlock2D"} <= set(names)
     position = {id(m): i for i, m in enumerate(found)}
     for parent in found:  # every block comes after the blocks inside it
-        assert all(position[id(child)] < position[id(parent)] for child in parent.modules()
-                   if child is not parent and id(child) in position)  # fmt: skip
+        assert all(
+            position[id(child)] < position[id(parent)]
+            for child in parent.modules()
+            if child is not parent and id(child) in position
+        )
     with pytest.raises(RunError, match="declares no blocks"):
         blocks(torch.nn.Linear(2, 2))
 
@@ -312,8 +394,16 @@ def test_fsdp_shards_the_blocks_the_model_declares_children_first(recipe, tmp_pa
 def test_deepspeed_config_comes_from_the_recipe_or_a_checked_user_file(tmp_path):
     from vipo.engine.parallel import World, deepspeed_config
 
-    cfg = load_config(None, ["parallel.strategy=zero3", "train.batch_pairs=8", "train.grad_accum_steps=2",
-                             "train.mixed_precision=bf16", "optim.max_grad_norm=0.5"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "parallel.strategy=zero3",
+            "train.batch_pairs=8",
+            "train.grad_accum_steps=2",
+            "train.mixed_precision=bf16",
+            "optim.max_grad_norm=0.5",
+        ],
+    )
     world = World(0, 4)
     written = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
     assert written["train_micro_batch_size_per_gpu"] == 2 and written["train_batch_size"] == 16
@@ -323,10 +413,14 @@ def test_deepspeed_config_comes_from_the_recipe_or_a_checked_user_file(tmp_path)
     def with_file(content: dict):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(content))
-        parallel_cfg = load_config(None, ["parallel.strategy=zero3", f"parallel.deepspeed_config={path}"]).parallel
+        parallel_cfg = load_config(
+            None, ["parallel.strategy=zero3", f"parallel.deepspeed_config={path}"]
+        ).parallel
         return deepspeed_config(parallel_cfg, cfg.train, cfg.optim, world)
 
-    own = with_file({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    own = with_file(
+        {"train_batch_size": "auto", "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    )
     assert own["zero_optimization"]["offload_param"] == {"device": "cpu"} and own["train_batch_size"] == 16
     with pytest.raises(ConfigError, match="remove 'optimizer'"):
         with_file({"optimizer": {"type": "Adam"}})
@@ -342,11 +436,27 @@ def test_parallel_settings_that_cannot_work_are_refused_by_name(tmp_path, monkey
     from vipo.engine.trainer import Trainer
 
     for overrides, message in (
-        (["parallel.strategy=zero2", "parallel.cpu_offload=true"], "parallel.cpu_offload is for strategy fsdp"),
-        (["parallel.strategy=fsdp", f"parallel.deepspeed_config={tmp_path}/ds.json"], "needs strategy zero2 or zero3"),
-        (["parallel.strategy=zero3", f"parallel.deepspeed_config={tmp_path}/none.json"], "no such file .*none.json"),
-        (["parallel.strategy=fsdp", "parallel.reshard_after_forward=false", "model.lora_rank=4",
-          "reference.mode=adapter"], "reshard_after_forward=false does not work with reference.mode=adapter"),
+        (
+            ["parallel.strategy=zero2", "parallel.cpu_offload=true"],
+            "parallel.cpu_offload is for strategy fsdp",
+        ),
+        (
+            ["parallel.strategy=fsdp", f"parallel.deepspeed_config={tmp_path}/ds.json"],
+            "needs strategy zero2 or zero3",
+        ),
+        (
+            ["parallel.strategy=zero3", f"parallel.deepspeed_config={tmp_path}/none.json"],
+            "no such file .*none.json",
+        ),
+        (
+            [
+                "parallel.strategy=fsdp",
+                "parallel.reshard_after_forward=false",
+                "model.lora_rank=4",
+                "reference.mode=adapter",
+            ],
+            "reshard_after_forward=false does not work with reference.mode=adapter",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             Trainer(load_config(None, [f"train.output_dir={tmp_path}", *overrides]), progress=False)
@@ -356,17 +466,34 @@ def test_parallel_settings_that_cannot_work_are_refused_by_name(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_fsdp_trains_a_lora_with_bf16_offload_and_checkpointing_and_exports_it_merged(recipe, tmp_path, monkeypatch):
+def test_fsdp_trains_a_lora_with_bf16_offload_and_checkpointing_and_exports_it_merged(
+    recipe, tmp_path, monkeypatch
+):
     from diffusers import UNet2DConditionModel
 
     from vipo.engine.trainer import Trainer
 
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(free_port()))):  # fmt: skip
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(free_port())),
+    ):
         monkeypatch.setenv(key, value)
-    cfg = load_config(recipe, [f"train.output_dir={tmp_path / 'run'}", "parallel.strategy=fsdp", "model.lora_rank=4",
-                               "reference.mode=adapter", "train.mixed_precision=bf16", "parallel.cpu_offload=true",
-                               "model.gradient_checkpointing=true", "train.max_steps=2"])  # fmt: skip
+    cfg = load_config(
+        recipe,
+        [
+            f"train.output_dir={tmp_path / 'run'}",
+            "parallel.strategy=fsdp",
+            "model.lora_rank=4",
+            "reference.mode=adapter",
+            "train.mixed_precision=bf16",
+            "parallel.cpu_offload=true",
+            "model.gradient_checkpointing=true",
+            "train.max_steps=2",
+        ],
+    )
     with one_thread(), Trainer(cfg, progress=False) as trainer:
         full = lambda: {k: v.full_tensor().clone() for k, v in trainer.network.state_dict().items()}  # noqa: E731
         before = full()

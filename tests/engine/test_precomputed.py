@@ -33,12 +33,25 @@ SEED = 3
 
 
 def run_config(tmp_path, *overrides):
-    return load_config(None, [
-        "model.config=sd15-tiny", "data.num_pairs=10", "data.resolution=16", "data.caption_dropout=0.5",
-        "train.batch_pairs=2", "train.max_steps=6", "train.log_every_steps=1", f"train.seed={SEED}",
-        "loss.beta=500", "loss.alpha=2", "optim.lr=1e-4", f"train.output_dir={tmp_path / 'run'}",
-        f"data.cache={tmp_path / 'cache'}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.config=sd15-tiny",
+            "data.num_pairs=10",
+            "data.resolution=16",
+            "data.caption_dropout=0.5",
+            "train.batch_pairs=2",
+            "train.max_steps=6",
+            "train.log_every_steps=1",
+            f"train.seed={SEED}",
+            "loss.beta=500",
+            "loss.alpha=2",
+            "optim.lr=1e-4",
+            f"train.output_dir={tmp_path / 'run'}",
+            f"data.cache={tmp_path / 'cache'}",
+            *overrides,
+        ],
+    )
 
 
 def cached_and_scored(tmp_path, epochs=2, *overrides):
@@ -175,11 +188,13 @@ def test_score_reference_resumes_and_refuses_a_table_of_another_run(tmp_path):
 
 def cached_trainer(cfg, mode) -> Trainer:
     """A trainer on the latent cache (data.cache is set) with the given reference mode."""
-    trainer = Trainer(dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, mode=mode)),
-                      progress=False)  # fmt: skip
+    trainer = Trainer(
+        dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, mode=mode)), progress=False
+    )
     assert isinstance(trainer.next_batch(), LatentPairBatch)
-    trainer.batches.load_state_dict(PairSampler(len(trainer.data), trainer.sampler.batch_size,
-                                                cfg.train.seed).state_dict())  # back to the start  # fmt: skip
+    trainer.batches.load_state_dict(
+        PairSampler(len(trainer.data), trainer.sampler.batch_size, cfg.train.seed).state_dict()
+    )  # back to the start
     return trainer
 
 
@@ -245,8 +260,13 @@ def test_sft_from_the_cache_draws_counter_noise(tmp_path):
 
 
 def test_cache_and_score_reference_commands(tmp_path, monkeypatch, capsys):
-    args = ["tiny-sd15-poly", "data.num_pairs=6", f"data.cache={tmp_path / 'cache'}", "train.batch_pairs=2",
-            "train.max_steps=4"]  # fmt: skip
+    args = [
+        "tiny-sd15-poly",
+        "data.num_pairs=6",
+        f"data.cache={tmp_path / 'cache'}",
+        "train.batch_pairs=2",
+        "train.max_steps=4",
+    ]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert main(["cache", *args, "--pairs-per-shard", "2", "-q"]) == 0

@@ -37,8 +37,10 @@ def test_a_recipe_matches_the_paper(name):
     assert cfg.model.path and cfg.data.path  # real weights and data, pointed at local copies
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(PAPER) if n.endswith("-poly") and n.startswith("vipo-")
-                                  and n != "vipo-wan-poly"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [n for n in sorted(PAPER) if n.endswith("-poly") and n.startswith("vipo-") and n != "vipo-wan-poly"],
+)
 def test_vipo_stage_two_starts_from_stage_one(name):
     cfg = load_config(find_recipe(name))
     sft = load_config(find_recipe(name.replace("-poly", "-sft")))

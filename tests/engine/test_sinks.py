@@ -78,6 +78,9 @@ def test_a_sink_that_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
 
 
 def test_report_to_is_checked_in_the_config():
-    assert load_config(None, ["train.report_to=tensorboard,wandb"]).train.report_to == ["tensorboard", "wandb"]
+    assert load_config(None, ["train.report_to=tensorboard,wandb"]).train.report_to == [
+        "tensorboard",
+        "wandb",
+    ]
     with pytest.raises(ConfigError, match="train.report_to"):
         load_config(None, ["train.report_to=mlflow"])

@@ -18,11 +18,18 @@ def tiny_config(tmp_path, *overrides):
     return load_config(
         None,
         [
-            "model.config=sd15-tiny", "data.num_pairs=32", "data.resolution=16",
-            "train.batch_pairs=2", "train.max_steps=2", "train.log_every_steps=1",
-            "loss.beta=500", "optim.lr=1e-4", f"train.output_dir={tmp_path}", *overrides,
+            "model.config=sd15-tiny",
+            "data.num_pairs=32",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.max_steps=2",
+            "train.log_every_steps=1",
+            "loss.beta=500",
+            "optim.lr=1e-4",
+            f"train.output_dir={tmp_path}",
+            *overrides,
         ],
-    )  # fmt: skip
+    )
 
 
 def read_metrics(run_dir):
@@ -73,7 +80,9 @@ def test_winner_and_loser_share_noise_timestep_and_prompt(tmp_path):
 
 
 def test_caption_dropout_is_drawn_per_pair(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "data.caption_dropout=0.5", "train.batch_pairs=16"), progress=False)
+    trainer = Trainer(
+        tiny_config(tmp_path, "data.caption_dropout=0.5", "train.batch_pairs=16"), progress=False
+    )
     batch = trainer.next_batch()
     # One prompt per pair: the conditioning of a pair's winner and loser is the same row.
     assert len(batch.prompts) == batch.pairs == 16 and batch.pixels.shape[0] == 32
@@ -161,7 +170,9 @@ def test_a_model_path_that_is_not_a_diffusers_folder_is_a_clear_error(tmp_path):
 
 
 def test_init_from_starts_policy_and_reference_from_a_checkpoint(tmp_path):
-    sft = Trainer(tiny_config(tmp_path / "sft", "loss.objective=sft", "loss.winners_only=true"), progress=False)
+    sft = Trainer(
+        tiny_config(tmp_path / "sft", "loss.objective=sft", "loss.winners_only=true"), progress=False
+    )
     sft.train()
     trained = snapshot(sft.adapter.network)
     checkpoint = tmp_path / "sft" / "checkpoints" / "step-000002"
@@ -211,7 +222,9 @@ def test_held_out_accuracy_is_one_half_when_policy_is_the_reference_and_tracks_t
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])
-def test_train_compile_compiles_the_policy_and_the_copy_reference_and_trains_like_eager(tmp_path, monkeypatch, mode):
+def test_train_compile_compiles_the_policy_and_the_copy_reference_and_trains_like_eager(
+    tmp_path, monkeypatch, mode
+):
     """The wiring of train.compile (which modules, before sharding, both networks), with torch's
     aot_eager backend: the same graphs as inductor without code generation, so CPU CI can run it."""
     from vipo.engine import models

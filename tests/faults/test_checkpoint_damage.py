@@ -25,8 +25,13 @@ from vipo.engine.trainer import Trainer
 
 from vipo_testing import changed, snapshot
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1",
-       "DS_ACCELERATOR": "cpu"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRITON_INTERPRET": "1",
+    "DS_ACCELERATOR": "cpu",
+}
 RECIPE = """\
 model: {config: sd15-tiny}
 data: {num_pairs: 16, resolution: 16}
@@ -85,16 +90,23 @@ def assert_continues_like_uninterrupted(run: Path, uninterrupted: list[dict], fr
 
 
 def vipo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vipo.engine", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vipo.engine", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # -- latest -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("pointer", ["missing", "dangling", "garbage"])
-def test_a_missing_or_dangling_latest_resumes_from_the_newest_complete_checkpoint(run, uninterrupted, pointer,
-                                                                                   caplog):  # fmt: skip
+def test_a_missing_or_dangling_latest_resumes_from_the_newest_complete_checkpoint(
+    run, uninterrupted, pointer, caplog
+):
     latest = run / "checkpoints" / "latest"
     if pointer == "missing":
         latest.unlink()
@@ -114,7 +126,10 @@ def test_a_missing_or_dangling_latest_resumes_from_the_newest_complete_checkpoin
 
 def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(run):
     before = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
-    with Trainer(config(run), progress=False) as trainer, pytest.raises(RunError, match=r"already holds .*--resume"):
+    with (
+        Trainer(config(run), progress=False) as trainer,
+        pytest.raises(RunError, match=r"already holds .*--resume"),
+    ):
         trainer.train()
     assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == before
 
@@ -157,21 +172,31 @@ def test_every_damaged_file_is_named_and_the_previous_checkpoint_is_used(run, na
 def test_flipped_weights_resume_from_the_previous_checkpoint_with_one_warning(run, uninterrupted):
     """The case found: 256 flipped bytes resumed into a loss of 7.3e6 with exit status 0."""
     damage(run / "checkpoints" / "step-000004" / "model.safetensors", "flipped")
-    proc = vipo("train", str(run.parent / "run.yaml"), f"train.output_dir={run}", "--resume", "-q", cwd=run.parent)
+    proc = vipo(
+        "train", str(run.parent / "run.yaml"), f"train.output_dir={run}", "--resume", "-q", cwd=run.parent
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     warned = [line for line in proc.stderr.splitlines() if "damaged" in line]
-    assert len(warned) == 1 and "model.safetensors" in warned[0] and "SHA-256" in warned[0], proc.stderr[-2000:]
+    assert len(warned) == 1 and "model.safetensors" in warned[0] and "SHA-256" in warned[0], proc.stderr[
+        -2000:
+    ]
     assert_continues_like_uninterrupted(run, uninterrupted, from_step=2)
 
 
 def test_when_no_checkpoint_passes_the_run_stops_in_one_line(run):
     for step in ("step-000002", "step-000004"):
         damage(run / "checkpoints" / step / "optimizer.pt", "zeroed")
-    proc = vipo("train", str(run.parent / "run.yaml"), f"train.output_dir={run}", "--resume", "-q", cwd=run.parent)
+    proc = vipo(
+        "train", str(run.parent / "run.yaml"), f"train.output_dir={run}", "--resume", "-q", cwd=run.parent
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vipo: error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert len(errors) == 1 and "no checkpoint passes its integrity check" in errors[0] and "optimizer.pt" in errors[0]
+    assert (
+        len(errors) == 1
+        and "no checkpoint passes its integrity check" in errors[0]
+        and "optimizer.pt" in errors[0]
+    )
 
 
 def test_export_and_init_from_check_integrity_too(run, tmp_path):
@@ -182,7 +207,9 @@ def test_export_and_init_from_check_integrity_too(run, tmp_path):
     assert (run / "checkpoints" / "step-000004").is_dir()
     # A damaged checkpoint named explicitly: refused, naming the file.
     step = run / "checkpoints" / "step-000004"
-    with pytest.raises(RunError, match=r"model.init_from: checkpoint .*step-000004 is damaged .*model.safetensors"):
+    with pytest.raises(
+        RunError, match=r"model.init_from: checkpoint .*step-000004 is damaged .*model.safetensors"
+    ):
         Trainer(config(tmp_path / "stage2", f"model.init_from={step}"), progress=False)
     proc = vipo("export", str(run), "--step", "4", "--out", str(tmp_path / "exported4"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "model.safetensors" in proc.stderr
@@ -235,7 +262,9 @@ def test_a_resume_drops_the_rows_logged_after_the_last_checkpoint_and_a_torn_lin
 # -- non-finite steps ---------------------------------------------------------------------------
 
 
-def test_a_resume_after_a_non_finite_stop_starts_from_the_last_good_checkpoint(run, monkeypatch, uninterrupted):
+def test_a_resume_after_a_non_finite_stop_starts_from_the_last_good_checkpoint(
+    run, monkeypatch, uninterrupted
+):
     from vipo.engine import trainer as trainer_module
 
     real = trainer_module.forward_loss
@@ -285,7 +314,9 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(run
 
     monkeypatch.setattr(checkpoint_module, "save_file", full)
     with Trainer(config(run), progress=False) as trainer:
-        with pytest.raises(RunError, match=r"step 6 .* failed \(No space left on device\); the previous checkpoint"):
+        with pytest.raises(
+            RunError, match=r"step 6 .* failed \(No space left on device\); the previous checkpoint"
+        ):
             trainer.train(resume=True)
     assert (run / "checkpoints" / "latest").read_text() == "step-000004"
     assert check(run / "checkpoints" / "step-000004") is None

@@ -27,8 +27,13 @@ from vipo.engine.integrity import write_manifest
 from vipo.engine.safe_load import UntrustedCheckpoint, deepspeed_loads
 from vipo.engine.trainer import Trainer
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1",
-       "DS_ACCELERATOR": "cpu"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRITON_INTERPRET": "1",
+    "DS_ACCELERATOR": "cpu",
+}
 
 
 class Payload:
@@ -42,11 +47,21 @@ class Payload:
 
 
 def tiny(out: Path, *overrides):
-    return load_config(None, [
-        "model.config=sd15-tiny", "data.num_pairs=16", "data.resolution=16", "train.batch_pairs=2",
-        "train.max_steps=2", "train.log_every_steps=1", "loss.beta=500", "optim.lr=1e-4",
-        f"train.output_dir={out}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.config=sd15-tiny",
+            "data.num_pairs=16",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.max_steps=2",
+            "train.log_every_steps=1",
+            "loss.beta=500",
+            "optim.lr=1e-4",
+            f"train.output_dir={out}",
+            *overrides,
+        ],
+    )
 
 
 def crafted_checkpoint(run: Path, fmt: str, cfg, extra: dict | None = None) -> Path:
@@ -54,8 +69,16 @@ def crafted_checkpoint(run: Path, fmt: str, cfg, extra: dict | None = None) -> P
     a manifest that matches whatever else the test put in it."""
     folder = run / "checkpoints" / "step-000001"
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": 1, "format": fmt, "world_size": 1, "nonfinite_total": 0, "nonfinite_in_row": 0,
-             "sampler": {}, "manifest": "manifest.json", **(extra or {})}  # fmt: skip
+    state = {
+        "step": 1,
+        "format": fmt,
+        "world_size": 1,
+        "nonfinite_total": 0,
+        "nonfinite_in_row": 0,
+        "sampler": {},
+        "manifest": "manifest.json",
+        **(extra or {}),
+    }
     (folder / "state.json").write_text(json.dumps(state))
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     save_file({"noise_generator": torch.Generator().get_state()}, folder / "rng.safetensors")
@@ -84,8 +107,14 @@ def deepspeed_payload(run: Path, cfg, marker: Path) -> Path:
 
 
 def vipo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vipo.engine", *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vipo.engine", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_refused(proc: subprocess.CompletedProcess, marker: Path, *names: str) -> None:
@@ -93,7 +122,9 @@ def assert_refused(proc: subprocess.CompletedProcess, marker: Path, *names: str)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("vipo: error:")]
-    assert len(error) == 1 and "refused" in error[0] and all(n in error[0] for n in names), proc.stderr[-3000:]
+    assert len(error) == 1 and "refused" in error[0] and all(n in error[0] for n in names), proc.stderr[
+        -3000:
+    ]
 
 
 @pytest.mark.parametrize("vector", ["resume", "export", "init_from"])
@@ -145,8 +176,12 @@ def test_deepspeeds_own_checkpoint_engine_loads_weights_only_inside_the_guard(tm
     crafted = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Payload(marker)}, crafted)
     genuine = tmp_path / "genuine.pt"
-    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
-             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "partition": torch.ones(4)}  # fmt: skip
+    state = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.gradients,
+        "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}],
+        "partition": torch.ones(4),
+    }
     torch.save({"optimizer_state_dict": state}, genuine)
     engine = TorchCheckpointEngine()
     with deepspeed_loads():
@@ -175,11 +210,24 @@ def test_a_crafted_dcp_optimizer_entry_never_runs(tmp_path):
         group["lr"] = Payload(marker)  # pickled by torch.save into a .distcp file
         folder = crafted_checkpoint(run, "dcp", cfg)
         dcp.save(state, checkpoint_id=folder / "dcp", no_dist=True)
-        (folder / "state.json").write_text(json.dumps({
-            "step": 1, "format": "dcp", "world_size": 1, "nonfinite_total": 0, "nonfinite_in_row": 0,
-            "sampler": trainer.batches.state_dict(), "manifest": "manifest.json"}))  # fmt: skip
+        (folder / "state.json").write_text(
+            json.dumps(
+                {
+                    "step": 1,
+                    "format": "dcp",
+                    "world_size": 1,
+                    "nonfinite_total": 0,
+                    "nonfinite_in_row": 0,
+                    "sampler": trainer.batches.state_dict(),
+                    "manifest": "manifest.json",
+                }
+            )
+        )
         write_manifest(folder)
-    with Trainer(cfg, progress=False) as trainer, pytest.raises(UntrustedCheckpoint, match=r"param_groups.*refused: it asks to load"):
+    with (
+        Trainer(cfg, progress=False) as trainer,
+        pytest.raises(UntrustedCheckpoint, match=r"param_groups.*refused: it asks to load"),
+    ):
         trainer.train(resume=True)
     assert not marker.exists()
 
@@ -208,4 +256,6 @@ def test_a_yaml_tag_in_a_checkpoint_config_is_refused(tmp_path):
     write_manifest(folder)
     proc = vipo("export", str(run), "--out", str(tmp_path / "exported"), cwd=tmp_path)
     assert not marker.exists()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "config.yaml" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "config.yaml" in proc.stderr, (
+        proc.stderr
+    )

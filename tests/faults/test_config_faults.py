@@ -417,8 +417,16 @@ def test_a_model_config_of_the_family_and_a_folder_for_pickapic_are_fine(files, 
 
 
 def test_a_batch_larger_than_the_manifest_names_train_batch_pairs(files, capsys):
-    argv = ["train", "-q", "demo", *TINY_RUN, "train.batch_pairs=8", "data.source=manifest",
-            f"data.path={files / 'pairs.jsonl'}", f"train.output_dir={files / 'run'}"]  # fmt: skip
+    argv = [
+        "train",
+        "-q",
+        "demo",
+        *TINY_RUN,
+        "train.batch_pairs=8",
+        "data.source=manifest",
+        f"data.path={files / 'pairs.jsonl'}",
+        f"train.output_dir={files / 'run'}",
+    ]
     # Found once the manifest is read: a run error (exit 1), naming the key, the count and the fix.
     assert_one_line(
         *vipo(argv, capsys), 1, ["train.batch_pairs=8", "2 pairs", "at most 2", "lower train.batch_pairs"]
@@ -426,8 +434,15 @@ def test_a_batch_larger_than_the_manifest_names_train_batch_pairs(files, capsys)
 
 
 def test_the_demo_with_more_batch_than_pairs_names_the_fix(files, capsys):
-    argv = ["train", "-q", "demo", "data.num_pairs=4", "train.batch_pairs=8", "train.max_steps=1",
-            f"train.output_dir={files / 'demo-run'}"]  # fmt: skip
+    argv = [
+        "train",
+        "-q",
+        "demo",
+        "data.num_pairs=4",
+        "train.batch_pairs=8",
+        "train.max_steps=1",
+        f"train.output_dir={files / 'demo-run'}",
+    ]
     assert_one_line(*vipo(argv, capsys), 2, ["train.batch_pairs", "8", "4 pairs", "data.num_pairs"])
 
 
@@ -440,10 +455,16 @@ def test_train_refuses_an_output_dir_that_is_a_file(files, capsys):
 
 
 def run_vipo(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1",
-           "DS_ACCELERATOR": "cpu"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "vipo.engine", *args], capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TRITON_INTERPRET": "1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "vipo.engine", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.mark.parametrize(
@@ -463,8 +484,16 @@ def test_the_installed_command_prints_one_line(files, args, code, names):
 
 
 def test_the_installed_command_ends_a_run_error_in_one_line_after_its_logs(files, tmp_path):
-    result = run_vipo("train", "-q", "demo", *TINY_RUN, "train.batch_pairs=8", "data.source=manifest",
-                      f"data.path={files / 'pairs.jsonl'}", f"train.output_dir={tmp_path / 'run'}")  # fmt: skip
+    result = run_vipo(
+        "train",
+        "-q",
+        "demo",
+        *TINY_RUN,
+        "train.batch_pairs=8",
+        "data.source=manifest",
+        f"data.path={files / 'pairs.jsonl'}",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
     lines = result.stderr.strip().splitlines()
     # What came before the error is the run's INFO log (stderr by design), never a traceback.
     assert all(" INFO " in line for line in lines[:-1]), lines

@@ -34,8 +34,13 @@ from vipo.loaders.video import ClipInfo, ClipPlan, FrameSampling, decode_pyav, p
 from vipo.loaders.video_manifest import VideoPairManifest
 
 VIPO = Path(sys.executable).with_name("vipo")
-CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1",
-           "DS_ACCELERATOR": "cpu"}  # fmt: skip
+CLI_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRITON_INTERPRET": "1",
+    "DS_ACCELERATOR": "cpu",
+}
 DEADLINE_S = 20  # a blocked open() of a FIFO never returns: fail after this instead of hanging
 
 
@@ -86,8 +91,9 @@ def finishes(call, seconds=DEADLINE_S):
 
 def vipo(*args, timeout=120):
     """`vipo ARGS` in a subprocess: (exit status, stdout, stderr)."""
-    done = subprocess.run([str(VIPO), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=CLI_ENV)  # fmt: skip
+    done = subprocess.run(
+        [str(VIPO), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=CLI_ENV
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -248,8 +254,10 @@ def test_a_clip_path_that_leaves_the_manifest_folder_is_refused_and_allowed_with
 
 def test_paths_that_stay_inside_are_accepted_symlinked_or_absolute(outside):
     folder = outside / "set"
-    path = write_lines(folder / "pairs.jsonl", [pair("inside.png", "img/../img/in.png"),
-                                                pair(str(folder / "img" / "in.png"), "img/in.png")])  # fmt: skip
+    path = write_lines(
+        folder / "pairs.jsonl",
+        [pair("inside.png", "img/../img/in.png"), pair(str(folder / "img" / "in.png"), "img/in.png")],
+    )
     data = ManifestPairs(path, PairTransform(16))
     assert len(data) == 2 and data[0].winner.shape == (16, 16, 3)
 
@@ -312,9 +320,14 @@ def test_training_batches_step_over_a_fifo_and_count_it(tmp_path):
 def test_a_fifo_clip_is_skipped_by_the_probe_the_pyav_decoder_and_the_dali_reader(tmp_path):
     os.mkfifo(tmp_path / "x.webm")
     fifo = str(tmp_path / "x.webm")
-    for call in (lambda: probe(fifo), lambda: dali._read_bytes(fifo),
-                 lambda: decode_pyav(ClipInfo(fifo, "vp9", 32, 24, np.arange(8) / 10, None, 0.1),
-                                     ClipPlan((0, 1), (24, 32), 0, 0, (24, 32)))):  # fmt: skip
+    for call in (
+        lambda: probe(fifo),
+        lambda: dali._read_bytes(fifo),
+        lambda: decode_pyav(
+            ClipInfo(fifo, "vp9", 32, 24, np.arange(8) / 10, None, 0.1),
+            ClipPlan((0, 1), (24, 32), 0, 0, (24, 32)),
+        ),
+    ):
         with pytest.raises(BadSample, match="named pipe") as caught:
             finishes(call)
         assert caught.value.kind == "skipped_not_a_file"
@@ -357,11 +370,19 @@ def jpeg(value):
 def write_pickapic(path, captions):
     """Pick-a-Pic rows, the first preferring image 0, the next image 1, ..., with these captions."""
     count = len(captions)
-    table = pa.table({"caption": captions, "jpg_0": [jpeg(200)] * count, "jpg_1": [jpeg(40)] * count,
-                      "label_0": [float(i % 2 == 0) for i in range(count)],
-                      "label_1": [float(i % 2 == 1) for i in range(count)],
-                      "image_0_uid": [f"a{i}" for i in range(count)], "image_1_uid": [f"b{i}" for i in range(count)],
-                      "has_label": [True] * count, "are_different": [True] * count})  # fmt: skip
+    table = pa.table(
+        {
+            "caption": captions,
+            "jpg_0": [jpeg(200)] * count,
+            "jpg_1": [jpeg(40)] * count,
+            "label_0": [float(i % 2 == 0) for i in range(count)],
+            "label_1": [float(i % 2 == 1) for i in range(count)],
+            "image_0_uid": [f"a{i}" for i in range(count)],
+            "image_1_uid": [f"b{i}" for i in range(count)],
+            "has_label": [True] * count,
+            "are_different": [True] * count,
+        }
+    )
     pq.write_table(table, path)
     return path
 
@@ -432,8 +453,9 @@ def test_a_data_set_of_only_bad_files_stops_with_a_run_error_naming_the_first(tm
     with pytest.raises(
         RunError, match=r"all 3 pairs tried are bad files \(skipped_missing=3\).*first: .*w\d\.png"
     ):
-        stream = BatchStream(build_source(cfg.data, cfg.model, seed=0), 2, seed=0,
-                             prefetch_batches=cfg.data.prefetch_batches)  # fmt: skip
+        stream = BatchStream(
+            build_source(cfg.data, cfg.model, seed=0), 2, seed=0, prefetch_batches=cfg.data.prefetch_batches
+        )
         stream.next_records()
 
 
@@ -511,15 +533,21 @@ def test_weights_up_to_float32_max_are_kept_as_written(tmp_path):
 # 7. The sweep: more malformed manifests, files and clips
 
 
-@pytest.mark.parametrize("text, complaint", [
-    ("", "no pairs (the manifest has no non-blank lines)"),
-    ("\n  \n", "no pairs (the manifest has no non-blank lines)"),
-    ("[1, 2]\n", "pairs.jsonl:1: expected a JSON object, got list"),
-    ("3\n", "pairs.jsonl:1: expected a JSON object, got int"),
-    ("null\n", "pairs.jsonl:1: expected a JSON object, got NoneType"),
-    ("[" * 100_000 + "]" * 100_000 + "\n", "pairs.jsonl:1: not valid JSON (nested too deeply)"),
-    ('{"prompt": "p", "winner": "w\\u0000.png", "loser": "l.png"}\n', "pairs.jsonl:1: winner path 'w\\x00.png' holds a NUL"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ("", "no pairs (the manifest has no non-blank lines)"),
+        ("\n  \n", "no pairs (the manifest has no non-blank lines)"),
+        ("[1, 2]\n", "pairs.jsonl:1: expected a JSON object, got list"),
+        ("3\n", "pairs.jsonl:1: expected a JSON object, got int"),
+        ("null\n", "pairs.jsonl:1: expected a JSON object, got NoneType"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", "pairs.jsonl:1: not valid JSON (nested too deeply)"),
+        (
+            '{"prompt": "p", "winner": "w\\u0000.png", "loser": "l.png"}\n',
+            "pairs.jsonl:1: winner path 'w\\x00.png' holds a NUL",
+        ),
+    ],
+)
 def test_a_malformed_manifest_is_one_source_error_naming_it(tmp_path, text, complaint):
     (tmp_path / "pairs.jsonl").write_text(text)
     with pytest.raises(SourceError) as caught:
@@ -543,12 +571,15 @@ def truncated_jpeg():
     return buffer.getvalue()[: len(buffer.getvalue()) // 2]  # header intact, pixels cut off
 
 
-@pytest.mark.parametrize("make, kind, reason", [
-    (lambda p: p.write_bytes(b""), "skipped_corrupt", "cannot identify image file"),
-    (lambda p: p.write_bytes(truncated_jpeg()), "skipped_corrupt", "image file is truncated"),
-    (lambda p: p.mkdir(), "skipped_not_a_file", "is a folder, not a regular image file"),
-    (lambda p: os.symlink(p.name, p), "skipped_corrupt", "Too many levels of symbolic links"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, kind, reason",
+    [
+        (lambda p: p.write_bytes(b""), "skipped_corrupt", "cannot identify image file"),
+        (lambda p: p.write_bytes(truncated_jpeg()), "skipped_corrupt", "image file is truncated"),
+        (lambda p: p.mkdir(), "skipped_not_a_file", "is a folder, not a regular image file"),
+        (lambda p: os.symlink(p.name, p), "skipped_corrupt", "Too many levels of symbolic links"),
+    ],
+)
 def test_a_bad_image_file_is_a_counted_skip_of_its_kind(tmp_path, make, kind, reason):
     make(tmp_path / "bad.jpg")
     path = write_lines(tmp_path / "pairs.jsonl", [*good_pairs(tmp_path, 1), pair("w0.png", "bad.jpg")])
@@ -559,11 +590,14 @@ def test_a_bad_image_file_is_a_counted_skip_of_its_kind(tmp_path, make, kind, re
     assert data[0].winner.shape == (16, 16, 3)
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "cannot read the container"),
-    (lambda p: write_clip(p, frames=0), "cannot read the container|no frames"),
-    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(3000)), "cannot read the container"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "cannot read the container"),
+        (lambda p: write_clip(p, frames=0), "cannot read the container|no frames"),
+        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(3000)), "cannot read the container"),
+    ],
+)
 def test_an_empty_frameless_or_garbage_clip_is_a_counted_corrupt_skip(tmp_path, make, reason):
     write_clip(tmp_path / "a.webm")
     make(tmp_path / "bad.webm")

@@ -32,10 +32,20 @@ train: {batch_pairs: 2, max_steps: 200, log_every_steps: 1}
 
 
 def env() -> dict:
-    keep = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "PYTEST_CURRENT_TEST")}  # fmt: skip
-    return {**keep, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRITON_INTERPRET": "1",
-            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST")
+    }
+    return {
+        **keep,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TRITON_INTERPRET": "1",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def rows(run: Path) -> list[dict]:
@@ -47,14 +57,17 @@ def rows(run: Path) -> list[dict]:
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     log = open(cwd / "log.txt", "w")
-    return subprocess.Popen(args, cwd=cwd, env=env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        args, cwd=cwd, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_for_rows(proc: subprocess.Popen, run: Path, count: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while len(rows(run)) < count:
-        assert proc.poll() is None, f"the run ended early ({proc.returncode}): {(run.parent / 'log.txt').read_text()[-3000:]}"
+        assert proc.poll() is None, (
+            f"the run ended early ({proc.returncode}): {(run.parent / 'log.txt').read_text()[-3000:]}"
+        )
         assert time.monotonic() < deadline, "no metrics in time"
         time.sleep(0.05)
 
@@ -65,7 +78,9 @@ def uninterrupted(tmp_path: Path, steps: int, *overrides) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = load_config(tmp_path / "recipe.yaml", [f"train.output_dir={run}", f"train.max_steps={steps}", *overrides])
+        cfg = load_config(
+            tmp_path / "recipe.yaml", [f"train.output_dir={run}", f"train.max_steps={steps}", *overrides]
+        )
         with Trainer(cfg, progress=False) as trainer:
             trainer.train()
     finally:
@@ -78,7 +93,10 @@ def assert_same_losses(got: list[dict], expected: list[dict]) -> None:
     assert sorted(by_step) == [r["step"] for r in expected], "one row per step, none twice"
     for ref in expected:
         for key in ("loss", "grad_norm"):
-            assert by_step[ref["step"]][key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (ref["step"], key)
+            assert by_step[ref["step"]][key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (
+                ref["step"],
+                key,
+            )
 
 
 @pytest.fixture
@@ -104,8 +122,14 @@ def test_a_stop_signal_saves_at_the_step_boundary_and_the_resume_continues_exact
     step = int(stopped[0].split(" at step ")[1].split()[0])
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
     assert latest.name == f"step-{step:06d}" and check(latest) is None
-    resumed = subprocess.run([*train[:5], f"train.output_dir={run}", f"train.max_steps={step + 2}", "-q", "--resume"],
-                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*train[:5], f"train.output_dir={run}", f"train.max_steps={step + 2}", "-q", "--resume"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_losses(rows(run), uninterrupted(tmp_path, step + 2))
 
@@ -118,8 +142,10 @@ def test_without_periodic_checkpoints_the_start_warns_and_timed_checkpoints_save
     assert "a crash loses the run's progress" in caplog.text
     caplog.clear()
     # Every 30 ms: each of the 3 steps of this run is due.
-    cfg = load_config(recipe, [f"train.output_dir={tmp_path / 'b'}", "train.max_steps=3",
-                               "train.checkpoint_every_minutes=0.0005"])  # fmt: skip
+    cfg = load_config(
+        recipe,
+        [f"train.output_dir={tmp_path / 'b'}", "train.max_steps=3", "train.checkpoint_every_minutes=0.0005"],
+    )
     with caplog.at_level(logging.WARNING), Trainer(cfg, progress=False) as trainer:
         trainer.train()
     assert "a crash loses" not in caplog.text
@@ -131,18 +157,34 @@ def torchrun(*args: str) -> list[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-            f"--master_port={port}", *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        *args,
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exactly(recipe, tmp_path, strategy):
+def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exactly(
+    recipe, tmp_path, strategy
+):
     if strategy == "zero2":
         pytest.importorskip("deepspeed")
     run = tmp_path / "run"
-    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", f"parallel.strategy={strategy}",
-              "train.batch_pairs=4"]  # fmt: skip
+    common = [
+        "-m",
+        "vipo.engine",
+        "train",
+        str(recipe),
+        f"train.output_dir={run}",
+        f"parallel.strategy={strategy}",
+        "train.batch_pairs=4",
+    ]
     proc = start(torchrun(*common, "-q"), tmp_path)
     wait_for_rows(proc, run, 2)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
@@ -154,8 +196,14 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exact
     step = int(stopped[0].split(" at step ")[1].split()[0])
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
     assert latest.name == f"step-{step:06d}" and check(latest) is None
-    resumed = subprocess.run(torchrun(*common, f"train.max_steps={step + 2}", "-q", "--resume"), cwd=tmp_path,
-                             env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        torchrun(*common, f"train.max_steps={step + 2}", "-q", "--resume"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_losses(rows(run), uninterrupted(tmp_path, step + 2, "train.batch_pairs=4"))
 
@@ -163,11 +211,21 @@ def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exact
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_ends_the_run_and_the_last_checkpoint_resumes_exactly(recipe, tmp_path):
     run = tmp_path / "run"
-    common = ["-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}", "parallel.strategy=fsdp",
-              "train.batch_pairs=4", "train.checkpoint_every_steps=2"]  # fmt: skip
+    common = [
+        "-m",
+        "vipo.engine",
+        "train",
+        str(recipe),
+        f"train.output_dir={run}",
+        "parallel.strategy=fsdp",
+        "train.batch_pairs=4",
+        "train.checkpoint_every_steps=2",
+    ]
     proc = start(torchrun(*common, "-q"), tmp_path)
     wait_for_rows(proc, run, 5)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "vipo.engine"], capture_output=True, text=True)
+    workers = subprocess.run(
+        ["pgrep", "-f", "-P", str(proc.pid), "vipo.engine"], capture_output=True, text=True
+    )
     pids = [int(p) for p in workers.stdout.split()]
     assert len(pids) == 2, workers.stdout
     os.kill(pids[-1], signal.SIGKILL)
@@ -177,8 +235,14 @@ def test_a_rank_killed_mid_run_ends_the_run_and_the_last_checkpoint_resumes_exac
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text()
     assert check(latest) is None  # whole, whatever the kill interrupted
     step = int(latest.name.split("-")[1])
-    resumed = subprocess.run(torchrun(*common, f"train.max_steps={step + 2}", "-q", "--resume"), cwd=tmp_path,
-                             env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        torchrun(*common, f"train.max_steps={step + 2}", "-q", "--resume"),
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list((run / "checkpoints").glob(".step-*"))  # a save the kill interrupted is cleared
     expected = uninterrupted(tmp_path, step + 2, "train.batch_pairs=4")
@@ -202,25 +266,43 @@ def test_a_cache_build_with_a_rank_killed_completes_on_rerun_with_the_same_shard
         return found
 
     cache = tmp_path / "cache"
-    command = ["-m", "vipo.engine", "cache", str(recipe), f"data.cache={cache}", "data.num_pairs=48",
-               "--pairs-per-shard", "2", "-q"]  # fmt: skip
+    command = [
+        "-m",
+        "vipo.engine",
+        "cache",
+        str(recipe),
+        f"data.cache={cache}",
+        "data.num_pairs=48",
+        "--pairs-per-shard",
+        "2",
+        "-q",
+    ]
     proc = start(torchrun(*command), tmp_path)
     deadline = time.monotonic() + 240
     while len(list(cache.glob("shard-*.safetensors"))) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "vipo.engine"], capture_output=True, text=True)
+    workers = subprocess.run(
+        ["pgrep", "-f", "-P", str(proc.pid), "vipo.engine"], capture_output=True, text=True
+    )
     os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)
     proc.wait(timeout=180)
     finished = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*.safetensors")}
     assert 3 <= len(finished) < 24
-    rerun = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0 and "is complete" in rerun.stdout, rerun.stderr[-3000:]
     assert {name: (cache / name).stat().st_mtime_ns for name in finished} == finished  # kept, not rewritten
     clean = tmp_path / "clean"
-    once = subprocess.run([sys.executable, *command[:4], f"data.cache={clean}", *command[5:]], cwd=tmp_path,
-                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    once = subprocess.run(
+        [sys.executable, *command[:4], f"data.cache={clean}", *command[5:]],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert once.returncode == 0, once.stderr[-3000:]
     got, expected = contents(cache), contents(clean)
     assert got.keys() == expected.keys() and len(got) == 24

@@ -32,7 +32,9 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 
 def _run_python(script, code: str, timeout: int) -> subprocess.CompletedProcess:
     script.write_text(code)  # Triton reads a kernel's source from its file
-    return subprocess.run([sys.executable, str(script)], env=COMPILER_ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(script)], env=COMPILER_ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,17 @@ def compiled(request, tmp_path_factory):
     """Every variant for every target this Triton has, compiled once for the module."""
     out = tmp_path_factory.mktemp("aot") / "variants.json"
     jobs = max(1, os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "vipo.kernels.aot", "--arch", "auto", "--jobs", str(jobs), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vipo.kernels.aot",
+        "--arch",
+        "auto",
+        "--jobs",
+        str(jobs),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=COMPILER_ENV, capture_output=True, text=True, timeout=1200)
     assert out.is_file(), f"the compile sweep wrote no results:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     data = json.loads(out.read_text())
@@ -63,8 +75,9 @@ def test_every_kernel_variant_compiles_for_each_gpu_target(compiled):
     archs = {v.arch for v in results}
     assert {80, 90} <= archs, f"targets compiled: {sorted(archs)}"
     failed = [f"{_where(v)}: {v.error}" for v in results if not v.ok]
-    assert not failed, f"{len(failed)} of {len(results)} variants do not compile with Triton {version}:\n" + "\n".join(
-        failed[:20]
+    assert not failed, (
+        f"{len(failed)} of {len(results)} variants do not compile with Triton {version}:\n"
+        + "\n".join(failed[:20])
     )
     unread = [_where(v) for v in results if v.registers < 0]
     assert not unread, "cuobjdump gave no resource usage for:\n" + "\n".join(unread[:20])
@@ -116,10 +129,21 @@ def test_the_sweep_reaches_every_choice_the_launchers_make_on_a_gpu(compiled):
                     for kernel in aot.STREAMING_KERNELS:
                         assert (kernel, pointer, block, warps) in streaming, (arch, dtype, n_elems, n_rows)
         # Every constexpr flag combination of each kernel.
-        partial = {(v.signature["pred_ptr"], v.constexprs["HAS_REF"], v.constexprs["WEIGHT_MODE"], v.signature["weight_ptr"])
-                   for v in got if v.kernel == "_errors_partial_kernel"}  # fmt: skip
-        grad = {(v.signature["pred_ptr"], v.constexprs["WEIGHT_MODE"], v.signature["weight_ptr"])
-                for v in got if v.kernel == "_poly_dpo_grad_kernel"}  # fmt: skip
+        partial = {
+            (
+                v.signature["pred_ptr"],
+                v.constexprs["HAS_REF"],
+                v.constexprs["WEIGHT_MODE"],
+                v.signature["weight_ptr"],
+            )
+            for v in got
+            if v.kernel == "_errors_partial_kernel"
+        }
+        grad = {
+            (v.signature["pred_ptr"], v.constexprs["WEIGHT_MODE"], v.signature["weight_ptr"])
+            for v in got
+            if v.kernel == "_poly_dpo_grad_kernel"
+        }
         weight_ptrs = {POINTER[d] for d in triton_ops.WEIGHT_DTYPES}
         for pointer in ("*fp32", "*bf16", "*fp16"):
             for mode in (1, 2):
@@ -128,8 +152,16 @@ def test_the_sweep_reaches_every_choice_the_launchers_make_on_a_gpu(compiled):
                     for has_ref in (False, True):
                         assert (pointer, has_ref, mode, wp) in partial
             assert (pointer, 0) in {(p, m) for p, m, _ in grad}
-        head = {(v.constexprs["HAS_REF_PRED"], v.constexprs["HAS_PAIR_WEIGHT"], v.constexprs["BLOCK_P"],
-                 v.constexprs["BLOCK_C"]) for v in got if v.kernel == "_poly_dpo_head_kernel"}  # fmt: skip
+        head = {
+            (
+                v.constexprs["HAS_REF_PRED"],
+                v.constexprs["HAS_PAIR_WEIGHT"],
+                v.constexprs["BLOCK_P"],
+                v.constexprs["BLOCK_C"],
+            )
+            for v in got
+            if v.kernel == "_poly_dpo_head_kernel"
+        }
         tile = triton_ops.head_config(7, 3, interpret=False)
         assert head == {(r, w, *tile) for r in (False, True) for w in (False, True)}
         # Rows past 2^31 elements (int64 sizes and offsets) compiled for both streaming kernels.
@@ -150,7 +182,9 @@ def test_in_row_offsets_go_int64_exactly_when_int32_could_overflow():
     assert not need(192, 2048, 1, torch.empty(4, 1, 64, device="meta").expand(4, 3, 64))
 
 
-@pytest.mark.skipif(not use_fused(torch.empty(2)), reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+@pytest.mark.skipif(
+    not use_fused(torch.empty(2)), reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py)"
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int64_offset_path_computes_what_the_int32_path_does(monkeypatch, seed, dtype):
     pred = torch.randn(6, 3, 5, 7).to(dtype).requires_grad_(True)
@@ -182,7 +216,12 @@ def test_no_jit_function_returns_from_inside_a_branch_or_loop():
     """The bug class the interpreter hid: the compiler does not stop at a `return` inside a
     constexpr `if`. Every @triton.jit function has at most one return, as its last statement."""
     found = dict(_jit_functions())
-    assert {"_errors_partial_kernel", "_poly_dpo_head_kernel", "_poly_dpo_grad_kernel", "_load_weight"} <= set(found)
+    assert {
+        "_errors_partial_kernel",
+        "_poly_dpo_head_kernel",
+        "_poly_dpo_grad_kernel",
+        "_load_weight",
+    } <= set(found)
     for name, fn in found.items():
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         body = tree.body[0].body

@@ -113,7 +113,9 @@ def check_against_float64(policy, target, ref, beta, alpha, elem_weight=None, pa
     # Values the eager formula has no counterpart for: errors, probabilities, metrics.
     assert_close(fused.policy_err, oracle.policy_err, atol=1e-6, rtol=1e-5, name="policy_err")
     assert_close(fused.ref_err, oracle.ref_err, atol=1e-6, rtol=1e-5, name="ref_err")
-    assert_close(fused.prob, oracle.prob, atol=2 * error_vs(eager_z, oracle.logits) + floor * scale_z, name="prob")
+    assert_close(
+        fused.prob, oracle.prob, atol=2 * error_vs(eager_z, oracle.logits) + floor * scale_z, name="prob"
+    )
     assert fused_grad.dtype == dtype and fused.loss.dtype == torch.float32
     return fused, oracle
 
@@ -192,7 +194,9 @@ def test_saturated_pairs_keep_their_loss_and_probability():
     ref_err = torch.tensor([0.0, 0.0, 0.06, -0.06])  # z = -0.5 * 1000 * (0 - (rw - rl))
     policy, target = torch.zeros(4, 1), torch.zeros(4, 1)
     fused = poly_dpo_loss(policy, target, ref_err=ref_err, beta=1000.0, alpha=-1.0)
-    oracle = reference.poly_dpo_loss(policy.double(), target.double(), ref_err=ref_err.double(), beta=1000.0, alpha=-1.0)
+    oracle = reference.poly_dpo_loss(
+        policy.double(), target.double(), ref_err=ref_err.double(), beta=1000.0, alpha=-1.0
+    )
     assert_close(fused.logits, oracle.logits, atol=1e-4, name="logits")
     assert_close(fused.prob, oracle.prob, atol=0, rtol=1e-6, name="prob")
     assert_close(fused.loss, oracle.loss, atol=0, rtol=1e-6, name="loss")
@@ -322,13 +326,15 @@ def test_custom_ops_pass_torch_library_opcheck(seed):
     policy.requires_grad_(True)
     weight = torch.rand(4, 1, 4, 4)
     torch.library.opcheck(
-        triton_ops.poly_dpo_fwd, (policy, target, ref, None, weight, None, 100.0, 2.0),
+        triton_ops.poly_dpo_fwd,
+        (policy, target, ref, None, weight, None, 100.0, 2.0),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )  # fmt: skip
+    )
     torch.library.opcheck(
-        triton_ops.sample_errors_op, (policy, target, None),
+        triton_ops.sample_errors_op,
+        (policy, target, None),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.slow
@@ -367,7 +373,11 @@ def test_cuda_kernels_match_float64(seed, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "pred_shape, weight_shape",
-    [((6, 4, 64, 64), (6, 1, 64, 64)), ((4, 16, 5, 18, 32), (4, 1, 5, 1, 1)), ((6, 4, 61, 61), (6, 4, 61, 61))],
+    [
+        ((6, 4, 64, 64), (6, 1, 64, 64)),
+        ((4, 16, 5, 18, 32), (4, 1, 5, 1, 1)),
+        ((6, 4, 61, 61), (6, 4, 61, 61)),
+    ],
 )
 def test_cuda_broadcast_and_full_weights_match_float64(seed, pred_shape, weight_shape):
     policy, ref, target = make_batch(pred_shape[0] // 2, pred_shape[1:], torch.bfloat16, device="cuda")
@@ -384,7 +394,9 @@ def test_cuda_results_are_bit_identical_run_to_run(seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("row_elems", [2**29 + 5, 2**31 + 64], ids=["rows-past-2^31-in-all", "one-row-past-2^31"])
+@pytest.mark.parametrize(
+    "row_elems", [2**29 + 5, 2**31 + 64], ids=["rows-past-2^31-in-all", "one-row-past-2^31"]
+)
 def test_cuda_kernels_address_tensors_past_2_31_elements(seed, row_elems):
     """Row starts past 2^31 (int64) and, for a row longer than 2^31, int64 offsets inside it
     (OFFS_64). The float64 truth is summed chunk by chunk to stay within memory."""

@@ -7,7 +7,9 @@ import torch
 from vipo.kernels import poly_dpo_loss, reference, sample_errors
 from vipo.kernels.poly_dpo import use_fused
 
-pytestmark = pytest.mark.skipif(not use_fused(torch.empty(2)), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)")
+pytestmark = pytest.mark.skipif(
+    not use_fused(torch.empty(2)), reason="needs TRITON_INTERPRET=1 (tests/conftest.py)"
+)
 
 
 def inputs():
@@ -32,7 +34,9 @@ BAD = {
     "infinite beta": lambda p, t, r: dict(ref_pred=r, beta=float("inf")),
     "tensor beta": lambda p, t, r: dict(ref_pred=r, beta=torch.tensor(1.0)),
     "nan alpha": lambda p, t, r: dict(ref_pred=r, alpha=float("nan")),
-    "odd rows": lambda p, t, r: dict(policy_pred=torch.randn(3, 5), target=torch.randn(3, 5), ref_pred=torch.randn(3, 5)),
+    "odd rows": lambda p, t, r: dict(
+        policy_pred=torch.randn(3, 5), target=torch.randn(3, 5), ref_pred=torch.randn(3, 5)
+    ),
 }
 
 
@@ -51,14 +55,23 @@ def test_both_paths_refuse_a_bad_input_alike_and_name_the_argument(case):
     eager, fused = outcome(reference.poly_dpo_loss, **kwargs), outcome(poly_dpo_loss, **kwargs)
     assert eager[0] != "ok", f"{case}: accepted"
     assert eager == fused
-    named = case.split(" ")[-1] if case.split(" ")[-1] in ("ref_pred", "target", "ref_err", "pair_weight",
-                                                             "elem_weight", "beta", "alpha") else None  # fmt: skip
+    named = (
+        case.split(" ")[-1]
+        if case.split(" ")[-1]
+        in ("ref_pred", "target", "ref_err", "pair_weight", "elem_weight", "beta", "alpha")
+        else None
+    )
     if named:
         assert named in eager[1], eager
 
 
 def test_sample_errors_refuses_alike_on_both_paths():
-    for pred, target in ((torch.ones(4, 5, dtype=torch.int64), torch.randn(4, 5)),
-                         (torch.randn(4, 5), torch.ones(4, 5, dtype=torch.int32)), (torch.randn(3, 5), torch.randn(3, 5))):  # fmt: skip
-        assert outcome(reference.sample_errors, pred=pred, target=target) == outcome(sample_errors, pred=pred, target=target)
+    for pred, target in (
+        (torch.ones(4, 5, dtype=torch.int64), torch.randn(4, 5)),
+        (torch.randn(4, 5), torch.ones(4, 5, dtype=torch.int32)),
+        (torch.randn(3, 5), torch.randn(3, 5)),
+    ):
+        assert outcome(reference.sample_errors, pred=pred, target=target) == outcome(
+            sample_errors, pred=pred, target=target
+        )
         assert outcome(sample_errors, pred=pred, target=target)[0] != "ok"

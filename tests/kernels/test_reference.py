@@ -14,7 +14,9 @@ from vipo_testing import assert_close
 def official_diffusion_dpo_loss(model_pred, ref_pred, target, beta):
     """The loss lines of the official Diffusion-DPO train.py, in float64."""
     # [2B] predictions (N = 1) become [2B, 1] so that `dims` is never empty.
-    model_pred, ref_pred, target = (x.double().reshape(x.shape[0], -1) for x in (model_pred, ref_pred, target))
+    model_pred, ref_pred, target = (
+        x.double().reshape(x.shape[0], -1) for x in (model_pred, ref_pred, target)
+    )
     dims = list(range(1, model_pred.dim()))
     model_losses = (model_pred - target).pow(2).mean(dim=dims)
     model_losses_w, model_losses_l = model_losses.chunk(2)
@@ -138,7 +140,10 @@ def test_sample_errors_is_weighted_mean_over_every_non_batch_dim(seed):
     weight = torch.rand(4, 1, 3, 1, 1)  # per-frame weights
     got = reference.sample_errors(pred, target, weight)
     expected = torch.stack(
-        [(weight[i].double() * (pred[i].double() - target[i].double()) ** 2).sum() / (2 * 3 * 5 * 6) for i in range(4)]
+        [
+            (weight[i].double() * (pred[i].double() - target[i].double()) ** 2).sum() / (2 * 3 * 5 * 6)
+            for i in range(4)
+        ]
     )
     assert got.shape == (4,) and got.dtype == torch.float32
     assert_close(got, expected, atol=1e-6, rtol=1e-6)

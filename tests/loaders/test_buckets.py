@@ -24,8 +24,12 @@ def test_buckets_at_one_megapixel_are_maximal_multiples_of_64_within_the_aspect_
     assert aspects == sorted(aspects) and len(set(aspects)) == len(aspects)
     # The same set by brute force over every pair of sides, at another area and step.
     area, step, limit = 512 * 512, 32, 2.0
-    brute = {(w, h) for w in range(step, 2048, step) for h in range(step, 2048, step)
-             if w * h <= area < min((w + step) * h, w * (h + step)) and max(w / h, h / w) <= limit}  # fmt: skip
+    brute = {
+        (w, h)
+        for w in range(step, 2048, step)
+        for h in range(step, 2048, step)
+        if w * h <= area < min((w + step) * h, w * (h + step)) and max(w / h, h / w) <= limit
+    }
     assert set(Buckets.at_area(area, step=step, max_aspect=limit).sizes) == brute
 
 
@@ -73,7 +77,10 @@ def test_every_batch_comes_from_one_bucket_and_an_epoch_draws_each_item_at_most_
 
 def test_bucket_batches_are_deterministic_given_seed_and_epoch(seed):
     ids = assignment(seed)
-    run = lambda s: [BucketBatchSampler(ids, 3, seed=s).plan(e)[k][1].tolist() for e in (0, 1) for k in range(3)]  # noqa: E731
+
+    def run(s):
+        return [BucketBatchSampler(ids, 3, seed=s).plan(e)[k][1].tolist() for e in (0, 1) for k in range(3)]
+
     assert run(seed) == run(seed)
     assert run(seed) != run(seed + 1)
     plan = BucketBatchSampler(ids, 3, seed=seed)
@@ -122,7 +129,9 @@ def test_a_bucketed_source_gives_batches_that_stack_at_their_bucket_size(tmp_pat
         lines.append(json.dumps({"prompt": f"p{k}", "winner": f"w{k}.png", "loser": f"l{k}.png"}))
     (tmp_path / "m.jsonl").write_text("\n".join(lines))
     buckets = Buckets([(32, 16), (16, 32), (24, 24)])
-    data = ManifestPairs(tmp_path / "m.jsonl", PairTransform(buckets=buckets, random_crop=True, flip_prob=0.5))
+    data = ManifestPairs(
+        tmp_path / "m.jsonl", PairTransform(buckets=buckets, random_crop=True, flip_prob=0.5)
+    )
     ids = buckets.assign(data.image_sizes())
     assert sorted(np.bincount(ids).tolist()) == [2, 3, 3]
     sampler = BucketBatchSampler(ids, batch_size=2, seed=0)

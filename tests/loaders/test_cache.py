@@ -21,10 +21,18 @@ CPU = torch.device("cpu")
 
 
 def tiny_config(tmp_path, *overrides, family="sd15"):
-    return load_config(None, [
-        f"model.family={family}", f"model.config={family}-tiny", "data.num_pairs=10", "data.resolution=16",
-        "train.batch_pairs=2", f"data.cache={tmp_path / 'cache'}", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"model.family={family}",
+            f"model.config={family}-tiny",
+            "data.num_pairs=10",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            f"data.cache={tmp_path / 'cache'}",
+            *overrides,
+        ],
+    )
 
 
 def shard_files(folder):
@@ -85,8 +93,12 @@ def test_vae_posteriors_are_stored_in_latent_space_and_sampled_reproducibly(tmp_
     assert cache.posterior
     records = [source[i] for i in range(4)]
     pixels = to_pixels([r.winner for r in records] + [r.loser for r in records])
-    means = torch.cat([torch.stack([cache[i].winner_mean for i in range(4)]),
-                       torch.stack([cache[i].loser_mean for i in range(4)])])  # fmt: skip
+    means = torch.cat(
+        [
+            torch.stack([cache[i].winner_mean for i in range(4)]),
+            torch.stack([cache[i].loser_mean for i in range(4)]),
+        ]
+    )
     assert_close(means, adapter.encode_pixels(pixels), atol=1e-6, rtol=1e-6, name="posterior mean")
 
     batches = CacheBatchSource(cache, seed=7, caption_dropout=0.0, device=CPU)

@@ -173,8 +173,11 @@ def jpeg_bytes(image: np.ndarray, quality=95) -> bytes:
 def test_dali_image_pipeline_matches_pil(tmp_path):
     needs_dali()
     rng = np.random.default_rng(0)
-    images = [moving_square(3, 40, 56), np.repeat(rng.integers(0, 255, (30, 20, 1), np.uint8), 3, axis=2),
-              moving_square(9)]  # fmt: skip
+    images = [
+        moving_square(3, 40, 56),
+        np.repeat(rng.integers(0, 255, (30, 20, 1), np.uint8), 3, axis=2),
+        moving_square(9),
+    ]
     blobs = [jpeg_bytes(image) for image in images]
     decoded, backend = dali.decode_images(blobs, backend="dali", device="cpu")
     reference, pil = dali.decode_images(blobs, backend="pil")

@@ -113,9 +113,14 @@ def test_different_sized_winner_and_loser_get_the_same_relative_crop():
 
 
 def test_decisions_are_a_pure_function_of_seed_epoch_and_key():
-    a, b = PairTransform(16, random_crop=True, flip_prob=0.5, seed=9), PairTransform(16, random_crop=True, flip_prob=0.5, seed=9)
+    a, b = (
+        PairTransform(16, random_crop=True, flip_prob=0.5, seed=9),
+        PairTransform(16, random_crop=True, flip_prob=0.5, seed=9),
+    )
     assert all(a.decisions(f"x{k}", 2) == b.decisions(f"x{k}", 2) for k in range(20))
-    assert [a.decisions(f"x{k}")[:2] for k in range(5)] != [PairTransform(16, random_crop=True, seed=10).decisions(f"x{k}")[:2] for k in range(5)]
+    assert [a.decisions(f"x{k}")[:2] for k in range(5)] != [
+        PairTransform(16, random_crop=True, seed=10).decisions(f"x{k}")[:2] for k in range(5)
+    ]
     assert PairTransform(16).decisions("x") == (0.5, 0.5, False)
 
 
@@ -142,21 +147,43 @@ def pickapic_rows(labels, size=(40, 32)):
     rows = []
     for i, spec in enumerate(labels):
         label_0, label_1, has_label, different = (*spec, True, True)[:4]
-        rows.append({
-            "caption": f"prompt {i}", "jpg_0": encode(smooth_image(*size, seed=2 * i)),
-            "jpg_1": encode(smooth_image(*size, seed=2 * i + 1)), "label_0": label_0, "label_1": label_1,
-            "image_0_uid": f"u{i}a", "image_1_uid": f"u{i}b", "model_0": "sdxl", "model_1": "dreamlike",
-            "best_image_uid": f"u{i}a" if label_0 == 1 else f"u{i}b", "are_different": different,
-            "has_label": has_label, "ranking_id": i,
-        })  # fmt: skip
+        rows.append(
+            {
+                "caption": f"prompt {i}",
+                "jpg_0": encode(smooth_image(*size, seed=2 * i)),
+                "jpg_1": encode(smooth_image(*size, seed=2 * i + 1)),
+                "label_0": label_0,
+                "label_1": label_1,
+                "image_0_uid": f"u{i}a",
+                "image_1_uid": f"u{i}b",
+                "model_0": "sdxl",
+                "model_1": "dreamlike",
+                "best_image_uid": f"u{i}a" if label_0 == 1 else f"u{i}b",
+                "are_different": different,
+                "has_label": has_label,
+                "ranking_id": i,
+            }
+        )
     return rows
 
 
-SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-                    ("label_0", pa.float64()), ("label_1", pa.float64()), ("image_0_uid", pa.string()),
-                    ("image_1_uid", pa.string()), ("model_0", pa.string()), ("model_1", pa.string()),
-                    ("best_image_uid", pa.string()), ("are_different", pa.bool_()), ("has_label", pa.bool_()),
-                    ("ranking_id", pa.int64())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("caption", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("image_0_uid", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("best_image_uid", pa.string()),
+        ("are_different", pa.bool_()),
+        ("has_label", pa.bool_()),
+        ("ranking_id", pa.int64()),
+    ]
+)
 
 
 def write_pickapic(path, rows, row_group_size=None, drop=()):
@@ -183,8 +210,10 @@ def test_pickapic_winner_is_the_image_labelled_one(tmp_path):
 
 def test_pickapic_works_with_the_pair_sampler(tmp_path):
     rows = pickapic_rows([(1.0, 0.0), (0.0, 1.0)] * 4)
-    data = PickapicPairs([write_pickapic(tmp_path / "a.parquet", rows[:4]), write_pickapic(tmp_path / "b.parquet", rows[4:])],
-                         PairTransform(16))  # fmt: skip
+    data = PickapicPairs(
+        [write_pickapic(tmp_path / "a.parquet", rows[:4]), write_pickapic(tmp_path / "b.parquet", rows[4:])],
+        PairTransform(16),
+    )
     sampler = PairSampler(len(data), 3, seed=0)
     batch = [data[i] for i in sampler.next_batch()]
     assert np.stack([r.winner for r in batch]).shape == (3, 16, 16, 3)
@@ -210,18 +239,31 @@ def test_pickapic_keep_ties_yields_the_file_order_marked_tie(tmp_path):
 
 
 def test_pickapic_unlabeled_identical_and_malformed_rows_are_skipped_and_counted(tmp_path):
-    rows = pickapic_rows([(1.0, 0.0), (1.0, 0.0, False), (0.0, 1.0, True, False), (0.0, 0.0),
-                          (None, None), (0.0, 1.0), (None, None, False)])  # fmt: skip
+    rows = pickapic_rows(
+        [
+            (1.0, 0.0),
+            (1.0, 0.0, False),
+            (0.0, 1.0, True, False),
+            (0.0, 0.0),
+            (None, None),
+            (0.0, 1.0),
+            (None, None, False),
+        ]
+    )
     data = PickapicPairs(write_pickapic(tmp_path / "u.parquet", rows), PairTransform(16))
     stats = data.stats()
     assert len(data) == 2 and [data[i].id for i in range(2)] == ["pickapic-u0a-u0b", "pickapic-u5a-u5b"]
     assert (stats["skipped_unlabeled"], stats["skipped_identical"], stats["skipped_bad_label"]) == (2, 1, 2)
     with pytest.raises(SourceError, match="no usable Pick-a-Pic pairs .*'skipped_ties': 1"):
-        PickapicPairs(write_pickapic(tmp_path / "only-tie.parquet", pickapic_rows([(0.5, 0.5)])), PairTransform(8))
+        PickapicPairs(
+            write_pickapic(tmp_path / "only-tie.parquet", pickapic_rows([(0.5, 0.5)])), PairTransform(8)
+        )
 
 
 def test_pickapic_missing_column_error_names_the_file_the_column_and_the_columns_found(tmp_path):
-    path = write_pickapic(tmp_path / "broken.parquet", pickapic_rows([(1.0, 0.0)]), drop=["jpg_1", "has_label"])
+    path = write_pickapic(
+        tmp_path / "broken.parquet", pickapic_rows([(1.0, 0.0)]), drop=["jpg_1", "has_label"]
+    )
     with pytest.raises(SourceError) as caught:
         PickapicPairs(path, PairTransform(16))
     message = str(caught.value)
@@ -237,8 +279,12 @@ def test_pickapic_reads_one_row_group_at_a_time_and_never_a_whole_table(tmp_path
     def forbidden(*args, **kwargs):
         raise AssertionError("a whole-table parquet read")
 
-    for owner, name in ((pq, "read_table"), (pq.ParquetFile, "read"), (pq.ParquetFile, "iter_batches"),
-                        (pq.ParquetDataset, "read")):  # fmt: skip
+    for owner, name in (
+        (pq, "read_table"),
+        (pq.ParquetFile, "read"),
+        (pq.ParquetFile, "iter_batches"),
+        (pq.ParquetDataset, "read"),
+    ):
         monkeypatch.setattr(owner, name, forbidden)
     reads = []
     original = pq.ParquetFile.read_row_group
@@ -297,11 +343,14 @@ def test_manifest_resolves_paths_relative_to_its_folder(tmp_path, monkeypatch):
         images[name] = smooth_image(30, 20, seed)
         Image.fromarray(images[name]).save(folder / "img" / name)
     absolute = str(folder / "img" / "c.png")
-    path = write_manifest(folder, [
-        {"prompt": "first", "winner": "img/a.png", "loser": "img/b.jpg", "category": "style"},
-        "",
-        {"prompt": "second", "winner": absolute, "loser": "img/a.png", "id": "mine-2", "score": 0.3},
-    ])  # fmt: skip
+    path = write_manifest(
+        folder,
+        [
+            {"prompt": "first", "winner": "img/a.png", "loser": "img/b.jpg", "category": "style"},
+            "",
+            {"prompt": "second", "winner": absolute, "loser": "img/a.png", "id": "mine-2", "score": 0.3},
+        ],
+    )
     monkeypatch.chdir(tmp_path)  # neither the cwd nor the manifest's folder
     transform = PairTransform(16)
     data = ManifestPairs("set/pairs.jsonl", transform)
@@ -313,12 +362,15 @@ def test_manifest_resolves_paths_relative_to_its_folder(tmp_path, monkeypatch):
     assert first.id.startswith("manifest-") and ManifestPairs(path, transform)[0].id == first.id
 
 
-@pytest.mark.parametrize("bad_line, complaint", [
-    ("{not json", "not valid JSON"),
-    ('["a", "b"]', "expected a JSON object"),
-    ('{"prompt": "x", "winner": "w.png"}', "missing key 'loser'"),
-    ('{"prompt": 3, "winner": "w.png", "loser": "l.png"}', "'prompt' must be a string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad_line, complaint",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"prompt": "x", "winner": "w.png"}', "missing key 'loser'"),
+        ('{"prompt": 3, "winner": "w.png", "loser": "l.png"}', "'prompt' must be a string"),
+    ],
+)
 def test_manifest_bad_line_error_names_the_file_and_line_number(tmp_path, bad_line, complaint):
     good = {"prompt": "ok", "winner": "w.png", "loser": "l.png"}
     path = write_manifest(tmp_path, [good, "", bad_line, good])
@@ -329,8 +381,13 @@ def test_manifest_bad_line_error_names_the_file_and_line_number(tmp_path, bad_li
 
 def test_manifest_missing_image_is_a_counted_skip_at_read_time_or_up_front(tmp_path):
     Image.fromarray(smooth_image(12, 12, 0)).save(tmp_path / "w.png")
-    path = write_manifest(tmp_path, [{"prompt": "a", "winner": "w.png", "loser": "w.png"},
-                                     {"prompt": "b", "winner": "w.png", "loser": "gone.png"}])  # fmt: skip
+    path = write_manifest(
+        tmp_path,
+        [
+            {"prompt": "a", "winner": "w.png", "loser": "w.png"},
+            {"prompt": "b", "winner": "w.png", "loser": "gone.png"},
+        ],
+    )
     lazy = ManifestPairs(path, PairTransform(8))
     assert len(lazy) == 2
     with pytest.raises(BadSample, match="gone.png") as caught:
@@ -359,7 +416,9 @@ def write_shards(folder, num_shards, per_shard):
             for k in range(per_shard):
                 key, seed = f"{k:06d}", 1000 * s + 2 * k
                 if k % 2:
-                    add_member(tar, f"{key}.json", json.dumps({"prompt": f"p{s}-{k}", "category": "c"}).encode())
+                    add_member(
+                        tar, f"{key}.json", json.dumps({"prompt": f"p{s}-{k}", "category": "c"}).encode()
+                    )
                 else:
                     add_member(tar, f"{key}.txt", f"p{s}-{k}".encode())
                 winners[f"pairs-{s:04d}/{key}"] = encode(smooth_image(20, 16, seed))
@@ -376,8 +435,10 @@ def test_shards_yield_every_pair_once_per_epoch_with_the_winner_image(tmp_path):
     for record in records[:3]:
         shard, key = record.id.split("/")
         assert record.prompt == f"p{int(shard[-4:])}-{int(key)}"
-        assert np.array_equal(record.winner, transform(decode_image(winners[record.id]),
-                                                       decode_image(winners[record.id]), key=record.id)[0])  # fmt: skip
+        assert np.array_equal(
+            record.winner,
+            transform(decode_image(winners[record.id]), decode_image(winners[record.id]), key=record.id)[0],
+        )
 
 
 @pytest.mark.parametrize("cut", [0, 1, 4, 5, 9, 20, 23])
@@ -400,15 +461,20 @@ def test_shard_stream_resumed_from_its_state_continues_like_the_uninterrupted_st
 def test_shard_epochs_reshuffle_the_shard_order_deterministically(tmp_path):
     write_shards(tmp_path, 6, 1)
     stream = ShardPairs(tmp_path, PairTransform(8), seed=1)
-    assert [p.name for p in stream.shards_for(0)] == [p.name for p in ShardPairs(tmp_path, PairTransform(8), seed=1).shards_for(0)]
+    assert [p.name for p in stream.shards_for(0)] == [
+        p.name for p in ShardPairs(tmp_path, PairTransform(8), seed=1).shards_for(0)
+    ]
     assert any(stream.shards_for(0) != stream.shards_for(e) for e in range(1, 4))
     assert sorted(stream.shards_for(3)) == stream.shards
 
 
 def test_shard_split_across_ranks_and_workers_is_disjoint_and_complete(tmp_path):
     winners = write_shards(tmp_path, 9, 2)
-    streams = [ShardPairs(tmp_path, PairTransform(8), rank=r, world_size=2, worker=j, num_workers=2, epochs=1)
-               for r in range(2) for j in range(2)]  # fmt: skip
+    streams = [
+        ShardPairs(tmp_path, PairTransform(8), rank=r, world_size=2, worker=j, num_workers=2, epochs=1)
+        for r in range(2)
+        for j in range(2)
+    ]
     taken = [[r.id for r in s] for s in streams]
     flat = [i for ids in taken for i in ids]
     assert len(flat) == len(set(flat)) == len(winners) and set(flat) == set(winners)
@@ -463,6 +529,8 @@ def test_gzipped_shards_and_glob_patterns_read_like_plain_tar_folders(tmp_path):
         (tmp_path / "gz" / (shard.name + ".gz")).write_bytes(gzip.compress(shard.read_bytes()))
     plain = [r.id for r in ShardPairs(tmp_path / "plain", PairTransform(8), epochs=1)]
     assert [r.id for r in ShardPairs(tmp_path / "gz", PairTransform(8), epochs=1)] == plain
-    assert [r.id for r in ShardPairs(str(tmp_path / "plain" / "pairs-*.tar"), PairTransform(8), epochs=1)] == plain
+    assert [
+        r.id for r in ShardPairs(str(tmp_path / "plain" / "pairs-*.tar"), PairTransform(8), epochs=1)
+    ] == plain
     with pytest.raises(SourceError, match="no tar shards"):
         ShardPairs(str(tmp_path / "plain" / "nothing-*.tar"), PairTransform(8))

@@ -29,7 +29,9 @@ def test_winner_follows_the_prompt_and_the_loser_breaks_one_attribute():
 def test_pairs_are_a_pure_function_of_seed_and_index():
     a, b = ProceduralPairs(10, seed=5), ProceduralPairs(10, seed=5)
     assert all(np.array_equal(a[i].winner, b[i].winner) and a[i].prompt == b[i].prompt for i in range(10))
-    assert ProceduralPairs(10, seed=6)[0].prompt != a[0].prompt or not np.array_equal(ProceduralPairs(10, seed=6)[0].loser, a[0].loser)
+    assert ProceduralPairs(10, seed=6)[0].prompt != a[0].prompt or not np.array_equal(
+        ProceduralPairs(10, seed=6)[0].loser, a[0].loser
+    )
 
 
 def test_noisy_regime_flips_about_flip_prob_of_labels():

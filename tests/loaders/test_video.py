@@ -170,7 +170,7 @@ def test_num_frames_must_be_1_plus_4k_when_wan_needs_it():
         ({"start": "end"}, "unknown start policy 'end'"),
         ({"short_clip": "pad"}, "unknown short_clip policy 'pad'"),
         ({"num_frames": 0}, "num_frames must be"),
-    ],  # fmt: skip
+    ],
 )
 def test_sampling_rejects_bad_values_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -208,11 +208,20 @@ def test_manifest_yields_pair_records_decoded_with_the_same_decisions(tmp_path):
     (tmp_path / "clips").mkdir()
     write_clip(tmp_path / "clips/w.webm", 12, width=32, height=24)
     write_clip(tmp_path / "clips/l.mp4", 12, H264, width=24, height=24)
-    path = write_manifest(tmp_path, [
-        {"prompt": "a cat", "winner": "clips/w.webm", "loser": "clips/l.mp4", "category": "motion", "id": "p0"},
-        "",
-        {"prompt": "a dog", "winner": "clips/l.mp4", "loser": "clips/w.webm"},
-    ])  # fmt: skip
+    path = write_manifest(
+        tmp_path,
+        [
+            {
+                "prompt": "a cat",
+                "winner": "clips/w.webm",
+                "loser": "clips/l.mp4",
+                "category": "motion",
+                "id": "p0",
+            },
+            "",
+            {"prompt": "a dog", "winner": "clips/l.mp4", "loser": "clips/w.webm"},
+        ],
+    )
     pairs = VideoPairManifest(
         path, FrameSampling(5, stride=2, start="random"), size=(16, 16), backend="pyav", seed=3
     )
@@ -232,15 +241,27 @@ def test_manifest_yields_pair_records_decoded_with_the_same_decisions(tmp_path):
         pairs.set_epoch(epoch)
         starts.add(round(frame_levels(pairs[0].winner)[0]))
     assert len(starts) > 1  # another epoch, another window
-    assert pairs.stats() == {"skipped_missing": 0, "skipped_corrupt": 0, "skipped_short": 0,
-                             "skipped_not_a_file": 0, "pairs": 9, "fallbacks": 0, "clips_pyav": 18}  # fmt: skip
+    assert pairs.stats() == {
+        "skipped_missing": 0,
+        "skipped_corrupt": 0,
+        "skipped_short": 0,
+        "skipped_not_a_file": 0,
+        "pairs": 9,
+        "fallbacks": 0,
+        "clips_pyav": 18,
+    }
 
 
 def test_manifest_counts_and_raises_a_corrupt_clip(tmp_path):
     write_clip(tmp_path / "good.webm", 8)
     (tmp_path / "bad.mp4").write_bytes(np.random.default_rng(1).bytes(2048))
-    path = write_manifest(tmp_path, [{"prompt": "p", "winner": "good.webm", "loser": "bad.mp4"},
-                                     {"prompt": "q", "winner": "good.webm", "loser": "x/missing.mkv"}])  # fmt: skip
+    path = write_manifest(
+        tmp_path,
+        [
+            {"prompt": "p", "winner": "good.webm", "loser": "bad.mp4"},
+            {"prompt": "q", "winner": "good.webm", "loser": "x/missing.mkv"},
+        ],
+    )
     pairs = VideoPairManifest(path, FrameSampling(4), size=(8, 8), backend="pyav")
     with pytest.raises(BadSample, match="bad.mp4"):
         pairs[0]
@@ -250,8 +271,14 @@ def test_manifest_counts_and_raises_a_corrupt_clip(tmp_path):
     assert (stats["skipped_corrupt"], stats["skipped_missing"], stats["pairs"]) == (1, 1, 0)
     # SkipBadSamples (loaders/images.py) steps over them: index 0 -> 1 -> 2, the good pair.
     write_clip(tmp_path / "other.webm", 8)
-    path = write_manifest(tmp_path, [{"prompt": "p", "winner": "good.webm", "loser": "bad.mp4"},
-                                     {"prompt": "q", "winner": "good.webm", "loser": "other.webm"}], "b.jsonl")  # fmt: skip
+    path = write_manifest(
+        tmp_path,
+        [
+            {"prompt": "p", "winner": "good.webm", "loser": "bad.mp4"},
+            {"prompt": "q", "winner": "good.webm", "loser": "other.webm"},
+        ],
+        "b.jsonl",
+    )
     skipping = SkipBadSamples(VideoPairManifest(path, FrameSampling(6), size=(8, 8), backend="pyav"))
     assert skipping[0].prompt == "q" and skipping.stats()["skipped_corrupt"] == 1
 
@@ -280,7 +307,7 @@ def test_too_short_clip_in_the_manifest_is_counted_as_short(tmp_path):
             '{"prompt": "p", "winner": "a.mp4", "loser": "a.mp4"}',
             r"pairs\.jsonl:2: winner and loser are the same",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_manifest_bad_line_names_the_file_and_line(tmp_path, line, message):
     path = write_manifest(tmp_path, [{"prompt": "p", "winner": "a.webm", "loser": "b.mkv"}, line])

@@ -29,7 +29,9 @@ def parse_names(names: str | list[str]) -> list[str]:
     items = [n.strip() for n in items if n.strip()]
     unknown = [n for n in items if n not in SCORERS]
     if unknown or not items:
-        raise ConfigError(f"unknown scorer {', '.join(unknown) or '(none given)'} (known: {', '.join(SCORERS)})")
+        raise ConfigError(
+            f"unknown scorer {', '.join(unknown) or '(none given)'} (known: {', '.join(SCORERS)})"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -37,12 +39,22 @@ def build_scorer(name: str, cfg: ScorersConfig) -> Scorer:
     module_name, cls_name = SCORERS[parse_names([name])[0]]
     module = importlib.import_module(f".{module_name}", __name__)
     options = {"batch_size": cfg.batch_size, "video_frames": cfg.video_frames}
-    return getattr(module, cls_name)(getattr(cfg, name), pick_device(cfg.device), DTYPES[cfg.dtype], **options)
+    return getattr(module, cls_name)(
+        getattr(cfg, name), pick_device(cfg.device), DTYPES[cfg.dtype], **options
+    )
 
 
 def build_scorers(names: str | list[str], cfg: ScorersConfig) -> dict[str, Scorer]:
     return {name: build_scorer(name, cfg) for name in parse_names(names)}
 
 
-__all__ = ["SCORERS", "Scorer", "ScorerError", "ScorersConfig", "build_scorer", "build_scorers",
-           "load_scorers_config", "parse_names"]  # fmt: skip
+__all__ = [
+    "SCORERS",
+    "Scorer",
+    "ScorerError",
+    "ScorersConfig",
+    "build_scorer",
+    "build_scorers",
+    "load_scorers_config",
+    "parse_names",
+]

@@ -55,8 +55,13 @@ class Agreement:
         return asdict(self)
 
 
-def agreement(winner_scores: dict[str, torch.Tensor], loser_scores: dict[str, torch.Tensor], *,
-              easy_margin: float = 1.0, skipped: int = 0) -> Agreement:  # fmt: skip
+def agreement(
+    winner_scores: dict[str, torch.Tensor],
+    loser_scores: dict[str, torch.Tensor],
+    *,
+    easy_margin: float = 1.0,
+    skipped: int = 0,
+) -> Agreement:
     """Agreement figures of [P] winner and loser scores per scorer."""
     names = list(winner_scores)
     if not names:
@@ -66,22 +71,28 @@ def agreement(winner_scores: dict[str, torch.Tensor], loser_scores: dict[str, to
     if pairs == 0:
         raise ValueError("agreement needs at least one pair")
     # One spread per scorer over all its scores: margins of different scorers become comparable.
-    spread = torch.stack([torch.cat([winner_scores[n], loser_scores[n]]).double().std(unbiased=False) for n in names])
+    spread = torch.stack(
+        [torch.cat([winner_scores[n], loser_scores[n]]).double().std(unbiased=False) for n in names]
+    )
     standardized = margins / spread.clamp_min(1e-12).unsqueeze(1)
     quantiles = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     return Agreement(
         pairs=pairs,
         scorers=names,
-        label_accuracy={n: ((m > 0).double() + 0.5 * (m == 0).double()).mean().item()
-                        for n, m in zip(names, margins, strict=True)},
+        label_accuracy={
+            n: ((m > 0).double() + 0.5 * (m == 0).double()).mean().item()
+            for n, m in zip(names, margins, strict=True)
+        },
         all_agree_label=(margins > 0).all(0).double().mean().item(),
         all_agree_each=((margins > 0).all(0) | (margins < 0).all(0)).double().mean().item(),
         easy=(standardized > easy_margin).all(0).double().mean().item(),
         easy_margin=easy_margin,
-        margin_quantiles={n: dict(zip(("q10", "q50", "q90"), torch.quantile(s, quantiles).tolist(), strict=True))
-                          for n, s in zip(names, standardized, strict=True)},
+        margin_quantiles={
+            n: dict(zip(("q10", "q50", "q90"), torch.quantile(s, quantiles).tolist(), strict=True))
+            for n, s in zip(names, standardized, strict=True)
+        },
         skipped=skipped,
-    )  # fmt: skip
+    )
 
 
 def suggest_alpha(stats: Agreement) -> dict:
@@ -91,7 +102,10 @@ def suggest_alpha(stats: Agreement) -> dict:
         regime, alpha = "noisy", "alpha > 0 (the paper uses 8 on Pick-a-Pic v2)"
     elif accuracy >= SIMPLE_ACCURACY and stats.easy >= SIMPLE_EASY:
         # Eq. 10: dL/dz = -(1-p)(1+alpha p) changes sign at p = -1/alpha when alpha < -1.
-        regime, alpha = "over-simple", "alpha in [-1, 0), e.g. -0.5 (below -1 the gradient flips sign for p > -1/alpha)"
+        regime, alpha = (
+            "over-simple",
+            "alpha in [-1, 0), e.g. -0.5 (below -1 the gradient flips sign for p > -1/alpha)",
+        )
     else:
         regime, alpha = "clean", "alpha = 0 (Poly-DPO is Diffusion-DPO)"
     single = len(stats.scorers) == 1
@@ -111,8 +125,10 @@ def format_report(stats: Agreement, suggestion: dict | None = None) -> str:
     width = max(len(n) for n in stats.scorers)
     for name in stats.scorers:
         q = stats.margin_quantiles[name]
-        lines.append(f"  {name:{width}s}  label accuracy {stats.label_accuracy[name]:.3f}   standardized margin "
-                     f"q10 {q['q10']:+.2f} q50 {q['q50']:+.2f} q90 {q['q90']:+.2f}")  # fmt: skip
+        lines.append(
+            f"  {name:{width}s}  label accuracy {stats.label_accuracy[name]:.3f}   standardized margin "
+            f"q10 {q['q10']:+.2f} q50 {q['q50']:+.2f} q90 {q['q90']:+.2f}"
+        )
     lines += [
         f"all scorers agree with the label:  {stats.all_agree_label:.2%}",
         f"all scorers agree with each other: {stats.all_agree_each:.2%}   (Pick-a-Pic v2, 5 scorers: 20.79%)",

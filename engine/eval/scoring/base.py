@@ -80,8 +80,13 @@ class Scorer(ABC):
     name: str
     gain: str = "relative"
 
-    def __init__(self, device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 16,
-                 video_frames: int = 8):  # fmt: skip
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 16,
+        video_frames: int = 8,
+    ):
         self.device, self.dtype = device, dtype
         self.batch_size, self.video_frames = batch_size, video_frames
 
@@ -123,7 +128,9 @@ class LinearStack(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], where: str) -> "LinearStack":
-        indices = sorted(int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight"))
+        indices = sorted(
+            int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")
+        )
         if not indices:
             raise ScorerError(f"{where}: no layers.N.weight tensors (keys: {', '.join(list(state)[:5])} ...)")
         sizes = [tuple(state[f"layers.{i}.weight"].shape[::-1]) for i in indices]
@@ -136,7 +143,9 @@ class LinearStack(nn.Module):
         expected = {f"layers.{i}.{p}" for i in indices for p in ("weight", "bias")}
         unknown = set(state) - expected
         if unknown or expected - set(state):
-            raise ScorerError(f"{where}: unexpected tensors {sorted(unknown)} or missing {sorted(expected - set(state))}")
+            raise ScorerError(
+                f"{where}: unexpected tensors {sorted(unknown)} or missing {sorted(expected - set(state))}"
+            )
         head.load_state_dict(state)
         return head
 
@@ -167,5 +176,5 @@ def load_state_file(path: Path, scorer: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ScorerError(f"scorer '{scorer}': {path} is not a state dict of tensors")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state

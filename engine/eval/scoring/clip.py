@@ -1,13 +1,13 @@
 """The CLIP-based scorers, each on a transformers CLIPModel read from a local folder.
 
-    pickscore  logit_scale.exp() * cos(image, prompt)     PickScore_v1 (a fine-tuned CLIP-H/14);
-                                                          ~20-22 on SD1.5 images (Table 2)
-    hpsv2      cos(image, prompt)                         HPSv2.1 (a fine-tuned open_clip ViT-H-14,
-                                                          converted by `vipo scorers convert hpsv2`);
-                                                          ~0.25-0.29 as the HPSv2 release prints it
-    clip       100 * cos(image, prompt)                   CLIP score, not clipped at 0 (the clip
-                                                          would turn rankings of weak pairs into ties)
-    aesthetic  MLP(normalized CLIP ViT-L/14 image embedding)   LAION aesthetic predictor v2, ~5-6
+pickscore  logit_scale.exp() * cos(image, prompt)     PickScore_v1 (a fine-tuned CLIP-H/14);
+                                                      ~20-22 on SD1.5 images (Table 2)
+hpsv2      cos(image, prompt)                         HPSv2.1 (a fine-tuned open_clip ViT-H-14,
+                                                      converted by `vipo scorers convert hpsv2`);
+                                                      ~0.25-0.29 as the HPSv2 release prints it
+clip       100 * cos(image, prompt)                   CLIP score, not clipped at 0 (the clip
+                                                      would turn rankings of weak pairs into ties)
+aesthetic  MLP(normalized CLIP ViT-L/14 image embedding)   LAION aesthetic predictor v2, ~5-6
 """
 
 from pathlib import Path
@@ -23,18 +23,24 @@ from .base import LinearStack, Scorer, ScorerError, load_state_file, require_mod
 class ClipEmbedder:
     """Normalized image and text embeddings of a CLIPModel folder and its processor."""
 
-    def __init__(self, scorer: str, key: str, model_dir: str | None, processor_dir: str | None, device, dtype):
+    def __init__(
+        self, scorer: str, key: str, model_dir: str | None, processor_dir: str | None, device, dtype
+    ):
         from transformers import CLIPModel, CLIPProcessor
 
         model_path = require_model_folder(scorer, key, model_dir)
-        processor_path = require_path(scorer, "processor" if processor_dir else key, processor_dir or model_dir)
+        processor_path = require_path(
+            scorer, "processor" if processor_dir else key, processor_dir or model_dir
+        )
         try:
             self.processor = CLIPProcessor.from_pretrained(processor_path)
         except (OSError, ValueError, TypeError) as err:
             raise ScorerError(f"scorer '{scorer}': no CLIP processor in {processor_path}: {err}") from None
         self.model = CLIPModel.from_pretrained(model_path, torch_dtype=dtype).to(device).eval()
         text_config = self.model.config.text_config
-        check_tokenizer(self.processor.tokenizer, text_config.vocab_size, f"scorer '{scorer}' {processor_path}")
+        check_tokenizer(
+            self.processor.tokenizer, text_config.vocab_size, f"scorer '{scorer}' {processor_path}"
+        )
         self.max_tokens = min(self.processor.tokenizer.model_max_length, text_config.max_position_embeddings)
         self.device, self.dtype = device, dtype
 
@@ -49,7 +55,9 @@ class ClipEmbedder:
         tokens = self.processor.tokenizer(
             prompts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         ).to(self.device)
-        pooled = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+        pooled = self.model.text_model(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
     def cosine(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:

@@ -24,15 +24,20 @@ from ...schema import ConfigError, load, option, read_yaml
 class ClipFolder:
     path: str | None = option(None, "folder of a transformers CLIPModel (config.json + weights)")
     processor: str | None = option(
-        None, "folder with the CLIP tokenizer and image processor; default: `path` (PickScore: the "
-        "processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
-    )  # fmt: skip
+        None,
+        "folder with the CLIP tokenizer and image processor; default: `path` (PickScore: the "
+        "processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    )
 
 
 @dataclass
 class AestheticPaths:
-    clip: str | None = option(None, "folder of the CLIP ViT-L/14 the predictor was trained on (CLIPModel layout)")
-    head: str | None = option(None, "the predictor's MLP weights: sac+logos+ava1-l14-linearMSE.pth or .safetensors")
+    clip: str | None = option(
+        None, "folder of the CLIP ViT-L/14 the predictor was trained on (CLIPModel layout)"
+    )
+    head: str | None = option(
+        None, "the predictor's MLP weights: sac+logos+ava1-l14-linearMSE.pth or .safetensors"
+    )
 
 
 @dataclass
@@ -48,7 +53,9 @@ class ScorersConfig:
     aesthetic: AestheticPaths = field(default_factory=AestheticPaths)
     imagereward: FolderPath = field(default_factory=FolderPath)
     device: str = option("auto", "cuda, cpu, or auto (cuda when available)")
-    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "weights and activations of the scorers")
+    dtype: Literal["float32", "float16", "bfloat16"] = option(
+        "float32", "weights and activations of the scorers"
+    )
     batch_size: int = option(16, "images per scorer forward")
     video_frames: int = option(8, "frames of a video scored (evenly spaced); its score is their mean")
 

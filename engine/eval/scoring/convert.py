@@ -46,21 +46,36 @@ def _tower(state: dict, src: str, dst: str, layers: int) -> dict[str, torch.Tens
         s, d = f"{src}{i}.", f"{dst}{i}."
         q, k, v = state[s + "attn.in_proj_weight"].chunk(3)
         qb, kb, vb = state[s + "attn.in_proj_bias"].chunk(3)
-        out.update({
-            d + "self_attn.q_proj.weight": q, d + "self_attn.k_proj.weight": k, d + "self_attn.v_proj.weight": v,
-            d + "self_attn.q_proj.bias": qb, d + "self_attn.k_proj.bias": kb, d + "self_attn.v_proj.bias": vb,
-            d + "self_attn.out_proj.weight": state[s + "attn.out_proj.weight"],
-            d + "self_attn.out_proj.bias": state[s + "attn.out_proj.bias"],
-            d + "layer_norm1.weight": state[s + "ln_1.weight"], d + "layer_norm1.bias": state[s + "ln_1.bias"],
-            d + "layer_norm2.weight": state[s + "ln_2.weight"], d + "layer_norm2.bias": state[s + "ln_2.bias"],
-            d + "mlp.fc1.weight": state[s + "mlp.c_fc.weight"], d + "mlp.fc1.bias": state[s + "mlp.c_fc.bias"],
-            d + "mlp.fc2.weight": state[s + "mlp.c_proj.weight"], d + "mlp.fc2.bias": state[s + "mlp.c_proj.bias"],
-        })  # fmt: skip
+        out.update(
+            {
+                d + "self_attn.q_proj.weight": q,
+                d + "self_attn.k_proj.weight": k,
+                d + "self_attn.v_proj.weight": v,
+                d + "self_attn.q_proj.bias": qb,
+                d + "self_attn.k_proj.bias": kb,
+                d + "self_attn.v_proj.bias": vb,
+                d + "self_attn.out_proj.weight": state[s + "attn.out_proj.weight"],
+                d + "self_attn.out_proj.bias": state[s + "attn.out_proj.bias"],
+                d + "layer_norm1.weight": state[s + "ln_1.weight"],
+                d + "layer_norm1.bias": state[s + "ln_1.bias"],
+                d + "layer_norm2.weight": state[s + "ln_2.weight"],
+                d + "layer_norm2.bias": state[s + "ln_2.bias"],
+                d + "mlp.fc1.weight": state[s + "mlp.c_fc.weight"],
+                d + "mlp.fc1.bias": state[s + "mlp.c_fc.bias"],
+                d + "mlp.fc2.weight": state[s + "mlp.c_proj.weight"],
+                d + "mlp.fc2.bias": state[s + "mlp.c_proj.bias"],
+            }
+        )
     return out
 
 
-def openclip_to_clip(state: dict[str, torch.Tensor], *, vision_head_width: int = 80, text_head_width: int = 64,
-                     hidden_act: str = "gelu"):  # fmt: skip
+def openclip_to_clip(
+    state: dict[str, torch.Tensor],
+    *,
+    vision_head_width: int = 80,
+    text_head_width: int = 64,
+    hidden_act: str = "gelu",
+):
     """(CLIPConfig, CLIPModel state dict) of an open_clip/OpenAI-layout CLIP state dict."""
     from transformers import CLIPConfig
 
@@ -76,19 +91,38 @@ def openclip_to_clip(state: dict[str, torch.Tensor], *, vision_head_width: int =
         vision_mlp = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as err:
         raise ScorerError(f"not an open_clip CLIP state dict: no {err.args[0]}") from None
-    for width, head_width, tower in ((vision_width, vision_head_width, "image"), (text_width, text_head_width, "text")):
+    for width, head_width, tower in (
+        (vision_width, vision_head_width, "image"),
+        (text_width, text_head_width, "text"),
+    ):
         if width % head_width:
             raise ScorerError(f"{tower} width {width} is not a multiple of the head width {head_width}")
     config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=text_mlp,
-                         num_attention_heads=text_width // text_head_width, num_hidden_layers=text_layers,
-                         max_position_embeddings=context, hidden_act=hidden_act, projection_dim=embed,
-                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=vision_width, intermediate_size=vision_mlp, patch_size=patch,
-                           num_attention_heads=vision_width // vision_head_width, num_hidden_layers=vision_layers,
-                           image_size=grid * patch, hidden_act=hidden_act, projection_dim=embed),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=text_width,
+            intermediate_size=text_mlp,
+            num_attention_heads=text_width // text_head_width,
+            num_hidden_layers=text_layers,
+            max_position_embeddings=context,
+            hidden_act=hidden_act,
+            projection_dim=embed,
+            bos_token_id=vocab - 2,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        ),
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=vision_mlp,
+            patch_size=patch,
+            num_attention_heads=vision_width // vision_head_width,
+            num_hidden_layers=vision_layers,
+            image_size=grid * patch,
+            hidden_act=hidden_act,
+            projection_dim=embed,
+        ),
         projection_dim=embed,
-    )  # fmt: skip
+    )
     out = {
         "logit_scale": state["logit_scale"].reshape(()),
         "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
@@ -119,7 +153,9 @@ def convert_hpsv2(checkpoint: Path, tokenizer_dir: Path, out: Path, **widths) ->
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ScorerError(f"{checkpoint}: conversion left tensors unset {missing[:3]} or unused {unexpected[:3]}")
+        raise ScorerError(
+            f"{checkpoint}: conversion left tensors unset {missing[:3]} or unused {unexpected[:3]}"
+        )
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) != config.text_config.vocab_size:
         raise ScorerError(
@@ -134,7 +170,9 @@ def convert_hpsv2(checkpoint: Path, tokenizer_dir: Path, out: Path, **widths) ->
     tokenizer.model_max_length = config.text_config.max_position_embeddings
     size = config.vision_config.image_size
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
         tokenizer=tokenizer,
     )
     out = Path(out)
@@ -154,7 +192,10 @@ _VISION_RENAMES = [
     (r"^blip\.visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
     (r"^blip\.visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
     (r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (
+        r"^blip\.visual_encoder\.blocks\.(\d+)\.attn\.proj\.",
+        r"vision_model.encoder.layers.\1.self_attn.projection.",
+    ),
     (r"^blip\.visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
     (r"^blip\.text_encoder\.", "text_encoder."),
     (r"^mlp\.layers\.", "head.layers."),
@@ -190,14 +231,28 @@ def imagereward_to_blip(state: dict[str, torch.Tensor], *, head_width: int = 64)
     vision_layers = _blocks(out, "vision_model.encoder.layers.")
     text_layers = _blocks(out, "text_encoder.encoder.layer.")
     config = BlipConfig(
-        vision_config=dict(hidden_size=vision_width, intermediate_size=vision_mlp, num_hidden_layers=vision_layers,
-                           num_attention_heads=vision_width // head_width, patch_size=patch,
-                           image_size=math.isqrt(positions - 1) * patch, layer_norm_eps=1e-6),
-        text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=text_mlp,
-                         num_hidden_layers=text_layers, num_attention_heads=text_width // head_width,
-                         max_position_embeddings=max_positions, encoder_hidden_size=vision_width,
-                         layer_norm_eps=1e-12, bos_token_id=min(30522, vocab - 1), sep_token_id=min(102, vocab - 1)),
-    )  # fmt: skip
+        vision_config=dict(
+            hidden_size=vision_width,
+            intermediate_size=vision_mlp,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_width // head_width,
+            patch_size=patch,
+            image_size=math.isqrt(positions - 1) * patch,
+            layer_norm_eps=1e-6,
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=text_width,
+            intermediate_size=text_mlp,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_width // head_width,
+            max_position_embeddings=max_positions,
+            encoder_hidden_size=vision_width,
+            layer_norm_eps=1e-12,
+            bos_token_id=min(30522, vocab - 1),
+            sep_token_id=min(102, vocab - 1),
+        ),
+    )
     return config, out
 
 
@@ -208,7 +263,9 @@ def convert_imagereward(checkpoint: Path, tokenizer_dir: Path, out: Path, *, hea
 
     from .imagereward import MAX_TOKENS, REWARD_MEAN, REWARD_STD, load_imagereward
 
-    config, state = imagereward_to_blip(load_state_file(Path(checkpoint), "imagereward"), head_width=head_width)
+    config, state = imagereward_to_blip(
+        load_state_file(Path(checkpoint), "imagereward"), head_width=head_width
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # BLIP's tokenizer: bert-base-uncased plus a [DEC] bos token and an [ENC] token (30524 ids).
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -221,8 +278,12 @@ def convert_imagereward(checkpoint: Path, tokenizer_dir: Path, out: Path, *, hea
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
-    settings = {"mean": REWARD_MEAN, "std": REWARD_STD, "max_tokens": MAX_TOKENS,
-                "image_size": config.vision_config.image_size}  # fmt: skip
+    settings = {
+        "mean": REWARD_MEAN,
+        "std": REWARD_STD,
+        "max_tokens": MAX_TOKENS,
+        "image_size": config.vision_config.image_size,
+    }
     (out / "imagereward.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     tokenizer.save_pretrained(out)
     load_imagereward(out)  # every tensor placed: fail here, not at the first eval

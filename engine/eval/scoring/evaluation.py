@@ -86,9 +86,11 @@ def score_folder(folder: Path, scorers: dict, progress: bool = True) -> list[dic
     rows = read_index(folder)
     batch = max(s.batch_size for s in scorers.values())
     frames = max(s.video_frames for s in scorers.values())
-    bar = tqdm(total=len(rows), desc=f"score {folder.name}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(rows), desc=f"score {folder.name}", unit="img", disable=not progress, dynamic_ncols=True
+    )
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
+        chunk = rows[start : start + batch]
         media = [load_media(folder / row["file"], frames) for row in chunk]
         prompts = [row["prompt"] for row in chunk]
         for name, scorer in scorers.items():
@@ -106,13 +108,20 @@ def per_prompt(rows: list[dict], metrics: list[str]) -> list[dict]:
         groups[(row.get("prompt_index"), row["prompt"])].append(row)
     out = []
     for (index, prompt), items in groups.items():
-        out.append({"prompt_index": index, "prompt": prompt, "images": len(items),
-                    **{m: float(np.mean([r[m] for r in items])) for m in metrics}})  # fmt: skip
+        out.append(
+            {
+                "prompt_index": index,
+                "prompt": prompt,
+                "images": len(items),
+                **{m: float(np.mean([r[m] for r in items])) for m in metrics},
+            }
+        )
     return out
 
 
-def evaluate_folders(folders: list[Path], scorers: dict, out_dir: Path, base: Path | None = None,
-                     progress: bool = True) -> dict:  # fmt: skip
+def evaluate_folders(
+    folders: list[Path], scorers: dict, out_dir: Path, base: Path | None = None, progress: bool = True
+) -> dict:
     """Score every folder; write scores.jsonl (per prompt), images.jsonl (per image), table.md
     and table.json into `out_dir`; return the table."""
     folders = [Path(f) for f in folders]
@@ -136,10 +145,16 @@ def evaluate_folders(folders: list[Path], scorers: dict, out_dir: Path, base: Pa
         base_prompts = {r["prompt"] for r in prompt_rows[base_name]}
         for name, rows in prompt_rows.items():
             if {r["prompt"] for r in rows} != base_prompts:
-                log.warning("%s was sampled for other prompts than the base %s: gains compare different sets",
-                            name, base_name)  # fmt: skip
-    table = summarize({name: {m: [r[m] for r in rows] for m in metrics} for name, rows in prompt_rows.items()},
-                      {name: scorer.gain for name, scorer in scorers.items()}, base_name)  # fmt: skip
+                log.warning(
+                    "%s was sampled for other prompts than the base %s: gains compare different sets",
+                    name,
+                    base_name,
+                )
+    table = summarize(
+        {name: {m: [r[m] for r in rows] for m in metrics} for name, rows in prompt_rows.items()},
+        {name: scorer.gain for name, scorer in scorers.items()},
+        base_name,
+    )
     table["folders"] = {name: str(folder) for name, folder in zip(names, folders, strict=True)}
     (out_dir / "table.json").write_text(json.dumps(table, indent=2), encoding="utf-8")
     (out_dir / "table.md").write_text(to_markdown(table), encoding="utf-8")
@@ -194,8 +209,15 @@ class RecordImages:
         return record.prompt, record.winner, record.loser
 
 
-def open_pairs(spec: str, *, pairs: int = 256, resolution: int = 64, flip_prob: float = 0.3, seed: int = 0,
-               allow_outside_root: bool = False):
+def open_pairs(
+    spec: str,
+    *,
+    pairs: int = 256,
+    resolution: int = 64,
+    flip_prob: float = 0.3,
+    seed: int = 0,
+    allow_outside_root: bool = False,
+):
     """`procedural:clean|noisy|shuffled`, or the path of a JSONL manifest."""
     if spec.startswith("procedural:"):
         from vipo.loaders.procedural import REGIMES, ProceduralPairs
@@ -221,10 +243,17 @@ def score_pairs(source, scorers: dict, progress: bool = True) -> tuple[list[dict
         if items:
             prompts = [item[0] for _, item in items]
             images = [item[1] for _, item in items] + [item[2] for _, item in items]
-            scored = {name: scorer.score(images, prompts + prompts).view(2, -1) for name, scorer in scorers.items()}
+            scored = {
+                name: scorer.score(images, prompts + prompts).view(2, -1) for name, scorer in scorers.items()
+            }
             for k, (index, item) in enumerate(items):
-                rows.append({"index": index, "prompt": item[0],
-                             **{n: [s[0, k].item(), s[1, k].item()] for n, s in scored.items()}})  # fmt: skip
+                rows.append(
+                    {
+                        "index": index,
+                        "prompt": item[0],
+                        **{n: [s[0, k].item(), s[1, k].item()] for n, s in scored.items()},
+                    }
+                )
         bar.update(min(batch, len(source) - start))
     bar.close()
     return rows, source.skipped

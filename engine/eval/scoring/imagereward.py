@@ -44,13 +44,18 @@ class ImageRewardModel(nn.Module):
         self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
         self.head = head
 
-    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         state = self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask, is_decoder=False,
-        ).last_hidden_state[:, 0]  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            is_decoder=False,
+        ).last_hidden_state[:, 0]
         return self.head(state.float())
 
 
@@ -84,7 +89,8 @@ def load_imagereward(folder: Path, scorer: str = "imagereward") -> tuple[ImageRe
     config = BlipConfig.from_pretrained(folder)
     state = load_file(folder / "model.safetensors")
     head = LinearStack.from_state_dict(
-        {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}, f"{folder}/model.safetensors"
+        {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")},
+        f"{folder}/model.safetensors",
     )
     model = ImageRewardModel(config, head)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -114,12 +120,19 @@ class ImageReward(Scorer):
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise ScorerError(f"scorer 'imagereward': no tokenizer in {folder}: {err}") from None
-        check_tokenizer(self.tokenizer, self.model.text_encoder.config.vocab_size, f"scorer 'imagereward' {folder}")
+        check_tokenizer(
+            self.tokenizer, self.model.text_encoder.config.vocab_size, f"scorer 'imagereward' {folder}"
+        )
 
     def score_images(self, images, prompts):
         size = int(self.settings.get("image_size", 224))
         pixels = preprocess(images, size).to(self.device, self.dtype)
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                max_length=int(self.settings.get("max_tokens", MAX_TOKENS)), return_tensors="pt")  # fmt: skip
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            truncation=True,
+            max_length=int(self.settings.get("max_tokens", MAX_TOKENS)),
+            return_tensors="pt",
+        )
         raw = self.model(pixels, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
         return (raw - self.settings.get("mean", REWARD_MEAN)) / self.settings.get("std", REWARD_STD)

@@ -60,6 +60,8 @@ def to_markdown(table: dict) -> str:
         cells = [_cell(row, m, table["gain_kind"][m]) for m in metrics]
         lines.append(f"| {name} | {row['prompts']} | " + " | ".join(cells) + " |")
     if table["base"] is not None:
-        kinds = ", ".join(f"{m}: {'difference' if k == 'absolute' else 'percent'}" for m, k in table["gain_kind"].items())
+        kinds = ", ".join(
+            f"{m}: {'difference' if k == 'absolute' else 'percent'}" for m, k in table["gain_kind"].items()
+        )
         lines.append(f"\nGain over {table['base']} in brackets ({kinds}).")
     return "\n".join(lines) + "\n"

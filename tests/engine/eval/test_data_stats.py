@@ -64,7 +64,9 @@ def test_sizes_come_from_headers_and_decode_finds_a_truncated_jpeg(tmp_path, mon
     full = jpeg(64, 64, seed=3)
     (tmp_path / "w.jpg").write_bytes(full[: len(full) // 2])  # header intact, pixels cut off
     (tmp_path / "l.jpg").write_bytes(jpeg(64, 64, seed=4))
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "winner": "w.jpg", "loser": "l.jpg"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "p", "winner": "w.jpg", "loser": "l.jpg"}) + "\n"
+    )
     cfg = data_config("data.source=manifest", f"data.path={tmp_path / 'pairs.jsonl'}")
     import vipo.loaders.images as images
 
@@ -80,16 +82,41 @@ def test_sizes_come_from_headers_and_decode_finds_a_truncated_jpeg(tmp_path, mon
 def write_pickapic(path):
     """Five rows: three preferences, a tie, and a corrupt winner image."""
     labels = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0)]
-    rows = {key: [] for key in ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "image_0_uid", "image_1_uid",
-                                "model_0", "model_1", "best_image_uid", "are_different", "has_label")}  # fmt: skip
+    rows = {
+        key: []
+        for key in (
+            "caption",
+            "jpg_0",
+            "jpg_1",
+            "label_0",
+            "label_1",
+            "image_0_uid",
+            "image_1_uid",
+            "model_0",
+            "model_1",
+            "best_image_uid",
+            "are_different",
+            "has_label",
+        )
+    }
     for i, (l0, l1) in enumerate(labels):
         image_0, image_1 = jpeg(48, 32, seed=i), jpeg(32, 32, seed=20 + i)
         if i == 3:
             image_1 = b"corrupt bytes"
-        for key, value in (("caption", f"prompt {i}"), ("jpg_0", image_0), ("jpg_1", image_1), ("label_0", l0),
-                           ("label_1", l1), ("image_0_uid", f"a{i}"), ("image_1_uid", f"b{i}"), ("model_0", "m"),
-                           ("model_1", "m"), ("best_image_uid", f"a{i}"), ("are_different", True),
-                           ("has_label", True)):  # fmt: skip
+        for key, value in (
+            ("caption", f"prompt {i}"),
+            ("jpg_0", image_0),
+            ("jpg_1", image_1),
+            ("label_0", l0),
+            ("label_1", l1),
+            ("image_0_uid", f"a{i}"),
+            ("image_1_uid", f"b{i}"),
+            ("model_0", "m"),
+            ("model_1", "m"),
+            ("best_image_uid", f"a{i}"),
+            ("are_different", True),
+            ("has_label", True),
+        ):
             rows[key].append(value)
     pq.write_table(pa.table(rows), path, row_group_size=2)
     return path
@@ -122,13 +149,22 @@ def test_video_stats_probe_frames_and_codecs_and_count_short_and_missing_clips(t
     write_clip(tmp_path / "a.webm", 9)
     write_clip(tmp_path / "b.mp4", 7, codec="libx264")
     write_clip(tmp_path / "short.webm", 3)
-    lines = [{"prompt": "ok", "winner": "a.webm", "loser": "b.mp4", "category": "motion"},
-             {"prompt": "short", "winner": "a.webm", "loser": "short.webm"},
-             {"prompt": "gone", "winner": "a.webm", "loser": "nowhere.mkv"}]  # fmt: skip
+    lines = [
+        {"prompt": "ok", "winner": "a.webm", "loser": "b.mp4", "category": "motion"},
+        {"prompt": "short", "winner": "a.webm", "loser": "short.webm"},
+        {"prompt": "gone", "winner": "a.webm", "loser": "nowhere.mkv"},
+    ]
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    report = collect(*data_config("data.source=video", f"data.path={tmp_path / 'v.jsonl'}", "data.num_frames=5"),
-                     progress=False)  # fmt: skip
-    assert report["pairs"] == 1 and report["skipped"] == {"missing": 1, "corrupt": 0, "short": 1, "not_a_file": 0}
+    report = collect(
+        *data_config("data.source=video", f"data.path={tmp_path / 'v.jsonl'}", "data.num_frames=5"),
+        progress=False,
+    )
+    assert report["pairs"] == 1 and report["skipped"] == {
+        "missing": 1,
+        "corrupt": 0,
+        "short": 1,
+        "not_a_file": 0,
+    }
     assert report["frames"] == {"winner": {9: 1}, "loser": {7: 1}}
     assert report["codecs"] == {"h264": 1, "vp9": 1} and report["categories"] == {"motion": 1}
     assert report["resolution"]["winner"] == {"32x24": 1}

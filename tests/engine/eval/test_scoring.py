@@ -41,13 +41,27 @@ def tiny_clip_config(vocab_size, projection_dim=16):
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=16, bos_token_id=vocab_size - 2,
-                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=projection_dim,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +82,22 @@ def clip_dir(tmp_path_factory):
 def aesthetic_head(tmp_path_factory, clip_dir):
     """The LAION predictor's nn.Sequential layout (Linear/Dropout, no activations), saved as .pth."""
     torch.manual_seed(1)
-    head = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.2), nn.Linear(32, 8), nn.Dropout(0.1), nn.Linear(8, 1))
+    head = nn.Sequential(
+        nn.Linear(16, 32), nn.Dropout(0.2), nn.Linear(32, 8), nn.Dropout(0.1), nn.Linear(8, 1)
+    )
     path = tmp_path_factory.mktemp("aesthetic") / "head.pth"
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path)
     return path, head.eval()
 
 
 def clip_config(clip_dir, head=None):
-    return ScorersConfig(pickscore=ClipFolder(str(clip_dir)), hpsv2=ClipFolder(str(clip_dir)),
-                         clip=ClipFolder(str(clip_dir)), aesthetic=AestheticPaths(str(clip_dir), head and str(head)),
-                         batch_size=4)  # fmt: skip
+    return ScorersConfig(
+        pickscore=ClipFolder(str(clip_dir)),
+        hpsv2=ClipFolder(str(clip_dir)),
+        clip=ClipFolder(str(clip_dir)),
+        aesthetic=AestheticPaths(str(clip_dir), head and str(head)),
+        batch_size=4,
+    )
 
 
 def random_images(count, seed=0, size=(24, 40)):
@@ -95,7 +115,9 @@ def test_clip_scorers_are_their_published_functions_of_clip_similarity(clip_dir,
     scorers = build_scorers("pickscore,hpsv2,clip,aesthetic", clip_config(clip_dir, aesthetic_head[0]))
     images, prompts = random_images(3), ["a red circle", "a blue square on the left", "a cat"]
     model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
-    inputs = processor(text=prompts, images=[Image.fromarray(i) for i in images], return_tensors="pt", padding=True)
+    inputs = processor(
+        text=prompts, images=[Image.fromarray(i) for i in images], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         out = model(**inputs)  # transformers' own similarity: logit_scale.exp() * cos
     logits = out.logits_per_image.diagonal()
@@ -106,7 +128,9 @@ def test_clip_scorers_are_their_published_functions_of_clip_similarity(clip_dir,
     with torch.no_grad():
         expected = aesthetic_head[1](F.normalize(out.image_embeds, dim=-1)).squeeze(-1)
     torch.testing.assert_close(scorers["aesthetic"].score(images, prompts), expected, rtol=1e-5, atol=1e-5)
-    assert scorers["pickscore"].score(images[:1], ["a cat"]) != scorers["pickscore"].score(images[:1], ["a red circle"])
+    assert scorers["pickscore"].score(images[:1], ["a cat"]) != scorers["pickscore"].score(
+        images[:1], ["a red circle"]
+    )
 
 
 def test_scores_do_not_depend_on_batching_and_a_video_scores_the_mean_of_its_frames(clip_dir):
@@ -119,19 +143,28 @@ def test_scores_do_not_depend_on_batching_and_a_video_scores_the_mean_of_its_fra
     torch.testing.assert_close(scorer.score(images, prompts), batched, rtol=1e-5, atol=1e-4)
     video = np.stack(images[:3])
     scorer.video_frames = 3
-    torch.testing.assert_close(scorer.score([video], ["a red circle"]), batched[:3].mean().view(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        scorer.score([video], ["a red circle"]), batched[:3].mean().view(1), rtol=1e-5, atol=1e-4
+    )
     scorer.video_frames = 2  # frames 0 and 2 of 3, evenly spaced
-    torch.testing.assert_close(scorer.score([video], ["a red circle"]), batched[[0, 2]].mean().view(1),
-                               rtol=1e-5, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        scorer.score([video], ["a red circle"]), batched[[0, 2]].mean().view(1), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_missing_weights_are_errors_naming_the_scorer_and_the_path(tmp_path, clip_dir):
     with pytest.raises(ScorerError, match=r"scorer 'pickscore' has no weights path: set pickscore.path"):
         build_scorer("pickscore", ScorersConfig())
-    with pytest.raises(ScorerError, match=r"scorer 'hpsv2': folder not found at .*nowhere \(from hpsv2.path\)"):
+    with pytest.raises(
+        ScorerError, match=r"scorer 'hpsv2': folder not found at .*nowhere \(from hpsv2.path\)"
+    ):
         build_scorer("hpsv2", ScorersConfig(hpsv2=ClipFolder(str(tmp_path / "nowhere"))))
-    with pytest.raises(ScorerError, match=r"scorer 'aesthetic': file not found at .*head.pth \(from aesthetic.head\)"):
-        build_scorer("aesthetic", ScorersConfig(aesthetic=AestheticPaths(str(clip_dir), str(tmp_path / "head.pth"))))
+    with pytest.raises(
+        ScorerError, match=r"scorer 'aesthetic': file not found at .*head.pth \(from aesthetic.head\)"
+    ):
+        build_scorer(
+            "aesthetic", ScorersConfig(aesthetic=AestheticPaths(str(clip_dir), str(tmp_path / "head.pth")))
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ScorerError, match=r"scorer 'clip': .*empty is not a model folder"):
         build_scorer("clip", ScorersConfig(clip=ClipFolder(str(tmp_path / "empty"))))
@@ -144,7 +177,9 @@ def test_missing_weights_are_errors_naming_the_scorer_and_the_path(tmp_path, cli
 def test_an_aesthetic_head_of_another_width_than_the_clip_is_refused(tmp_path, clip_dir):
     torch.save({"layers.0.weight": torch.zeros(1, 768), "layers.0.bias": torch.zeros(1)}, tmp_path / "h.pth")
     with pytest.raises(ScorerError, match="takes 768 features but the CLIP .* embeds images in 16"):
-        build_scorer("aesthetic", ScorersConfig(aesthetic=AestheticPaths(str(clip_dir), str(tmp_path / "h.pth"))))
+        build_scorer(
+            "aesthetic", ScorersConfig(aesthetic=AestheticPaths(str(clip_dir), str(tmp_path / "h.pth")))
+        )
 
 
 def test_scorers_config_resolves_relative_paths_and_rejects_unknown_keys(tmp_path):
@@ -172,19 +207,37 @@ def random_openclip_state(seed=0, width=32, layers=2, vocab=30, context=16, embe
         return torch.randn(*shape, generator=g) * scale
 
     def block(prefix):
-        return {f"{prefix}ln_1.weight": 1 + r(width), f"{prefix}ln_1.bias": r(width),
-                f"{prefix}attn.in_proj_weight": r(3 * width, width), f"{prefix}attn.in_proj_bias": r(3 * width),
-                f"{prefix}attn.out_proj.weight": r(width, width), f"{prefix}attn.out_proj.bias": r(width),
-                f"{prefix}ln_2.weight": 1 + r(width), f"{prefix}ln_2.bias": r(width),
-                f"{prefix}mlp.c_fc.weight": r(2 * width, width), f"{prefix}mlp.c_fc.bias": r(2 * width),
-                f"{prefix}mlp.c_proj.weight": r(width, 2 * width), f"{prefix}mlp.c_proj.bias": r(width)}  # fmt: skip
+        return {
+            f"{prefix}ln_1.weight": 1 + r(width),
+            f"{prefix}ln_1.bias": r(width),
+            f"{prefix}attn.in_proj_weight": r(3 * width, width),
+            f"{prefix}attn.in_proj_bias": r(3 * width),
+            f"{prefix}attn.out_proj.weight": r(width, width),
+            f"{prefix}attn.out_proj.bias": r(width),
+            f"{prefix}ln_2.weight": 1 + r(width),
+            f"{prefix}ln_2.bias": r(width),
+            f"{prefix}mlp.c_fc.weight": r(2 * width, width),
+            f"{prefix}mlp.c_fc.bias": r(2 * width),
+            f"{prefix}mlp.c_proj.weight": r(width, 2 * width),
+            f"{prefix}mlp.c_proj.bias": r(width),
+        }
 
-    state = {"token_embedding.weight": r(vocab, width), "positional_embedding": r(context, width),
-             "ln_final.weight": 1 + r(width), "ln_final.bias": r(width), "text_projection": r(width, embed),
-             "logit_scale": torch.tensor(4.6), "visual.conv1.weight": r(width, 3, patch, patch),
-             "visual.class_embedding": r(width), "visual.positional_embedding": r(grid * grid + 1, width),
-             "visual.ln_pre.weight": 1 + r(width), "visual.ln_pre.bias": r(width),
-             "visual.ln_post.weight": 1 + r(width), "visual.ln_post.bias": r(width), "visual.proj": r(width, embed)}  # fmt: skip
+    state = {
+        "token_embedding.weight": r(vocab, width),
+        "positional_embedding": r(context, width),
+        "ln_final.weight": 1 + r(width),
+        "ln_final.bias": r(width),
+        "text_projection": r(width, embed),
+        "logit_scale": torch.tensor(4.6),
+        "visual.conv1.weight": r(width, 3, patch, patch),
+        "visual.class_embedding": r(width),
+        "visual.positional_embedding": r(grid * grid + 1, width),
+        "visual.ln_pre.weight": 1 + r(width),
+        "visual.ln_pre.bias": r(width),
+        "visual.ln_post.weight": 1 + r(width),
+        "visual.ln_post.bias": r(width),
+        "visual.proj": r(width, embed),
+    }
     for i in range(layers):
         state.update(block(f"transformer.resblocks.{i}."))
         state.update(block(f"visual.transformer.resblocks.{i}."))
@@ -204,7 +257,9 @@ def openclip_forward(state, pixels, ids, heads):
         for i in range(layers):
             p = f"{prefix}{i}."
             attn = nn.MultiheadAttention(width, heads, batch_first=True)
-            attn.load_state_dict({k[len(p + "attn."):]: v for k, v in state.items() if k.startswith(p + "attn.")})
+            attn.load_state_dict(
+                {k[len(p + "attn.") :]: v for k, v in state.items() if k.startswith(p + "attn.")}
+            )
             h = ln(x, p + "ln_1")
             x = x + attn(h, h, h, need_weights=False, attn_mask=mask)[0]
             h = F.gelu(F.linear(ln(x, p + "ln_2"), state[p + "mlp.c_fc.weight"], state[p + "mlp.c_fc.bias"]))
@@ -246,22 +301,33 @@ def test_a_converted_hpsv2_checkpoint_is_a_folder_the_hpsv2_scorer_loads(tmp_pat
     tokenizer = write_clip_tokenizer(tmp_path / "tok", WORDS)
     state = random_openclip_state(vocab=len(tokenizer))
     torch.save({"state_dict": state}, tmp_path / "HPS_v2.1_compressed.pt")  # the release wraps its weights
-    out = convert_hpsv2(tmp_path / "HPS_v2.1_compressed.pt", tmp_path / "tok", tmp_path / "hps",
-                        vision_head_width=8, text_head_width=8)  # fmt: skip
+    out = convert_hpsv2(
+        tmp_path / "HPS_v2.1_compressed.pt",
+        tmp_path / "tok",
+        tmp_path / "hps",
+        vision_head_width=8,
+        text_head_width=8,
+    )
     scorer = build_scorer("hpsv2", ScorersConfig(hpsv2=ClipFolder(str(out))))
     images = random_images(2, seed=4, size=(32, 32))
     prompts = ["a red circle", "a cat on the left"]
     ids = tokenizer(prompts, padding="max_length", max_length=16).input_ids
-    pixels = scorer.embedder.processor.image_processor(images=[Image.fromarray(i) for i in images],
-                                                       return_tensors="pt")["pixel_values"]  # fmt: skip
+    pixels = scorer.embedder.processor.image_processor(
+        images=[Image.fromarray(i) for i in images], return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         image, text = openclip_forward(state, pixels, torch.tensor(ids), heads=4)
     expected = F.cosine_similarity(image, text)
     torch.testing.assert_close(scorer.score(images, prompts), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ScorerError, match="tokens but the checkpoint's text tower has"):
         write_clip_tokenizer(tmp_path / "small", WORDS[:3])
-        convert_hpsv2(tmp_path / "HPS_v2.1_compressed.pt", tmp_path / "small", tmp_path / "bad",
-                      vision_head_width=8, text_head_width=8)  # fmt: skip
+        convert_hpsv2(
+            tmp_path / "HPS_v2.1_compressed.pt",
+            tmp_path / "small",
+            tmp_path / "bad",
+            vision_head_width=8,
+            text_head_width=8,
+        )
 
 
 BLIP_RENAMES_BACK = [  # transformers' BLIP names -> the ImageReward release's names
@@ -270,9 +336,13 @@ BLIP_RENAMES_BACK = [  # transformers' BLIP names -> the ImageReward release's n
     ("vision_model.embeddings.patch_embedding.", "blip.visual_encoder.patch_embed.proj."),
     ("vision_model.post_layernorm.", "blip.visual_encoder.norm."),
     ("vision_model.encoder.layers.", "blip.visual_encoder.blocks."),
-    (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.qkv.", ".attn.qkv."),
-    (".self_attn.projection.", ".attn.proj."), ("text_encoder.", "blip.text_encoder."), ("head.layers.", "mlp.layers."),
-]  # fmt: skip
+    (".layer_norm1.", ".norm1."),
+    (".layer_norm2.", ".norm2."),
+    (".self_attn.qkv.", ".attn.qkv."),
+    (".self_attn.projection.", ".attn.proj."),
+    ("text_encoder.", "blip.text_encoder."),
+    ("head.layers.", "mlp.layers."),
+]
 
 
 def test_a_converted_imagereward_checkpoint_scores_as_the_model_it_came_from(tmp_path):
@@ -294,11 +364,26 @@ def test_a_converted_imagereward_checkpoint_scores_as_the_model_it_came_from(tmp
     BertTokenizer(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(tmp_path / "bert")
     vocab = len(specials) + len(WORDS) + 2  # + BLIP's [DEC] and [ENC]
     config = BlipConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=8, layer_norm_eps=1e-6),
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=40, bos_token_id=vocab - 2, sep_token_id=3),
-    )  # fmt: skip
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            layer_norm_eps=1e-6,
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=40,
+            bos_token_id=vocab - 2,
+            sep_token_id=3,
+        ),
+    )
     torch.manual_seed(2)
     head = LinearStack([(32, 8), (8, 4), (4, 1)], [0, 2, 4])
     original = ImageRewardModel(config, head).eval()
@@ -312,21 +397,30 @@ def test_a_converted_imagereward_checkpoint_scores_as_the_model_it_came_from(tmp
     released["blip.vision_proj.weight"] = torch.zeros(4, 32)  # in the release, unused for scoring
     torch.save(released, tmp_path / "ImageReward.pt")
     out = convert_imagereward(tmp_path / "ImageReward.pt", tmp_path / "bert", tmp_path / "ir", head_width=8)
-    scorer = build_scorer("imagereward", ScorersConfig(imagereward=type(ScorersConfig().imagereward)(str(out))))
+    scorer = build_scorer(
+        "imagereward", ScorersConfig(imagereward=type(ScorersConfig().imagereward)(str(out)))
+    )
     images = random_images(3, seed=5, size=(40, 36))
     prompts = ["a red circle", "a blue square on the left", "a cat"]
-    tokens = scorer.tokenizer(prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt")
+    tokens = scorer.tokenizer(
+        prompts, padding="max_length", max_length=35, truncation=True, return_tensors="pt"
+    )
     assert (tokens.input_ids[:, 0] == 2).all()  # [CLS] first: its state is what the head reads
     with torch.no_grad():
-        raw = original(preprocess([Image.fromarray(i) for i in images], 32), tokens.input_ids, tokens.attention_mask)
+        raw = original(
+            preprocess([Image.fromarray(i) for i in images], 32), tokens.input_ids, tokens.attention_mask
+        )
     scores = scorer.score(images, prompts)
     torch.testing.assert_close(scores, (raw - REWARD_MEAN) / REWARD_STD, rtol=1e-4, atol=1e-5)
-    assert scorer.score(images[:1], ["a cat"]) != scorer.score(images[:1], ["a red circle"])  # cross-attends text
+    assert scorer.score(images[:1], ["a cat"]) != scorer.score(
+        images[:1], ["a red circle"]
+    )  # cross-attends text
     assert scorer.gain == "absolute"
     grey = preprocess([Image.new("RGB", (40, 20), (51, 102, 153))], 32)  # shorter side -> 32, centre crop
     assert grey.shape == (1, 3, 32, 32)
-    torch.testing.assert_close(grey[0, :, 5, 7], (torch.tensor([0.2, 0.4, 0.6]) - torch.tensor(CLIP_MEAN)) /
-                               torch.tensor(CLIP_STD))  # fmt: skip
+    torch.testing.assert_close(
+        grey[0, :, 5, 7], (torch.tensor([0.2, 0.4, 0.6]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,28 +460,54 @@ def write_samples(folder, prompts, colour, n=2):
 
 def test_vipo_eval_writes_per_prompt_scores_and_the_table(tmp_path, clip_dir, aesthetic_head):
     config = tmp_path / "scorers.yaml"
-    config.write_text(yaml.safe_dump({"clip": {"path": str(clip_dir)},
-                                      "aesthetic": {"clip": str(clip_dir), "head": str(aesthetic_head[0])}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "clip": {"path": str(clip_dir)},
+                "aesthetic": {"clip": str(clip_dir), "head": str(aesthetic_head[0])},
+            }
+        )
+    )
     prompts = ["a red circle", "a blue square"]
     write_samples(tmp_path / "base", prompts, (90, 90, 90))
     write_samples(tmp_path / "poly", prompts, (200, 40, 40))
-    code = main(["eval", str(tmp_path / "poly"), "--base", str(tmp_path / "base"), "--scorers", "clip,aesthetic",
-                 "--scorers-config", str(config), "--out", str(tmp_path / "eval"), "-q"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            str(tmp_path / "poly"),
+            "--base",
+            str(tmp_path / "base"),
+            "--scorers",
+            "clip,aesthetic",
+            "--scorers-config",
+            str(config),
+            "--out",
+            str(tmp_path / "eval"),
+            "-q",
+        ]
+    )
     assert code == 0
     table = json.loads((tmp_path / "eval" / "table.json").read_text())
-    assert [m["model"] for m in table["models"]] == ["base", "poly"] and table["metrics"] == ["clip", "aesthetic"]
+    assert [m["model"] for m in table["models"]] == ["base", "poly"] and table["metrics"] == [
+        "clip",
+        "aesthetic",
+    ]
     scorers = build_scorers("clip,aesthetic", load_scorers_config(config))
     means = {}
     for model in ("base", "poly"):  # mean over prompts of the mean over each prompt's 2 images
         images = [Image.open(tmp_path / model / f"{p}_{i}.png") for p in range(2) for i in range(2)]
         texts = [prompts[p] for p in range(2) for _ in range(2)]
-        means[model] = {name: s.score(images, texts).view(2, 2).mean(1).mean().item() for name, s in scorers.items()}
+        means[model] = {
+            name: s.score(images, texts).view(2, 2).mean(1).mean().item() for name, s in scorers.items()
+        }
     for row in table["models"]:
         for metric in ("clip", "aesthetic"):
             assert row["mean"][metric] == pytest.approx(means[row["model"]][metric], rel=1e-5, abs=1e-5)
     poly = table["models"][1]
     base_clip = means["base"]["clip"]
-    assert poly["gain"]["clip"] == pytest.approx(100 * (means["poly"]["clip"] - base_clip) / abs(base_clip), rel=1e-4)
+    assert poly["gain"]["clip"] == pytest.approx(
+        100 * (means["poly"]["clip"] - base_clip) / abs(base_clip), rel=1e-4
+    )
     per_prompt = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
     assert len(per_prompt) == 4 and {r["images"] for r in per_prompt} == {2}
     assert "| base (base) | 2 |" in (tmp_path / "eval" / "table.md").read_text()
@@ -398,8 +518,22 @@ def test_vipo_eval_names_a_missing_sample_file(tmp_path, clip_dir, capsys):
     config.write_text(yaml.safe_dump({"clip": {"path": str(clip_dir)}}))
     write_samples(tmp_path / "run", ["a cat"], (10, 10, 10))
     (tmp_path / "run" / "0_1.png").unlink()
-    assert main(["eval", str(tmp_path / "run"), "--scorers", "clip", "--scorers-config", str(config),
-                 "--out", str(tmp_path / "eval"), "-q"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--scorers",
+                "clip",
+                "--scorers-config",
+                str(config),
+                "--out",
+                str(tmp_path / "eval"),
+                "-q",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "vipo: error: sample file not found" in err and "0_1.png" in err
 
@@ -414,10 +548,16 @@ def test_agreement_fractions_match_a_hand_count():
     #   pair 1: -, -, -   all agree with each other, against the label
     #   pair 2: +, -, +   no consensus
     #   pair 3: +, 0, +   a tie: not agreement, half a point of accuracy
-    winners = {"a": torch.tensor([2.0, 0.0, 3.0, 1.0]), "b": torch.tensor([5.0, 1.0, 0.0, 2.0]),
-               "c": torch.tensor([1.0, 0.0, 1.0, 4.0])}  # fmt: skip
-    losers = {"a": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.tensor([4.0, 2.0, 1.0, 2.0]),
-              "c": torch.tensor([0.0, 3.0, 0.0, 0.0])}  # fmt: skip
+    winners = {
+        "a": torch.tensor([2.0, 0.0, 3.0, 1.0]),
+        "b": torch.tensor([5.0, 1.0, 0.0, 2.0]),
+        "c": torch.tensor([1.0, 0.0, 1.0, 4.0]),
+    }
+    losers = {
+        "a": torch.tensor([1.0, 1.0, 0.0, 0.0]),
+        "b": torch.tensor([4.0, 2.0, 1.0, 2.0]),
+        "c": torch.tensor([0.0, 3.0, 0.0, 0.0]),
+    }
     stats = agreement(winners, losers)
     assert stats.pairs == 4
     assert stats.label_accuracy == {"a": 0.75, "b": 0.375, "c": 0.75}
@@ -488,21 +628,41 @@ def test_suggest_alpha_reads_noisy_clean_and_over_simple_data_by_its_stated_rule
 def test_data_agreement_cli_reports_figures_consistent_with_its_pair_scores(tmp_path, clip_dir, capsys):
     config = tmp_path / "scorers.yaml"
     config.write_text(yaml.safe_dump({"pickscore": {"path": str(clip_dir)}, "clip": {"path": str(clip_dir)}}))
-    code = main(["data", "agreement", "procedural:shuffled", "--scorers", "pickscore,clip", "--scorers-config",
-                 str(config), "--pairs", "6", "--resolution", "32", "--suggest-alpha", "--out", str(tmp_path / "a"),
-                 "-q"])  # fmt: skip
+    code = main(
+        [
+            "data",
+            "agreement",
+            "procedural:shuffled",
+            "--scorers",
+            "pickscore,clip",
+            "--scorers-config",
+            str(config),
+            "--pairs",
+            "6",
+            "--resolution",
+            "32",
+            "--suggest-alpha",
+            "--out",
+            str(tmp_path / "a"),
+            "-q",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "all scorers agree with each other" in out and "suggested:" in out and "rule:" in out
     report = json.loads((tmp_path / "a" / "agreement.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / "a" / "pair_scores.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and report["pairs"] == 6
-    recomputed = agreement({n: torch.tensor([r[n][0] for r in rows]) for n in ("pickscore", "clip")},
-                           {n: torch.tensor([r[n][1] for r in rows]) for n in ("pickscore", "clip")})  # fmt: skip
+    recomputed = agreement(
+        {n: torch.tensor([r[n][0] for r in rows]) for n in ("pickscore", "clip")},
+        {n: torch.tensor([r[n][1] for r in rows]) for n in ("pickscore", "clip")},
+    )
     assert report["label_accuracy"] == pytest.approx(recomputed.label_accuracy)
     assert report["all_agree_each"] == pytest.approx(recomputed.all_agree_each)
     # pickscore is logit_scale * cos and clip is 100 * cos of the same model: same ranking always
-    same_sign = [np.sign(r["pickscore"][0] - r["pickscore"][1]) == np.sign(r["clip"][0] - r["clip"][1]) for r in rows]
+    same_sign = [
+        np.sign(r["pickscore"][0] - r["pickscore"][1]) == np.sign(r["clip"][0] - r["clip"][1]) for r in rows
+    ]
     assert all(same_sign) and report["all_agree_each"] == 1.0
 
 
@@ -511,7 +671,9 @@ def test_a_manifest_source_counts_its_missing_images_as_skips(tmp_path, clip_dir
     lines = []
     for k in range(3):
         for side in ("w", "l"):
-            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{k}{side}.png")
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / f"{k}{side}.png"
+            )
         lines.append({"prompt": "a cat", "winner": f"{k}w.png", "loser": f"{k}l.png"})
     (tmp_path / "1l.png").unlink()
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
