@@ -60,6 +60,7 @@ setup(
         "dev": [
             "pytest>=8.0",
             "pytest-benchmark>=4.0",
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             "ruff>=0.6",
             "tensorboard>=2.16",

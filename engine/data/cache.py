@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from vipo.loaders.cache import CacheError, LatentCache, plain_json, write_cache
+from vipo.loaders.atomic import plain_json
+from vipo.loaders.cache import CacheError, LatentCache, write_cache
 from vipo.loaders.images import SourceError
 
 from ..config import ConfigError, to_dict

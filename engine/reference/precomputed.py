@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from vipo.kernels import sample_errors
-from vipo.loaders.cache import (
-    LatentCache,
+from vipo.loaders.atomic import (
     describe_differences,
     digest_of,
     header,
@@ -35,6 +34,7 @@ from vipo.loaders.cache import (
     save_atomic,
     write_json_atomic,
 )
+from vipo.loaders.cache import LatentCache
 
 from ..config import ConfigError
 from ..data.cache import CacheBatchSource, model_identity, open_cache

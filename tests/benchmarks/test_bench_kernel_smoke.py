@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernel.py"
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_writes_a_complete_result_file(tmp_path):
     out = tmp_path / "kernel.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}

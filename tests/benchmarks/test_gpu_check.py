@@ -11,6 +11,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 
 
+@pytest.mark.slow
 def test_the_dry_run_rehearses_every_step_without_the_packages_the_gpu_image_lacks(tmp_path):
     proc = subprocess.run(
         [str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
