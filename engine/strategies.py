@@ -125,7 +125,30 @@ class DDPStrategy(Strategy):
         return nullcontext() if last else self.policy.no_sync()
 
 
-class FSDPStrategy(Strategy):
+class ShardedSave:
+    """Every rank writes its share: DCP files for fsdp, DeepSpeed's own states for ZeRO (whose
+    engine, when there is one, writes them)."""
+
+    engine = None
+
+    def save(self, out_dir, step, state, rng, *, latest, suffix):
+        return save_sharded_checkpoint(
+            out_dir,
+            step,
+            world=self.world,
+            network=self.network,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            engine=self.engine,
+            rng=rng,
+            state=state,
+            cfg=self.cfg,
+            latest=latest,
+            suffix=suffix,
+        )
+
+
+class FSDPStrategy(ShardedSave, Strategy):
     """FSDP2: gradients reduce-scattered every micro-batch; the norm is a DTensor of the global
     norm; every rank writes its shards with torch.distributed.checkpoint."""
 
@@ -136,24 +159,8 @@ class FSDPStrategy(Strategy):
         norm = super()._clip()
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def save(self, out_dir, step, state, rng, *, latest, suffix):
-        return save_sharded_checkpoint(
-            out_dir,
-            step,
-            world=self.world,
-            network=self.network,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            engine=None,
-            rng=rng,
-            state=state,
-            cfg=self.cfg,
-            latest=latest,
-            suffix=suffix,
-        )
 
-
-class DeepSpeedStrategy(Strategy):
+class DeepSpeedStrategy(ShardedSave, Strategy):
     """ZeRO-2/3: the engine runs backward (dividing by its own accumulation count), counts
     micro-batches, clips and steps at the boundary, and skips an overflowing update itself."""
 
@@ -195,22 +202,6 @@ class DeepSpeedStrategy(Strategy):
                 f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({saved}, here "
                 f"{self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
             )
-
-    def save(self, out_dir, step, state, rng, *, latest, suffix):
-        return save_sharded_checkpoint(
-            out_dir,
-            step,
-            world=self.world,
-            network=self.network,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            engine=self.engine,
-            rng=rng,
-            state=state,
-            cfg=self.cfg,
-            latest=latest,
-            suffix=suffix,
-        )
 
     def load(self, path, state):
         _, rng = load_sharded_checkpoint(
