@@ -34,23 +34,27 @@ setup(
     package_dir=package_dir,
     package_data={"vipo.configs": ["**/*.yaml", "**/*.json"]},
     include_package_data=False,
+    # `pip install vipo` is the loss kernels alone (numpy: Triton's interpreter on CPU);
+    # `vipo[train]` adds the engine, loaders and evaluation (engine/entry.py says so when missing).
     install_requires=[
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.26",
-        "pyyaml>=6.0",
-        "safetensors>=0.4.3",
-        "tqdm>=4.66",
-        "pillow>=10.0",
-        "matplotlib>=3.8",
-        "pyarrow>=15.0",
-        "diffusers>=0.32",
-        "transformers>=4.46",
-        "peft>=0.13",
-        "accelerate>=0.34",
-        "sentencepiece>=0.2",
     ],
     extras_require={
+        "train": [
+            "pyyaml>=6.0",
+            "safetensors>=0.4.3",
+            "tqdm>=4.66",
+            "pillow>=10.0",
+            "matplotlib>=3.8",
+            "pyarrow>=15.0",
+            "diffusers>=0.32",
+            "transformers>=4.46",
+            "peft>=0.13",
+            "accelerate>=0.34",
+            "sentencepiece>=0.2",
+        ],
         "video": ["nvidia-dali-cuda130>=2.4", "av>=12.0"],
         "deepspeed": ["deepspeed>=0.16"],
         # Built against CUDA only; never required, never imported at module load.
@@ -67,7 +71,7 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": ["vipo = vipo.engine.cli:main"],
+        "console_scripts": ["vipo = vipo.engine.entry:main"],
         # Commands of installed parts outside the engine (engine/cli.py loads this group).
         "vipo.commands": ["bench = vipo.benchmarks.cli:add_commands"],
     },

@@ -11,6 +11,6 @@ _cwd = os.getcwd()
 if os.path.isfile(os.path.join(_cwd, "kernels", "reference.py")):
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _cwd]
 
-from vipo.engine.cli import main  # noqa: E402
+from vipo.engine.entry import main  # noqa: E402
 
 sys.exit(main())
