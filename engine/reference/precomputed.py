@@ -77,13 +77,12 @@ def build_frozen_adapter(cfg, device: torch.device, vocabulary):
     return build_adapter(cfg.model, device, seed=cfg.train.seed, trainable=False, vocabulary=vocabulary)
 
 
-def epochs_needed(cfg, num_pairs: int, world_size: int = 1) -> int:
-    """Epochs a run of the recipe touches (PairSampler drops each epoch's last partial batch)."""
-    per_epoch = num_pairs // (cfg.train.batch_pairs * world_size)
+def epochs_needed(cfg, num_pairs: int) -> int:
+    """Epochs a run of the recipe touches, on any number of processes: `train.batch_pairs` is the
+    global micro-batch, and PairSampler drops each epoch's last partial batch."""
+    per_epoch = num_pairs // cfg.train.batch_pairs
     if per_epoch < 1:
-        raise ConfigError(
-            f"{num_pairs} cached pairs cannot fill a batch of {cfg.train.batch_pairs} x {world_size}"
-        )
+        raise ConfigError(f"{num_pairs} cached pairs cannot fill a batch of {cfg.train.batch_pairs}")
     return max(1, math.ceil(cfg.train.max_steps * cfg.train.grad_accum_steps / per_epoch))
 
 
@@ -300,7 +299,18 @@ class PrecomputedReference:
 
     @classmethod
     def from_config(cls, cfg, adapter) -> "PrecomputedReference":
-        return cls(adapter, ReferenceTable.open(cfg, adapter))
+        table = ReferenceTable.open(cfg, adapter)
+        # At start-up, not at the first step of a missing epoch (hours in, with no checkpoint).
+        needed = epochs_needed(cfg, len(table.cache))
+        missing = [e for e in range(needed) if e not in table.errors]
+        if missing:
+            have = ", ".join(map(str, sorted(table.errors))) or "none"
+            raise RunError(
+                f"reference table {table.folder} lacks epoch {missing[0]} of the {needed} this run's "
+                f"{cfg.train.max_steps} steps go through (complete epochs: {have}); run "
+                f"`vipo score-reference RECIPE --epochs {needed}` (it keeps the finished ones)"
+            )
+        return cls(adapter, table)
 
     def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
         """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`."""
@@ -322,7 +332,7 @@ def cmd_score_reference(args: argparse.Namespace) -> int:
     if epochs is None:
         epochs = epochs_needed(cfg, len(open_cache(cfg)))
         print(
-            f"scoring {epochs} epochs: what the recipe needs on 1 process (more processes: pass --epochs)",
+            f"scoring {epochs} epochs: what the recipe's train.max_steps needs (more: pass --epochs)",
             file=sys.stderr,
         )
     summary = score_reference(
@@ -334,10 +344,12 @@ def cmd_score_reference(args: argparse.Namespace) -> int:
         device=device_from_env(cfg.train.device),
         progress=not args.quiet,
     )
-    complete = ", ".join(map(str, summary["complete_epochs"])) or "none yet"
+    complete = summary["complete_epochs"]  # epoch numbers count from 0
+    done = f"{len(complete)} epoch{'' if len(complete) == 1 else 's'} complete"
+    if complete:
+        done += f" (epoch{'' if len(complete) == 1 else 's'} {', '.join(map(str, complete))})"
     print(
         f"rank {rank}/{world_size}: wrote {len(summary['written'])} table files, "
-        f"kept {len(summary['kept'])}; "
-        f"table {summary['folder']}, complete epochs: {complete}"
+        f"kept {len(summary['kept'])}; table {summary['folder']}: {done}"
     )
     return 0

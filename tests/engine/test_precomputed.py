@@ -229,6 +229,17 @@ def test_training_with_the_precomputed_reference_matches_the_copy_reference(tmp_
     assert not torch.allclose(curves["copy"]["e_pol_w"], curves["copy"]["e_ref_w"])  # and the policy moved
 
 
+def test_a_table_with_fewer_epochs_than_the_run_needs_is_refused_at_start(tmp_path):
+    cfg = cached_and_scored(tmp_path, 1)  # 6 steps of 2 pairs over 5 batches per epoch: 2 needed
+    with pytest.raises(
+        RunError,
+        match=r"lacks epoch 1 of the 2 .*complete epochs: 0\); run `vipo score-reference RECIPE --epochs 2`",
+    ):
+        cached_trainer(cfg, "precomputed")
+    score_reference(cfg, 2, progress=False)  # the finished epoch is kept, the second one added
+    assert cached_trainer(cfg, "precomputed").reference.table.errors.keys() == {0, 1}
+
+
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_a_cached_run_frees_its_encoders_and_feeds_the_denoisers_dtype(tmp_path, param_dtype):
     cfg = run_config(tmp_path, f"model.param_dtype={param_dtype}", "train.max_steps=1")
@@ -278,7 +289,7 @@ def test_cache_and_score_reference_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert main(["score-reference", *args, "-q"]) == 0
     captured = capsys.readouterr()
-    assert "scoring 2 epochs" in captured.err and "complete epochs: 0, 1" in captured.out
+    assert "scoring 2 epochs" in captured.err and ": 2 epochs complete (epochs 0, 1)" in captured.out
     assert main(["score-reference", "tiny-sd15-poly", "-q"]) == 2
     assert "data.cache is not set" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "3")
