@@ -218,11 +218,12 @@ def print_run(label: str, run: dict) -> None:
         print(f"{label:9s} {run['error']}")
         return
     split = " | ".join(f"{phase} {ms:.1f}" for phase, ms in run["split_ms"].items() if ms >= 0.05)
-    memory = _fmt(run["peak_memory_gib"], ".2f", "n/a (CPU)")
+    gib = run["peak_memory_gib"]
+    memory = "n/a (not tracked on CPU)" if gib is None else f"{gib:.2f} GiB"
     print(
         f"{label:9s} {run['pairs_per_s']:.3f} pairs/s ({run['samples_per_s']:.3f} samples/s), step {run['step_ms']['mean']:.1f} ms "
         f"(median {run['step_ms']['median']:.1f}); split ms [{split}]; {_fmt(run['model_tflops_per_s'], '.1f')} TFLOP/s, "
-        f"MFU {_fmt(run['mfu'], '.1%', 'n/a')}; peak memory {memory} GiB; {run_label(run)}"
+        f"MFU {_fmt(run['mfu'], '.1%', 'n/a')}; peak memory {memory}; {run_label(run)}"
     )
 
 

@@ -370,3 +370,12 @@ def test_the_committed_readme_table_matches_the_committed_results():
     text = (BENCHMARKS / "README.md").read_text()
     table = text.split(step_report.TABLE_START)[1].split(step_report.TABLE_END)[0].strip()
     assert table == step_report.render_table(step_report.collect_reports())
+
+
+def test_the_printed_line_gives_memory_with_its_unit_or_says_why_there_is_none(reports, capsys):
+    run = reports[0][0]["runs"]["vipo"]  # the sd15-tiny smoke run, as written
+    step_report.print_run("vipo", {**run, "peak_memory_gib": None})
+    step_report.print_run("vipo", {**run, "peak_memory_gib": 12.345})
+    first, second = capsys.readouterr().out.splitlines()
+    assert "peak memory n/a (not tracked on CPU);" in first and "GiB" not in first
+    assert "peak memory 12.35 GiB;" in second
