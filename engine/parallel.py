@@ -133,6 +133,11 @@ def init_world(parallel_cfg, device_name: str) -> World:
             )
         return World(device=pick_device(device_name))
     if not os.environ.get("RANK"):  # no launcher: a group of one
+        log.warning(
+            "parallel.strategy=%s without a launcher: this runs as ONE process. Launch it with "
+            "`torchrun --nproc_per_node=N -m vipo.engine train ...` (or the deepspeed launcher) for N GPUs",
+            parallel_cfg.strategy,
+        )
         for key, value in (
             ("RANK", "0"),
             ("WORLD_SIZE", "1"),

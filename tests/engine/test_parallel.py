@@ -6,6 +6,7 @@ size. Launches are subprocesses with a timeout; this file is also the worker the
 """
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -463,6 +464,28 @@ def test_parallel_settings_that_cannot_work_are_refused_by_name(tmp_path, monkey
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunError, match="launched as 2 processes but parallel.strategy is 'none'"):
         Trainer(load_config(None, [f"train.output_dir={tmp_path}"]), progress=False)
+
+
+def test_a_distributed_strategy_without_a_launcher_says_it_runs_as_one_process(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from vipo.engine import parallel
+
+    for key in parallel.LAUNCH_ENV:
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level(logging.WARNING, logger="vipo.engine.parallel"):
+        world = parallel.init_world(SimpleNamespace(strategy="ddp"), "cpu")
+    try:
+        assert world.size == 1
+        assert "parallel.strategy=ddp without a launcher: this runs as ONE process" in caplog.text
+        assert "torchrun --nproc_per_node=N" in caplog.text
+    finally:
+        parallel.shutdown(world)
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with caplog.at_level(logging.WARNING, logger="vipo.engine.parallel"):
+        parallel.init_world(SimpleNamespace(strategy="none"), "cpu")
+    assert "without a launcher" not in caplog.text
 
 
 @pytest.mark.slow
