@@ -2,6 +2,7 @@
 and Weights & Biases when `train.report_to` asks. Only rank 0 writes; each sink's package is
 imported when asked for, so neither is a dependency of training."""
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,17 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vipo[track]'"
+
+
+SINK_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_sinks_installed(report_to) -> None:
+    """Before anything is built (a model, a data set): a sink whose package is missing is one
+    line at start-up, not an error after minutes of loading."""
+    for sink in report_to:
+        if importlib.util.find_spec(SINK_MODULES[sink]) is None:
+            raise ConfigError(f"train.report_to has {sink}, which is not installed ({INSTALL_HINT})")
 
 
 class MetricSinks:

@@ -37,7 +37,7 @@ from .noise import CounterNoise, GeneratorNoise, GlobalDrawNoise
 from .objectives import LatentPairBatch, PairBatch, forward_loss
 from .parallel import pick_device  # noqa: F401  (historical import path)
 from .reference import build_reference
-from .sinks import MetricSinks
+from .sinks import MetricSinks, check_sinks_installed
 from .stopping import RunFolder, Stopped, StopRequests, signal_name
 from .strategies import build_strategy
 
@@ -65,6 +65,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True, data=None, reference=None):
         self.cfg = cfg
+        check_sinks_installed(cfg.train.report_to)
         self.world = parallel.init_world(cfg.parallel, cfg.train.device)
         try:
             self._build(progress, data, reference)

@@ -77,6 +77,19 @@ def test_a_sink_that_is_not_installed_is_a_config_error(tmp_path, monkeypatch):
         MetricSinks(tmp_path, ["wandb"])
 
 
+def test_a_missing_sink_stops_the_trainer_before_it_builds_anything(tmp_path, monkeypatch):
+    from vipo.engine import trainer as trainer_module
+    from vipo.engine.config import load_config
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None, as when not installed
+    built = []
+    monkeypatch.setattr(trainer_module, "build_adapter", lambda *a, **k: built.append(a))
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.report_to=[wandb]"])
+    with pytest.raises(ConfigError, match=r"wandb, which is not installed"):
+        trainer_module.Trainer(cfg, progress=False)
+    assert built == []
+
+
 def test_report_to_is_checked_in_the_config():
     assert load_config(None, ["train.report_to=tensorboard,wandb"]).train.report_to == [
         "tensorboard",
