@@ -27,6 +27,19 @@ from ..errors import ConfigError, RunError
 from .tokenizer import WordTokenizer
 
 
+def from_folder(cls, root, subfolder: str, **kwargs):
+    """`cls.from_pretrained(root, subfolder=...)`, with a part that will not load (a corrupt JSON,
+    a missing or truncated file) as one line naming its folder instead of a library traceback."""
+    try:
+        return cls.from_pretrained(root, subfolder=subfolder, **kwargs)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RunError(
+            f"{Path(root) / subfolder}: {cls.__name__} could not load it ({type(err).__name__}: {reason}); "
+            "model.path must be a complete diffusers folder"
+        ) from err
+
+
 def load_architecture(name_or_path: str) -> dict[str, Any]:
     """An architecture config from configs/models/ by name (`sd15-tiny`) or a JSON path."""
     path = Path(name_or_path)

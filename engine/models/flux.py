@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FlowMatchingAdapter, load_architecture, require_subfolders, rows_for, token_ids
+from .base import FlowMatchingAdapter, from_folder, load_architecture, require_subfolders, rows_for, token_ids
 from .tokenizer import WordTokenizer, check_tokenizer
 
 T5_MAX_TOKENS = 512  # FluxPipeline's default max_sequence_length (FLUX.1-dev)
@@ -127,18 +127,18 @@ def build_flux(model_cfg, device: torch.device, vocabulary: list[str] | None = N
             "scheduler",
         )
         require_subfolders(root, parts, "FLUX")
-        network = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer")
+        network = from_folder(FluxTransformer2DModel, root, "transformer")
         text_encoders = [
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2"),
+            from_folder(CLIPTextModel, root, "text_encoder"),
+            from_folder(T5EncoderModel, root, "text_encoder_2"),
         ]
         tokenizers = [
-            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+            from_folder(CLIPTokenizer, root, "tokenizer"),
+            from_folder(AutoTokenizer, root, "tokenizer_2"),
         ]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, parts[3:5], strict=True):
             check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        vae = from_folder(AutoencoderKL, root, "vae")
     else:
         arch = load_architecture(model_cfg.config)
         network = FluxTransformer2DModel(**arch["transformer"])

@@ -22,6 +22,7 @@ from torch import nn
 from .base import (
     FlowMatchingAdapter,
     clip_penultimate,
+    from_folder,
     load_architecture,
     require_subfolders,
     rows_for,
@@ -105,20 +106,20 @@ def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = No
             "scheduler",
         )
         require_subfolders(root, parts, "SD3")
-        network = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer")
+        network = from_folder(SD3Transformer2DModel, root, "transformer")
         text_encoders = [
-            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder"),
-            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
-            T5EncoderModel.from_pretrained(root, subfolder="text_encoder_3"),
+            from_folder(CLIPTextModelWithProjection, root, "text_encoder"),
+            from_folder(CLIPTextModelWithProjection, root, "text_encoder_2"),
+            from_folder(T5EncoderModel, root, "text_encoder_3"),
         ]
         tokenizers = [
-            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
-            CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-            AutoTokenizer.from_pretrained(root, subfolder="tokenizer_3"),
+            from_folder(CLIPTokenizer, root, "tokenizer"),
+            from_folder(CLIPTokenizer, root, "tokenizer_2"),
+            from_folder(AutoTokenizer, root, "tokenizer_3"),
         ]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, parts[4:7], strict=True):
             check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        vae = from_folder(AutoencoderKL, root, "vae")
         t5_max_tokens = T5_MAX_TOKENS
     else:
         arch = load_architecture(model_cfg.config)

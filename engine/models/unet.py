@@ -18,6 +18,7 @@ from torch import nn
 from .base import (
     DiffusionAdapter,
     clip_penultimate,
+    from_folder,
     load_architecture,
     require_subfolders,
     rows_for,
@@ -70,12 +71,12 @@ def build_sd15(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     if model_cfg.path:
         root = Path(model_cfg.path)
         require_subfolders(root, ("unet", "text_encoder", "tokenizer", "vae", "scheduler"), "SD1.5")
-        network = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        network = from_folder(UNet2DConditionModel, root, "unet")
+        text_encoder = from_folder(CLIPTextModel, root, "text_encoder")
+        tokenizer = from_folder(CLIPTokenizer, root, "tokenizer")
         check_tokenizer(tokenizer, text_encoder.config.vocab_size, f"{root}/tokenizer")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        alphas = DDPMScheduler.from_pretrained(root, subfolder="scheduler").alphas_cumprod.clone()
+        vae = from_folder(AutoencoderKL, root, "vae")
+        alphas = from_folder(DDPMScheduler, root, "scheduler").alphas_cumprod.clone()
     else:
         arch = load_architecture(model_cfg.config)
         network = UNet2DConditionModel(**arch["unet"])
@@ -131,17 +132,17 @@ def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = N
         root = Path(model_cfg.path)
         parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
         require_subfolders(root, parts, "SDXL")
-        network = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+        network = from_folder(UNet2DConditionModel, root, "unet")
         text_encoders = [
-            CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-            CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
+            from_folder(CLIPTextModel, root, "text_encoder"),
+            from_folder(CLIPTextModelWithProjection, root, "text_encoder_2"),
         ]
         names = ("tokenizer", "tokenizer_2")
-        tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder=name) for name in names]
+        tokenizers = [from_folder(CLIPTokenizer, root, name) for name in names]
         for tokenizer, encoder, name in zip(tokenizers, text_encoders, names, strict=True):
             check_tokenizer(tokenizer, encoder.config.vocab_size, f"{root}/{name}")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        alphas = DDPMScheduler.from_pretrained(root, subfolder="scheduler").alphas_cumprod.clone()
+        vae = from_folder(AutoencoderKL, root, "vae")
+        alphas = from_folder(DDPMScheduler, root, "scheduler").alphas_cumprod.clone()
     else:
         arch = load_architecture(model_cfg.config)
         network = UNet2DConditionModel(**arch["unet"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FlowMatchingAdapter, load_architecture, require_subfolders, rows_for
+from .base import FlowMatchingAdapter, from_folder, load_architecture, require_subfolders, rows_for
 from .tokenizer import PAD, WordTokenizer, check_tokenizer
 
 UMT5_MAX_TOKENS = 512  # WanPipeline's default max_sequence_length
@@ -133,11 +133,11 @@ def build_wan(model_cfg, device: torch.device, vocabulary: list[str] | None = No
     if model_cfg.path:
         root = Path(model_cfg.path)
         require_subfolders(root, ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"), "Wan")
-        network = WanTransformer3DModel.from_pretrained(root, subfolder="transformer")
-        text_encoder = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder")
-        tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
+        network = from_folder(WanTransformer3DModel, root, "transformer")
+        text_encoder = from_folder(UMT5EncoderModel, root, "text_encoder")
+        tokenizer = from_folder(AutoTokenizer, root, "tokenizer")
         check_tokenizer(tokenizer, text_encoder.config.vocab_size, f"{root}/tokenizer")
-        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae")
+        vae = from_folder(AutoencoderKLWan, root, "vae")
     else:
         arch = load_architecture(model_cfg.config)
         network = WanTransformer3DModel(**arch["transformer"])

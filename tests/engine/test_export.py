@@ -100,3 +100,30 @@ def test_export_errors_name_the_problem(tmp_path, capsys):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "part, damage",
+    [("tokenizer/tokenizer.json", b"{broken"), ("text_encoder/config.json", b"not json"), ("unet", None)],
+)
+def test_a_diffusers_folder_with_a_damaged_part_is_one_error_naming_that_part(
+    tmp_path, sd15_folder, part, damage
+):
+    import shutil
+
+    from vipo.engine.models import build_model
+
+    root = tmp_path / "model"
+    shutil.copytree(sd15_folder, root)
+    target = root / part
+    if damage is None:  # the weights file of a part gone
+        for weights in target.glob("*.safetensors"):
+            weights.unlink()
+    else:
+        target.write_bytes(damage)
+    cfg = load_config(None, [f"model.path={root}", "data.resolution=16"])
+    with pytest.raises(
+        RunError,
+        match=rf"{root / part.split('/')[0]}: \w+ could not load it \(\w+(Error)?: .*\); model.path must be a complete diffusers folder",
+    ):
+        build_model(cfg.model, torch.device("cpu"))
