@@ -325,11 +325,30 @@ def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
     return config
 
 
+def extensions_note() -> str | None:
+    """What to say before DeepSpeed's first start on a machine: it JIT-builds its C++/CUDA
+    extensions then (minutes without output), and caches them. None once a build is cached."""
+    import os
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    if os.path.isdir(root) and any(os.scandir(root)):
+        return None
+    return (
+        f"DeepSpeed builds its C++/CUDA extensions on its first start on this machine: minutes with no "
+        f"output, once (cached in {root}; TORCH_EXTENSIONS_DIR moves the cache)"
+    )
+
+
 def apply_deepspeed(network: nn.Module, optimizer, ds_config: dict):
     """deepspeed.initialize with the recipe's optimizer; returns the engine (forward, backward
     and step go through it)."""
     import deepspeed
 
+    note = extensions_note()
+    if note:
+        log.info(note)
     engine, *_ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
     return engine
 

@@ -568,3 +568,14 @@ def worker(spec_file: str) -> None:
 if __name__ == "__main__":
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
     worker(sys.argv[sys.argv.index("--worker") + 1])
+
+
+def test_deepspeeds_first_start_on_a_machine_says_it_builds_extensions(tmp_path, monkeypatch):
+    from vipo.engine.parallel import extensions_note
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert (
+        "builds its C++/CUDA extensions" in extensions_note() and str(tmp_path / "ext") in extensions_note()
+    )
+    (tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm").mkdir(parents=True)
+    assert extensions_note() is None  # built once: nothing to say
