@@ -137,7 +137,7 @@ class LossConfig:
     alpha: float = option(
         0.0, "Poly-DPO coefficient: > 0 for noisy labels, < 0 for over-simple pairs, 0 = DPO"
     )
-    beta_convention: Literal["official", "diffusers", "sum"] = option(
+    beta_convention: Literal["official", "diffusers-sd15", "diffusers-sdxl", "sum"] = option(
         "official", "convention `beta` is written in; converted with vipo.kernels.beta_from"
     )
 

@@ -6,6 +6,24 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# How the implicit accuracy counts a tie (z = 0): "zero" as the official Diffusion-DPO code and
+# vipo do, "half" as diffusers' DPO scripts do.
+TIES = ("zero", "half")
+
+
+def check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(
+            f"ties must be 'zero' (a tie counts as wrong, the official code) or 'half' (diffusers' "
+            f"scripts), got {ties!r}"
+        )
+
+
+def count_ties(out, ties: str):
+    """`out` (a PolyDPOOutput) with its accuracy counting ties as `ties` says."""
+    if ties == "zero":
+        return out
+    return out._replace(accuracy=out.accuracy + 0.5 * (out.logits == 0).to(out.accuracy.dtype).mean())
 
 
 def check_pair_batch(name: str, tensor: torch.Tensor) -> int:

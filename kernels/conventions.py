@@ -14,10 +14,13 @@ CONVENTIONS = {
     # SalesforceAIResearch/DiffusionDPO train.py: `scale_term = -0.5 * args.beta_dpo;
     # inside_term = scale_term * (model_diff - ref_diff)`, errors `.mean(dim=[1,2,3])`.
     "official": "z = -0.5 * beta * (model_diff - ref_diff), errors averaged over elements",
-    # huggingface/diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py:
+    # huggingface/diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (SD1.5):
     # `logits = ref_diff - model_diff; loss = -F.logsigmoid(args.beta_dpo * logits)`, errors
     # averaged over elements. Its beta 2500 is the official 5000.
-    "diffusers": "z = beta * (ref_diff - model_diff), errors averaged over elements",
+    "diffusers-sd15": "z = beta * (ref_diff - model_diff), errors averaged over elements",
+    # The same folder's train_diffusion_dpo_sdxl.py: `scale_term = -0.5 * args.beta_dpo;
+    # inside_term = scale_term * (model_diff - ref_diff)`: the official convention.
+    "diffusers-sdxl": "z = -0.5 * beta * (model_diff - ref_diff), errors averaged over elements",
     # The paper's Eq. 4 (and trainers that sum): squared L2 norms, i.e. errors summed over the
     # N elements of a sample, z = -0.5 * beta * (model_diff - ref_diff).
     "sum": "z = -0.5 * beta * (model_diff - ref_diff), errors summed over the N elements of a sample",
@@ -27,18 +30,26 @@ CONVENTIONS = {
 def beta_from(convention: str, value: float, *, elements_per_sample: int | None = None) -> float:
     """The vipo (official) beta equal to `value` written in `convention`.
 
-    >>> beta_from("diffusers", 2500.0)
+    >>> beta_from("diffusers-sd15", 2500.0)
+    5000.0
+    >>> beta_from("diffusers-sdxl", 5000.0)
     5000.0
     >>> beta_from("sum", 0.001, elements_per_sample=4 * 64 * 64)
     16.384
     """
+    if convention == "diffusers":  # its two scripts differ by a factor of 2
+        raise ValueError(
+            "beta convention 'diffusers' is ambiguous: diffusers' train_diffusion_dpo.py (SD1.5) writes "
+            "z = beta * (ref_diff - model_diff), use 'diffusers-sd15' (beta x 2); its "
+            "train_diffusion_dpo_sdxl.py writes the official -0.5 * beta, use 'diffusers-sdxl' (beta as is)"
+        )
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown beta convention {convention!r}; known: {', '.join(CONVENTIONS)}")
     if not math.isfinite(value):
         raise ValueError(f"beta must be finite, got {value}")
-    if convention == "official":
+    if convention in ("official", "diffusers-sdxl"):
         return float(value)
-    if convention == "diffusers":
+    if convention == "diffusers-sd15":
         return 2.0 * value
     if elements_per_sample is None or elements_per_sample < 1:
         raise ValueError(

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from . import reference
-from .checks import check_elem_weight, check_loss_inputs, check_pair_batch, check_same_shape
+from .checks import (
+    check_elem_weight,
+    check_loss_inputs,
+    check_pair_batch,
+    check_same_shape,
+    check_ties,
+    count_ties,
+)
 from .reference import PolyDPOOutput
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -68,6 +75,7 @@ def poly_dpo_loss(
     alpha: float = 0.0,
     elem_weight: torch.Tensor | None = None,
     pair_weight: torch.Tensor | None = None,
+    ties: str = "zero",
 ) -> PolyDPOOutput:
     """Poly-DPO loss (alpha = 0: Diffusion-DPO) and its metrics.
 
@@ -75,7 +83,10 @@ def poly_dpo_loss(
     Pass exactly one of ref_pred or ref_err ([2B] reference errors from `sample_errors`).
     elem_weight broadcasts to policy_pred; pair_weight is [B]. Only `loss` has a gradient,
     w.r.t. policy_pred. See `vipo.kernels.reference` for the exact definition.
+    `ties`: how `accuracy` counts a pair with z = 0: "zero" (the official code) or "half"
+    (diffusers' scripts).
     """
+    check_ties(ties)
     if not use_fused(policy_pred):
         return reference.poly_dpo_loss(
             policy_pred,
@@ -86,6 +97,7 @@ def poly_dpo_loss(
             alpha=alpha,
             elem_weight=elem_weight,
             pair_weight=pair_weight,
+            ties=ties,
         )
     check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
     # Each input is read in its own dtype and widened to float32 inside the kernel.
@@ -101,7 +113,7 @@ def poly_dpo_loss(
     )
     # Only the loss is differentiable; the metric outputs of the op carry no gradient.
     stats = stats.detach()
-    return PolyDPOOutput(
+    out = PolyDPOOutput(
         loss=loss,
         logits=logits.detach(),
         prob=prob.detach(),
@@ -110,15 +122,18 @@ def poly_dpo_loss(
         policy_err=policy_err.detach(),
         ref_err=ref_err_out.detach(),
     )
+    return count_ties(out, ties)
 
 
 class PolyDPOLoss(nn.Module):
     """`poly_dpo_loss` with beta and alpha fixed at construction."""
 
-    def __init__(self, beta: float, alpha: float = 0.0):
+    def __init__(self, beta: float, alpha: float = 0.0, ties: str = "zero"):
         super().__init__()
+        check_ties(ties)
         self.beta = float(beta)
         self.alpha = float(alpha)
+        self.ties = ties
 
     def forward(
         self,
@@ -139,7 +154,8 @@ class PolyDPOLoss(nn.Module):
             alpha=self.alpha,
             elem_weight=elem_weight,
             pair_weight=pair_weight,
+            ties=self.ties,
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, alpha={self.alpha}"
+        return f"beta={self.beta}, alpha={self.alpha}, ties={self.ties!r}"

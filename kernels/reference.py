@@ -18,7 +18,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .checks import check_elem_weight, check_loss_inputs, check_pair_batch, check_same_shape
+from .checks import (
+    check_elem_weight,
+    check_loss_inputs,
+    check_pair_batch,
+    check_same_shape,
+    check_ties,
+    count_ties,
+)
 
 
 class PolyDPOOutput(NamedTuple):
@@ -100,15 +107,19 @@ def poly_dpo_loss(
     alpha: float = 0.0,
     elem_weight: torch.Tensor | None = None,
     pair_weight: torch.Tensor | None = None,
+    ties: str = "zero",
 ) -> PolyDPOOutput:
     """Poly-DPO loss (alpha = 0: Diffusion-DPO) from policy and reference predictions.
 
     Pass exactly one of `ref_pred` (reference prediction, same shape as policy_pred) or
     `ref_err` (its per-sample errors [2B], e.g. from `sample_errors` on the reference pass).
+    `ties="half"` counts a pair with z = 0 as half right in `accuracy` (diffusers' scripts).
     """
+    check_ties(ties)
     check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
     policy_err = sample_errors(policy_pred, target, elem_weight)
     if ref_pred is not None:
         with torch.no_grad():
             ref_err = sample_errors(ref_pred, target, elem_weight)
-    return poly_dpo_from_errors(policy_err, ref_err, beta=beta, alpha=alpha, pair_weight=pair_weight)
+    out = poly_dpo_from_errors(policy_err, ref_err, beta=beta, alpha=alpha, pair_weight=pair_weight)
+    return count_ties(out, ties)

@@ -202,18 +202,72 @@ def test_bad_inputs_are_refused_with_a_clear_error(kwargs, message):
         reference.poly_dpo_loss(policy, target, **args)
 
 
-def test_diffusers_beta_converts_to_the_same_loss(seed):
-    policy, ref, target = _batch(4, (4, 8, 8), torch.float64)
-    beta_diffusers = 2500.0
-    # huggingface/diffusers train_diffusion_dpo.py: logits = ref_diff - model_diff;
-    # loss = -logsigmoid(beta_dpo * logits), errors averaged over elements.
-    model = (policy - target).pow(2).mean(dim=[1, 2, 3])
-    refe = (ref - target).pow(2).mean(dim=[1, 2, 3])
-    logits = (refe[:4] - refe[4:]) - (model[:4] - model[4:])
-    theirs = -F.logsigmoid(beta_diffusers * logits).mean()
-    ours = reference.poly_dpo_loss(policy, target, ref_pred=ref, beta=beta_from("diffusers", beta_diffusers))
-    assert beta_from("diffusers", beta_diffusers) == 5000.0
-    assert_close(ours.loss, theirs, atol=1e-10, rtol=1e-10)
+def diffusers_sd15_lines(model_pred, ref_preds, target, beta_dpo, dtype):
+    """huggingface/diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py, its
+    loss lines (`.float()` there is `.to(dtype)` here: float32 as written, float64 as the truth)."""
+    model_losses = F.mse_loss(model_pred.to(dtype), target.to(dtype), reduction="none")
+    model_losses = model_losses.mean(dim=list(range(1, len(model_losses.shape))))
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    ref_loss = F.mse_loss(ref_preds.to(dtype), target.to(dtype), reduction="none")
+    ref_loss = ref_loss.mean(dim=list(range(1, len(ref_loss.shape))))
+    ref_losses_w, ref_losses_l = ref_loss.chunk(2)
+    ref_diff = ref_losses_w - ref_losses_l
+    logits = ref_diff - model_diff
+    loss = -1 * F.logsigmoid(beta_dpo * logits).mean()
+    implicit_acc = (logits > 0).sum().float() / logits.size(0)
+    implicit_acc += 0.5 * (logits == 0).sum().float() / logits.size(0)
+    return loss, implicit_acc
+
+
+def diffusers_sdxl_lines(model_pred, ref_preds, target, beta_dpo, dtype):
+    """The same folder's train_diffusion_dpo_sdxl.py, its loss lines (`.float()` -> `.to(dtype)`)."""
+    model_losses = F.mse_loss(model_pred.to(dtype), target.to(dtype), reduction="none")
+    model_losses = model_losses.mean(dim=list(range(1, len(model_losses.shape))))
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    model_diff = model_losses_w - model_losses_l
+    ref_loss = F.mse_loss(ref_preds.to(dtype), target.to(dtype), reduction="none")
+    ref_loss = ref_loss.mean(dim=list(range(1, len(ref_loss.shape))))
+    ref_losses_w, ref_losses_l = ref_loss.chunk(2)
+    ref_diff = ref_losses_w - ref_losses_l
+    scale_term = -0.5 * beta_dpo
+    inside_term = scale_term * (model_diff - ref_diff)
+    loss = -1 * F.logsigmoid(inside_term).mean()
+    implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
+    implicit_acc += 0.5 * (inside_term == 0).sum().float() / inside_term.size(0)
+    return loss, implicit_acc
+
+
+@pytest.mark.parametrize(
+    "convention, lines, beta_dpo",
+    [("diffusers-sd15", diffusers_sd15_lines, 2500.0), ("diffusers-sdxl", diffusers_sdxl_lines, 5000.0)],
+)
+def test_each_diffusers_script_converts_to_the_same_loss_and_accuracy(seed, convention, lines, beta_dpo):
+    """vipo on float32 inputs against the script's lines in float64: no farther than the script's
+    own float32 lines are, and the same implicit accuracy with ties="half" (one pair is a tie)."""
+    policy, ref, target = (x.float() for x in _batch(4, (4, 8, 8), torch.float64))
+    ref[1], ref[5] = policy[1], policy[5]  # pair 1: policy = reference, z = 0
+    truth, accuracy = lines(policy, ref, target, beta_dpo, torch.float64)
+    theirs, _ = lines(policy, ref, target, beta_dpo, torch.float32)
+    ours = poly_dpo_loss(policy, target, ref_pred=ref, beta=beta_from(convention, beta_dpo), ties="half")
+    ours_err, theirs_err = abs(ours.loss.item() - truth.item()), abs(theirs.item() - truth.item())
+    assert ours_err <= theirs_err + 1e-6 * max(1.0, truth.item()), (ours_err, theirs_err)
+    assert ours.accuracy.item() == accuracy.item() and (ours.logits == 0).sum() == 1
+    official = poly_dpo_loss(policy, target, ref_pred=ref, beta=beta_from(convention, beta_dpo))
+    assert official.accuracy.item() == accuracy.item() - 0.5 / 4  # the default counts the tie as wrong
+
+
+def test_diffusers_alone_is_refused_as_ambiguous():
+    with pytest.raises(ValueError, match="'diffusers' is ambiguous.*'diffusers-sd15'.*'diffusers-sdxl'"):
+        beta_from("diffusers", 2500.0)
+    assert beta_from("diffusers-sd15", 2500.0) == 5000.0 and beta_from("diffusers-sdxl", 5000.0) == 5000.0
+
+
+def test_ties_must_be_zero_or_half_on_both_paths(seed):
+    policy, ref, target = _batch(1, (4, 8, 8), torch.float32)
+    for call in (poly_dpo_loss, reference.poly_dpo_loss):
+        with pytest.raises(ValueError, match="ties must be 'zero' .* or 'half' .*, got 'third'"):
+            call(policy, target, ref_pred=ref, beta=1.0, ties="third")
 
 
 def test_sum_convention_beta_converts_to_the_same_loss(seed):
