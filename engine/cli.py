@@ -195,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=lazy("vipo.engine.reference.precomputed", "cmd_score_reference"))
 
+    plan = sub.add_parser(
+        "plan",
+        help="peak GPU memory and FLOPs of one training step, traced on the CPU (nothing allocated); "
+        "exit 1 when it does not fit",
+    )
+    plan.add_argument("recipe", help="recipe file or built-in name")
+    plan.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs sharing train.batch_pairs (default 1)")
+    plan.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (default 80GiB)")
+    plan.add_argument(
+        "--batch-search",
+        action="store_true",
+        help="also the most pairs per GPU that fit, with and without checkpointing",
+    )
+    plan.add_argument("--json", action="store_true", help="JSON instead of text")
+    plan.set_defaults(func=lazy("vipo.engine.plan", "cmd_plan"))
+
     commands = Commands(sub)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(commands)

@@ -1,0 +1,300 @@
+"""`vipo plan`: peak memory and FLOPs of one training step at the recipe's real size, traced on a
+CPU without allocating it.
+
+    vipo plan vipo-sdxl-poly --gpus 8 --gpu-memory 80GiB --batch-search [--json]
+
+How it traces (one step of the engine's own code, nothing copied; trace.py):
+
+    FakeTensorMode      every tensor is a fake CPU tensor: shapes, dtypes and strides, no storage.
+                        The engine's Trainer is built inside it from the recipe (random weights of
+                        the real architecture, configs/models/; compile off; the configured
+                        reference mode, param_dtype, autocast and activation checkpointing); a recipe
+                        naming a weights folder (model.path) builds FULL_CONFIGS[family] instead.
+    the step            strategy.zero_grad, Trainer.forward_backward (encode, reference, policy
+                        forward, loss, backward through the trainer's phase marks), then the update's
+                        clip + AdamW step (Strategy._clip, optimizer.step: update() without its host
+                        syncs, which a fake tensor cannot answer). The optimizer state already exists
+                        (one warm-up step on zero gradients), so this is a steady-state step; with
+                        train.grad_accum_steps > 1 it is the last micro-batch (the gradients of the
+                        earlier ones are resident from its start).
+    StepMemTracker      torch's MemTracker (parameters, buffers, gradients, activations,
+                        temporaries, optimizer state; tracking.py), module-wise snapshots off: they
+                        scan every module at every op (the SDXL UNet's forward + backward alone took
+                        9.3 minutes with them, 13 s without) and refuse a module that runs twice in
+                        a step (the adapter reference). It keeps the peak of each phase instead.
+    FlopCounterMode     on the same trace, read at every phase mark; FLOPs as executed (the encoders,
+                        and under checkpointing the recomputation, are in).
+
+Attention: fake CPU tensors dispatch SDPA to `aten._scaled_dot_product_flash_attention_for_cpu`
+(every attention op the trace sees is counted per phase and reported). Like the CUDA flash and
+memory-efficient kernels it returns (output, logsumexp [B, H, S]) and its backward reads q, k, v,
+output and logsumexp: no S x S matrix is ever a tensor, so none is counted. On the meta device SDPA
+falls back to the math path (bmm + softmax, saving S x S scores): that is why this is not a meta
+trace. FlopCounterMode has no entry for the CPU kernel; CPU_FLASH_FLOPS counts it with torch's own
+SDPA formulas.
+
+Autocast: Trainer.autocast on the CPU device is CPU autocast, whose op lists differ from CUDA's.
+Under train.mixed_precision=bf16 the ops in CUDA_FP32_OPS get CUDA's policy for the trace
+(GroupNorm, LayerNorm, upsampling, softmax keep fp32 activations as on a GPU); the tests check the
+table against CUDA autocast's own kernels run on fake CUDA tensors.
+
+Cyclic garbage: under activation checkpointing the trackers' own hooks (set again on every
+recomputed block's outputs) leave closures in reference cycles that hold tensors until Python's
+collector runs; the plain step leaves none (gc.DEBUG_SAVEALL on the SDXL-tiny UNet: no garbage
+without MemTracker, thousands of closures with it). Left to the collector's thresholds the same SDXL
+step moved by 1.6 GB from run to run, and never collecting added a third at tiny size (14 GB at
+SDXL 1024px). So the collector is off during the trace and runs after each recomputed block's
+backward and at every phase mark: the artefact is gone and a plan is the same every time.
+
+AdamW runs fused, as the strategy builds it on a GPU (one kernel, no temporaries). Not counted: the
+CUDA context and the caching allocator's fragmentation (leave a few GiB). ddp: one replica with
+train.batch_pairs / --gpus pairs is traced; DDP's gradient buckets (one copy of every gradient,
+allocated when DDP wraps the model) are added as a stated line, not traced. fsdp, zero2 and zero3
+are not built yet and are refused.
+"""
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from collections import Counter
+
+from ..config import ConfigError, RunConfig
+from ..errors import RunError
+from .trace import StepTrace, pixel_shape, trace_step
+from .tracking import CUDA_FP32_OPS, PHASES, cuda_autocast_policy
+
+__all__ = [
+    "CUDA_FP32_OPS",
+    "PHASES",
+    "ConfigError",
+    "RunError",
+    "StepTrace",
+    "cmd_plan",
+    "cuda_autocast_policy",
+    "largest_batch",
+    "largest_fitting",
+    "make_plan",
+    "parse_bytes",
+    "plan_config",
+    "trace_rank",
+    "trace_step",
+]
+
+GIB = 2**30
+# The real architecture of each family, built when a recipe names a weights folder (model.path).
+FULL_CONFIGS = {
+    "sd15": "sd15",
+    "sdxl": "sdxl",
+    "sd3": "sd3.5-medium",
+    "flux": "flux1-dev",
+    "wan": "wan2.1-t2v-1.3b",
+}
+TRACED_STRATEGIES = ("none", "ddp")
+PLACEHOLDER_CACHE = "latent-cache-of-vipo-plan"  # data.cache is read by no one: the batch is made here
+
+# ---------------------------------------------------------------------------------------------
+# The plan: configs to trace, the verdict, the batch search
+
+
+def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpointing: bool | None = None):
+    """The config one rank traces: the recipe on one CPU process, its per-GPU share of the micro-batch
+    (`pairs` overrides it), real-architecture random weights where it names a weights folder."""
+    strategy = cfg.parallel.strategy
+    if strategy not in TRACED_STRATEGIES:
+        raise RunError(
+            f"vipo plan: parallel.strategy={strategy} is not built yet (traced: {', '.join(TRACED_STRATEGIES)}); "
+            "parallel.strategy=ddp gives the numbers of one full replica"
+        )
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if gpus > 1 and strategy == "none":
+        raise ConfigError(f"--gpus {gpus} with parallel.strategy=none: add parallel.strategy=ddp")
+    if pairs is None:
+        pairs, rest = divmod(cfg.train.batch_pairs, gpus)
+        if rest or not pairs:
+            raise ConfigError(
+                f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
+                f"over --gpus {gpus}: use a multiple of {gpus}"
+            )
+    model = dataclasses.replace(
+        cfg.model,
+        path=None,
+        config=FULL_CONFIGS[cfg.model.family] if cfg.model.path else cfg.model.config,
+        init_from=None,  # weights do not change memory or FLOPs
+        gradient_checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
+    )
+    data = dataclasses.replace(cfg.data, prefetch_batches=0)
+    if data.cache or cfg.reference.mode == "precomputed":  # precomputed trains from the latent cache only
+        data = dataclasses.replace(data, cache=PLACEHOLDER_CACHE)
+    train = dataclasses.replace(cfg.train, batch_pairs=pairs, device="cpu", compile="off")
+    parallel = dataclasses.replace(cfg.parallel, strategy="none")
+    return dataclasses.replace(cfg, model=model, data=data, train=train, parallel=parallel)
+
+
+def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
+    """One rank's step; under ddp with DDP's gradient buckets added (not traced: DDP allocates
+    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient)."""
+    trace = trace_step(plan_config(cfg, gpus, **kwargs))
+    if cfg.parallel.strategy == "ddp":
+        trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]
+    return trace
+
+
+def largest_batch(cfg: RunConfig, gpus: int, limit: int, checkpointing: bool, cap: int = 1024) -> dict:
+    """The most pairs per GPU whose traced step fits `limit` bytes, every candidate traced.
+    {"pairs": 0} when one pair does not fit."""
+    traced: dict[int, int] = {}
+
+    def fits(pairs: int) -> bool:
+        traced[pairs] = trace_rank(cfg, gpus, pairs=pairs, checkpointing=checkpointing).total_bytes
+        return traced[pairs] <= limit
+
+    return {"pairs": largest_fitting(fits, cap), "traced": dict(sorted(traced.items()))}
+
+
+def largest_fitting(fits, cap: int) -> int:
+    """The largest n in [1, cap] with fits(n), for a `fits` that stays false once false (memory grows
+    with the batch): doubling, then bisection; 0 when fits(1) is false."""
+    if not fits(1):
+        return 0
+    low = 1
+    while 2 * low <= cap and fits(2 * low):
+        low *= 2
+    high = min(2 * low, cap + 1)  # the smallest size known not to fit (or past the cap)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def parse_bytes(text: str) -> int:
+    """`80GiB`, `80GB`, `24 GiB`, `512MiB` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu-memory {text!r}: use e.g. 80GiB, 40GB or 512MiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20}
+    scale |= {"GIB": 2**30, "TIB": 2**40}
+    if unit not in scale or number <= 0:
+        raise ConfigError(f"--gpu-memory {text!r}: use e.g. 80GiB, 40GB or 512MiB")
+    return int(number * scale[unit])
+
+
+def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_search: bool = False) -> dict:
+    """Everything `vipo plan` reports, as one JSON-able dict."""
+    trace = trace_rank(cfg, gpus)
+    traced_cfg = plan_config(cfg, gpus)
+    total = trace.total_bytes
+    result = {
+        "model": {
+            "family": cfg.model.family,
+            "config": traced_cfg.model.config,
+            "pixels": list(pixel_shape(cfg)),
+            "lora_rank": cfg.model.lora_rank,
+            "param_dtype": cfg.model.param_dtype,
+            "gradient_checkpointing": traced_cfg.model.gradient_checkpointing,
+        },
+        "reference_mode": cfg.reference.mode if cfg.loss.objective != "sft" else None,
+        "objective": cfg.loss.objective,
+        "mixed_precision": cfg.train.mixed_precision,
+        "latent_cache": bool(cfg.data.cache),
+        "strategy": cfg.parallel.strategy,
+        "gpus": gpus,
+        "pairs_per_gpu": trace.pairs,
+        "peak_bytes_per_gpu": total,
+        "peak_phase": trace.peak_phase,
+        "split_bytes": {**trace.split, **trace.extra},
+        "added_not_traced": sorted(trace.extra),
+        "phase_peak_bytes": trace.phase_peaks,
+        "exact_bytes": trace.exact,
+        "flops_per_phase": trace.flops,
+        "flops_per_pair": trace.flops_per_pair,
+        "flops_share": {
+            phase: round(value / max(1, sum(trace.flops.values())), 4) for phase, value in trace.flops.items()
+        },
+        "attention_ops": trace.attention_ops,
+        "gpu_memory_bytes": gpu_memory,
+        "fits": total <= gpu_memory,
+        "overflow_bytes": max(0, total - gpu_memory),
+        "trace_seconds": round(trace.seconds, 2),
+        "method": "FakeTensorMode CPU trace of Trainer.forward_backward + clip + AdamW step; MemTracker; "
+        "FlopCounterMode (see engine/plan.py)",
+        "not_counted": "the CUDA context and the allocator's fragmentation",
+    }
+    if batch_search:
+        result["batch_search"] = {
+            "with_checkpointing": largest_batch(cfg, gpus, gpu_memory, True),
+            "without_checkpointing": largest_batch(cfg, gpus, gpu_memory, False),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _gib(value: int) -> str:
+    return f"{value / GIB:.2f} GiB"
+
+
+def render(plan: dict) -> str:
+    model = plan["model"]
+    pixels = "x".join(str(side) for side in model["pixels"][1:])
+    lines = [
+        f"vipo plan: {model['family']} ({model['config']}) {pixels}, {plan['pairs_per_gpu']} pairs per GPU, "
+        f"{plan['gpus']} GPU(s), strategy {plan['strategy']}, reference {plan['reference_mode']}, "
+        f"mixed precision {plan['mixed_precision']}, checkpointing {'on' if model['gradient_checkpointing'] else 'off'}",
+        f"peak memory per GPU {_gib(plan['peak_bytes_per_gpu'])} in {plan['peak_phase']}: "
+        + (
+            f"fits {_gib(plan['gpu_memory_bytes'])} ({_gib(plan['gpu_memory_bytes'] - plan['peak_bytes_per_gpu'])} free)"
+            if plan["fits"]
+            else f"does NOT fit {_gib(plan['gpu_memory_bytes'])} (over by {_gib(plan['overflow_bytes'])})"
+        ),
+    ]
+    lines += [
+        f"  {name:22s} {_gib(value):>12s}"
+        + ("   added, not traced" if name in plan["added_not_traced"] else "")
+        for name, value in plan["split_bytes"].items()
+        if value
+    ]
+    lines.append("peak by phase: " + ", ".join(f"{k} {_gib(v)}" for k, v in plan["phase_peak_bytes"].items()))
+    per_pair = plan["pairs_per_gpu"]
+    lines.append(
+        f"FLOPs per pair {plan['flops_per_pair'] / 1e12:.3f} TFLOP: "
+        + ", ".join(f"{k} {v / per_pair / 1e12:.3f}" for k, v in plan["flops_per_phase"].items() if v)
+    )
+    ops = Counter()
+    for phase_ops in plan["attention_ops"].values():
+        ops.update(phase_ops)
+    lines.append("attention ops traced: " + (", ".join(f"{k} x{v}" for k, v in ops.items()) or "none"))
+    for name, found in plan.get("batch_search", {}).items():
+        lines.append(
+            f"largest micro-batch {name.replace('_', ' ')}: {found['pairs']} pairs per GPU (traced "
+            + ", ".join(f"{p}: {_gib(b)}" for p, b in found["traced"].items())
+            + ")"
+        )
+    lines.append(
+        f"traced in {plan['trace_seconds']:.1f} s on fake tensors; not counted: {plan['not_counted']}"
+    )
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..cli import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    plan = make_plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.batch_search)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(render(plan))
+    if not plan["fits"]:  # exit 1, one line: a pre-flight check in a script stops here
+        print(
+            f"vipo plan: {_gib(plan['peak_bytes_per_gpu'])} per GPU does not fit --gpu-memory {args.gpu_memory} "
+            f"(over by {_gib(plan['overflow_bytes'])}, peak in {plan['peak_phase']})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

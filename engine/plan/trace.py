@@ -1,0 +1,220 @@
+"""One training step of the engine, traced on fake tensors (or run on real ones, the truth check)."""
+
+import gc
+import math
+import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import RunConfig
+from .tracking import CPU_FLASH_FLOPS, PHASES, StepMemTracker, _merged, cuda_autocast_policy
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class StepTrace:
+    """What one traced step measured (bytes and FLOPs of one rank)."""
+
+    pairs: int
+    peak_bytes: int
+    peak_phase: str
+    split: dict[str, int]  # the peak by what holds it; sums to peak_bytes
+    phase_peaks: dict[str, int]
+    flops: dict[str, int]  # per phase, as executed (checkpoint recompute falls in backward)
+    exact: dict[str, int]  # counted from the model: policy, trainable, reference, encoders bytes
+    attention_ops: dict[str, dict[str, int]]
+    seconds: float
+    after_step: dict[str, int] = field(default_factory=dict)  # held when the step ends, by MemTracker kind
+    extra: dict[str, int] = field(default_factory=dict)  # added, not traced (DDP buckets)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + sum(self.extra.values())
+
+    @property
+    def flops_per_pair(self) -> int:
+        return sum(self.flops.values()) // self.pairs
+
+
+class _ZeroTable:
+    """reference.mode=precomputed's table: e_ref [2B] from the host, as the real table hands it."""
+
+    def lookup(self, ids, epoch) -> torch.Tensor:
+        return torch.zeros(2 * len(ids))
+
+
+def _bytes(module) -> int:
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
+    """One sample's pixels [3, H, W] (or [3, F, H, W]) at the recipe's resolution."""
+    from ..families import FAMILIES
+
+    data = cfg.data
+    if data.buckets:  # the largest bucket: the one that decides the peak
+        width, height = max(data.buckets, key=lambda size: size[0] * size[1])
+    elif data.bucket_area:
+        width = height = math.isqrt(data.bucket_area)
+    else:
+        width = height = data.resolution
+    if FAMILIES[cfg.model.family].video:
+        return (3, data.num_frames, height, width)
+    return (3, height, width)
+
+
+def _batch(trainer, cfg: RunConfig, shapes, fake: bool):
+    from ..objectives import LatentPairBatch, PairBatch
+
+    pairs = cfg.train.batch_pairs
+    ids = [f"plan-{i}" for i in range(pairs)]
+    make = torch.empty if fake else torch.randn
+    if cfg.data.cache:
+        latent_shape, cond_shapes = shapes
+        dtype = trainer.adapter.dtype
+        latents = make((2 * pairs, *latent_shape), dtype=dtype)
+        cond = {key: make((pairs, *shape), dtype=dtype) for key, shape in cond_shapes.items()}
+        return LatentPairBatch(ids, 0, latents, cond)
+    pixels = make((2 * pairs, *pixel_shape(cfg)))
+    return PairBatch(ids, ["a red cube on the table"] * pairs, pixels if fake else pixels.clamp(-1, 1))
+
+
+def _cache_shapes(cfg: RunConfig):
+    """(one latent's shape, one prompt's conditioning shapes) from a frozen build's encoders: what
+    `vipo cache` stored. Built and freed before the traced trainer."""
+    from ..models import build_adapter
+
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=False)
+    with torch.no_grad():
+        latent = adapter.encode_pixels(torch.zeros(1, *pixel_shape(cfg)))
+        cond = adapter.encode_prompts([""])
+    return tuple(latent.shape[1:]), {key: tuple(value.shape[1:]) for key, value in cond.items()}
+
+
+def _no_output_memo(mode) -> None:
+    """Keep a fake mode from memoizing the outputs of its ops by their (fresh, never looked up again)
+    meta tensors: the memo's weak reference makes every `module.to(...)` of a fake-built module fail
+    (torch swaps fake parameters, which a weakly referenced tensor refuses). Real tensors entering
+    the mode keep their memo."""
+    converter = mode.fake_tensor_converter
+    memo = converter.set_tensor_memo
+    converter.set_tensor_memo = lambda tensor, fake: (
+        None if tensor.device.type == "meta" else memo(tensor, fake)
+    )
+
+
+def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
+    """Trace one step of `cfg` (a config from `plan_config`): fake tensors, or (`fake=False`, tiny
+    models only) real CPU tensors measured the same way, the truth check of the fake trace."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from vipo.loaders.procedural import ProceduralPairs
+
+    from ..reference.precomputed import PrecomputedReference
+    from ..trainer import Trainer
+
+    started = time.perf_counter()
+    reference = None
+    if cfg.reference.mode == "precomputed":
+
+        def reference(adapter):
+            return PrecomputedReference(adapter, _ZeroTable())
+
+    with ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        # deepcopy (the copy reference) asks a fake tensor for its data pointer; harmless here
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        if fake:
+            _no_output_memo(stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True)))
+        if cfg.train.mixed_precision == "bf16":
+            stack.enter_context(cuda_autocast_policy())
+        shapes = _cache_shapes(cfg) if cfg.data.cache else None
+        # The pair source only sizes the sampler and gives the vocabulary; its records are never drawn.
+        source = ProceduralPairs(max(8, cfg.train.batch_pairs), resolution=16, seed=cfg.train.seed)
+        trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
+        for group in trainer.optimizer.param_groups:  # the AdamW a GPU run builds (strategies: fused on cuda)
+            group.update(fused=True, foreach=False)
+        for param in trainer.params:  # the optimizer state of a step after the first
+            param.grad = torch.zeros_like(param)
+        trainer.optimizer.step()
+        trainer.strategy.zero_grad()
+        accum = cfg.train.grad_accum_steps
+        if accum > 1:  # the last micro-batch: the earlier ones' gradients are there from its start
+            for param in trainer.params:
+                param.grad = torch.zeros_like(param)
+        adapter = trainer.adapter
+        encoders = [v for k, v in vars(adapter).items() if k.startswith(("text_encoder", "vae"))]
+        ref_network = getattr(trainer.reference, "network", None)
+        tracker = StepMemTracker()
+        tracker.track_external(trainer.network, ref_network, *[e for e in encoders if _bytes(e)])
+        tracker.track_external(trainer.optimizer)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
+        flops: dict[str, int] = {}
+
+        def mark(phase: str) -> None:
+            gc.collect()  # cyclic garbage goes at phase ends, never at a threshold (see below)
+            flops[phase] = counter.get_total_flops() - sum(flops.values())
+            later = PHASES[PHASES.index(phase) + 1 :]
+            tracker.phase = later[0] if later else phase
+
+        trainer.mark = mark
+        # The collector runs only at phase marks and after recomputed blocks (engine/plan/__init__.py,
+        # "Cyclic garbage"): the same plan every time.
+        # Everything older is frozen, so that a collection scans only what the step made.
+        gc.collect()
+        stack.callback(gc.enable if gc.isenabled() else gc.disable)
+        stack.callback(gc.unfreeze)
+        gc.freeze()
+        gc.disable()
+        with tracker, counter:
+            if accum == 1:
+                trainer.strategy.zero_grad()
+            batch = _batch(trainer, cfg, shapes, fake)
+            mark("data")
+            trainer.forward_backward(batch, accum=accum, last=True)
+            trainer.strategy._clip()  # strategy.update's clip and step, without its host syncs
+            trainer.optimizer.step()
+            mark("optimizer")
+        after = _merged(tracker.get_tracker_snapshot("current"))
+        trainable = sum(p.numel() * p.element_size() for p in trainer.params)
+        exact = {
+            "policy": _bytes(trainer.network),
+            "trainable": trainable,
+            "trainable_tensors": len(trainer.params),
+            "reference": _bytes(ref_network),
+            "encoders": sum(_bytes(e) for e in encoders),
+        }
+    peak = tracker.peak()
+    held = sum(peak.get(key, 0) for key in (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.OTH))
+    split = {
+        "parameters": exact["policy"],
+        "reference": exact["reference"],
+        "encoders": exact["encoders"],
+        "gradients": peak.get(_MemRefType.GRAD, 0),
+        "optimizer": peak.get(_MemRefType.OPT, 0),
+        "activations": peak.get(_MemRefType.ACT, 0),
+        "temporaries": peak.get(_MemRefType.TEMP, 0),
+        "other": held - exact["policy"] - exact["reference"] - exact["encoders"],
+    }
+    return StepTrace(
+        pairs=cfg.train.batch_pairs,
+        peak_bytes=peak.get(_TOTAL_KEY, 0),
+        peak_phase=tracker.peak_phase,
+        split=split,
+        phase_peaks=tracker.phase_peaks,
+        flops={phase: flops.get(phase, 0) for phase in PHASES if phase in flops},
+        exact=exact,
+        attention_ops={phase: dict(ops) for phase, ops in tracker.attention_ops.items()},
+        seconds=time.perf_counter() - started,
+        after_step={str(getattr(key, "value", key)): value for key, value in after.items()},
+    )

@@ -1,0 +1,187 @@
+"""`vipo plan`: the fake-tensor trace of one step against the same step on real CPU tensors, exact
+byte counts from the model, the verdict, the batch search and the command line."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from vipo.engine import plan
+from vipo.engine.cli import main
+from vipo.engine.config import load_config
+from vipo.engine.models import build_adapter
+
+TINY = "configs/train/tiny-sd15-poly.yaml"
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config(TINY, [f"train.output_dir={tmp_path}/run", "train.batch_pairs=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    """One fake trace and the same step on real tensors, shared by the tests below."""
+    cfg = plan.plan_config(tiny_config(tmp_path_factory.mktemp("plan")), 1)
+    return cfg, plan.trace_step(cfg), plan.trace_step(cfg, fake=False)
+
+
+def test_traced_peak_equals_the_real_cpu_allocation_of_the_same_step_within_10_percent(traces):
+    _, fake, real = traces
+    assert real.peak_bytes > 0
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    assert fake.peak_phase == real.peak_phase
+
+
+def test_parameter_gradient_and_optimizer_bytes_equal_exact_counts_from_the_model(traces):
+    cfg, fake, real = traces
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    params = [p for p in adapter.network.parameters() if p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    for trace in (fake, real):
+        assert trace.split["parameters"] == trainable  # a full fine-tune: every weight trains
+        assert trace.split["reference"] == trainable  # reference.mode=copy: one frozen copy
+        assert trace.after_step["Gradient"] == trainable  # one gradient per trainable weight
+        # AdamW: exp_avg and exp_avg_sq like the weight, and a float32 step count per tensor
+        assert trace.after_step["Optstate"] == 2 * trainable + 4 * len(params)
+        assert trace.split["optimizer"] == 2 * trainable + 4 * len(params)  # resident all step long
+
+
+def test_trace_matches_real_tensors_under_bf16_autocast_checkpointing_and_a_lora_reference(tmp_path):
+    settings = ["train.mixed_precision=bf16", "model.gradient_checkpointing=true"]
+    cfg = tiny_config(tmp_path, *settings, "model.lora_rank=4", "reference.mode=adapter")
+    cfg = plan.plan_config(cfg, 1)
+    fake, real = plan.trace_step(cfg), plan.trace_step(cfg, fake=False)
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    lora = fake.exact["trainable"]
+    assert 0 < lora < fake.exact["policy"] / 10  # only the LoRA weights train
+    assert fake.split["reference"] == 0  # the policy with its LoRA off: no second network
+    assert fake.after_step["Gradient"] == real.after_step["Gradient"] == lora
+    assert fake.after_step["Optstate"] == 2 * lora + 4 * fake.exact["trainable_tensors"]
+
+
+def test_with_accumulation_the_earlier_micro_batches_gradients_are_resident(traces, tmp_path):
+    _, one, _ = traces
+    accumulated = plan.trace_step(plan.plan_config(tiny_config(tmp_path, "train.grad_accum_steps=2"), 1))
+    assert accumulated.phase_peaks["data"] == one.phase_peaks["data"] + one.exact["trainable"]
+    assert accumulated.peak_bytes > one.peak_bytes
+
+
+def test_the_peak_split_adds_up_to_the_peak(traces):
+    _, fake, _ = traces
+    assert sum(fake.split.values()) == fake.peak_bytes
+    assert max(fake.phase_peaks.values()) == fake.peak_bytes
+    assert fake.phase_peaks[fake.peak_phase] == fake.peak_bytes
+
+
+def test_attention_is_traced_through_the_flash_kernel_and_no_softmax_matrix(traces):
+    _, fake, _ = traces
+    forward = fake.attention_ops["policy_forward"]
+    assert forward.get("aten._scaled_dot_product_flash_attention_for_cpu.default", 0) > 0
+    assert not any("softmax" in name for name in forward)  # the math path would softmax S x S scores
+    backward = fake.attention_ops["backward"]
+    assert backward.get("aten._scaled_dot_product_flash_attention_for_cpu_backward.default", 0) > 0
+
+
+def test_flops_count_the_reference_and_three_policy_passes(traces):
+    _, fake, real = traces
+    assert fake.flops == real.flops
+    reference, forward, backward = (fake.flops[p] for p in ("reference", "policy_forward", "backward"))
+    assert reference == forward > 0  # the same network on the same inputs
+    assert backward == pytest.approx(2 * forward, rel=0.05)  # no checkpointing: backward is 2 forwards
+
+
+@pytest.mark.parametrize("name, policy", sorted(plan.CUDA_FP32_OPS.items()))
+def test_the_emulated_autocast_policy_matches_cuda_autocast(name, policy):
+    x = torch.randn(2, 8, 4, 4).bfloat16()
+    calls = {
+        "group_norm": lambda t: F.group_norm(t, 2),
+        "layer_norm": lambda t: F.layer_norm(t, (4,)),
+        "native_layer_norm": lambda t: torch.ops.aten.native_layer_norm(t, [4], None, None, 1e-5)[0],
+        "rms_norm": lambda t: F.rms_norm(t, (4,)),
+        "upsample_nearest2d": lambda t: F.interpolate(t, scale_factor=2.0, mode="nearest"),
+        "upsample_bilinear2d": lambda t: F.interpolate(t, scale_factor=2.0, mode="bilinear"),
+        "softmax.int": lambda t: t.softmax(-1),
+        "log_softmax.int": lambda t: t.log_softmax(-1),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16), plan.cuda_autocast_policy():
+        emulated = calls[name](x).dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert calls[name](x).dtype == torch.bfloat16  # CPU autocast alone keeps bf16: the gap closed
+    was = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    try:  # CUDA autocast's own kernels, on fake CUDA tensors (no GPU needed)
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        with FakeTensorMode():
+            on_cuda = calls[name](torch.empty(2, 8, 4, 4, device="cuda", dtype=torch.bfloat16)).dtype
+    finally:
+        torch.set_autocast_enabled("cuda", was[0])
+        torch.set_autocast_dtype("cuda", was[1])
+    assert emulated == on_cuda == torch.float32
+
+
+def test_a_too_small_gpu_is_refused_with_the_overflow_named_and_a_larger_one_fits(traces, tmp_path, capsys):
+    _, fake, _ = traces
+    args = ["plan", TINY, f"train.output_dir={tmp_path}/run", "train.batch_pairs=2"]
+    assert main([*args, "--gpu-memory", "1MB"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit --gpu-memory 1MB" in err
+    over = (fake.peak_bytes - 10**6) / 2**30
+    assert f"over by {over:.2f} GiB" in err
+    assert main([*args, "--gpu-memory", str(fake.peak_bytes), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["overflow_bytes"] == 0 and out["peak_bytes_per_gpu"] == fake.peak_bytes
+    for key in ("peak_phase", "split_bytes", "phase_peak_bytes", "flops_per_pair", "flops_per_phase"):
+        assert key in out
+    assert out["peak_phase"] in plan.PHASES and out["flops_per_pair"] > 0
+
+
+def test_batch_search_traces_until_the_next_batch_does_not_fit(traces, tmp_path):
+    _, two_pairs, _ = traces  # the tiny recipe at 2 pairs, checkpointing off
+    limit = two_pairs.total_bytes - 1
+    found = plan.largest_batch(tiny_config(tmp_path), 1, limit, checkpointing=False)
+    assert found["pairs"] == 1
+    assert found["traced"][1] <= limit < found["traced"][2] == two_pairs.total_bytes  # batch + 1 does not fit
+
+
+@pytest.mark.parametrize("largest", [0, 1, 2, 3, 5, 8, 13, 64, 100])
+def test_the_search_returns_the_largest_size_that_fits_and_asks_few_sizes(largest):
+    asked = []
+
+    def fits(pairs):
+        asked.append(pairs)
+        return pairs <= largest
+
+    assert plan.largest_fitting(fits, cap=64) == min(largest, 64)
+    assert len(asked) <= 2 * 7 + 1  # log2(64) doublings and as many bisection steps
+    assert len(asked) == len(set(asked))  # no size traced twice
+
+
+def test_ddp_traces_one_replica_with_its_share_and_buckets_and_fsdp_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, "parallel.strategy=ddp", "train.batch_pairs=4")
+    trace = plan.trace_rank(cfg, 2)
+    assert trace.pairs == 2
+    assert trace.extra["ddp_gradient_buckets"] == trace.exact["trainable"]
+    assert trace.total_bytes == trace.peak_bytes + trace.exact["trainable"]
+    with pytest.raises(plan.RunError, match="fsdp is not built yet"):
+        plan.plan_config(tiny_config(tmp_path, "parallel.strategy=fsdp"), 2)
+
+
+def test_gpu_memory_sizes_parse():
+    assert plan.parse_bytes("80GiB") == 80 * 2**30
+    assert plan.parse_bytes("40GB") == 40 * 10**9
+    assert plan.parse_bytes("512 MiB") == 512 * 2**20
+    with pytest.raises(plan.ConfigError):
+        plan.parse_bytes("lots")
+
+
+def test_help_and_a_bad_key_end_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_help:
+        main(["plan", "--help"])
+    assert exit_help.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--gpu-memory" in help_text and "--batch-search" in help_text and "--json" in help_text
+    assert main(["plan", TINY, "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.lrr" in err
