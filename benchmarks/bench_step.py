@@ -44,13 +44,7 @@ from vipo.engine.errors import RunError
 from vipo.engine.families import FAMILIES
 from vipo.engine.models import load_architecture
 
-FULL_CONFIGS = {
-    "sd15": "sd15",
-    "sdxl": "sdxl",
-    "sd3": "sd3.5-medium",
-    "flux": "flux1-dev",
-    "wan": "wan2.1-t2v-1.3b",
-}
+FULL_CONFIGS = {name: family.full_config for name, family in FAMILIES.items()}
 TINY_CONFIGS = {family: f"{family}-tiny" for family in FULL_CONFIGS}
 DEFAULT_RESOLUTION = {"sd15": "512", "sdxl": "1024", "sd3": "1024", "flux": "1024", "wan": "720p"}
 NAMED_RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}

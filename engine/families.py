@@ -19,6 +19,7 @@ class Family:
     builder: str
     pipeline: str  # diffusers pipeline class
     denoiser: str  # the denoiser's subfolder in a pipeline folder
+    full_config: str  # configs/models/ of the released architecture (plans and benchmarks build it)
     frame_chunk: int | None = None  # video: the VAE encodes 1 + k * frame_chunk frames
     video: bool = False
 
@@ -34,11 +35,13 @@ class Family:
 
 
 FAMILIES = {
-    "sd15": Family("sd15", "unet", "build_sd15", "StableDiffusionPipeline", "unet"),
-    "sdxl": Family("sdxl", "unet", "build_sdxl", "StableDiffusionXLPipeline", "unet"),
-    "sd3": Family("sd3", "sd3", "build_sd3", "StableDiffusion3Pipeline", "transformer"),
-    "flux": Family("flux", "flux", "build_flux", "FluxPipeline", "transformer"),
-    "wan": Family("wan", "wan", "build_wan", "WanPipeline", "transformer", frame_chunk=4, video=True),
+    "sd15": Family("sd15", "unet", "build_sd15", "StableDiffusionPipeline", "unet", "sd15"),
+    "sdxl": Family("sdxl", "unet", "build_sdxl", "StableDiffusionXLPipeline", "unet", "sdxl"),
+    "sd3": Family("sd3", "sd3", "build_sd3", "StableDiffusion3Pipeline", "transformer", "sd3.5-medium"),
+    "flux": Family("flux", "flux", "build_flux", "FluxPipeline", "transformer", "flux1-dev"),
+    "wan": Family(
+        "wan", "wan", "build_wan", "WanPipeline", "transformer", "wan2.1-t2v-1.3b", frame_chunk=4, video=True
+    ),
 }
 
 

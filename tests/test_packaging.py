@@ -49,14 +49,21 @@ def test_wheel_holds_only_the_vipo_namespace(wheel):
         assert expected in names
 
 
-def test_normal_install_imports_from_outside_the_checkout(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel installed alone (no dependencies) into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,
     )
+    return target
+
+
+def test_normal_install_imports_from_outside_the_checkout(installed, tmp_path):
+    target = installed
     code = (
         "import importlib.util, vipo.kernels, vipo.engine.config, vipo.configs as c\n"
         f"assert vipo.kernels.__file__.startswith({str(target)!r}), vipo.kernels.__file__\n"
@@ -107,14 +114,8 @@ sys.modules.update(dict.fromkeys(EXTRA_OF))
 """
 
 
-def test_the_kernels_run_and_the_command_names_the_extra_without_the_training_packages(wheel, tmp_path):
-    target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+def test_the_kernels_run_and_the_command_names_the_extra_without_the_training_packages(installed, tmp_path):
+    target = installed
     code = BLOCK_EXTRAS + (
         "import torch, vipo.kernels\n"
         "from vipo.kernels import poly_dpo_loss\n"

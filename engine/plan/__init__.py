@@ -62,6 +62,7 @@ from collections import Counter
 
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
+from ..families import FAMILIES
 from .trace import StepTrace, pixel_shape, trace_step
 from .tracking import CUDA_FP32_OPS, PHASES, cuda_autocast_policy
 
@@ -84,13 +85,7 @@ __all__ = [
 
 GIB = 2**30
 # The real architecture of each family, built when a recipe names a weights folder (model.path).
-FULL_CONFIGS = {
-    "sd15": "sd15",
-    "sdxl": "sdxl",
-    "sd3": "sd3.5-medium",
-    "flux": "flux1-dev",
-    "wan": "wan2.1-t2v-1.3b",
-}
+FULL_CONFIGS = {name: family.full_config for name, family in FAMILIES.items()}
 TRACED_STRATEGIES = ("none", "ddp")
 PLACEHOLDER_CACHE = "latent-cache-of-vipo-plan"  # data.cache is read by no one: the batch is made here
 
