@@ -123,6 +123,8 @@ class Trainer:
             self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
+        if self.device.type == "cuda":  # gradients and AdamW state against what the device has left
+            self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
         self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
@@ -137,6 +139,15 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_row = 0
+
+    def check_memory(self, free_bytes: int) -> None:
+        """Stop in one line when the first step's gradients and AdamW state cannot fit in
+        `free_bytes` (engine/plan/budget.py); called on a GPU before the strategy wraps the model."""
+        from .plan.budget import check_fits
+
+        check_fits(
+            self.adapter.network.parameters(), self.cfg.parallel.strategy, free_bytes, str(self.device)
+        )
 
     @property
     def network(self):

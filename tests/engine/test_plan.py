@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from vipo.engine import plan
 from vipo.engine.cli import main
 from vipo.engine.config import load_config
+from vipo.engine.errors import RunError
 from vipo.engine.models import build_adapter
 
 TINY = "configs/train/tiny-sd15-poly.yaml"
@@ -185,3 +186,30 @@ def test_help_and_a_bad_key_end_in_one_line(capsys):
     assert main(["plan", TINY, "optim.lrr=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optim.lrr" in err
+
+
+def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_fit(tmp_path):
+    from vipo.engine.plan.budget import GIB, bytes_to_come
+    from vipo.engine.trainer import Trainer
+
+    trainer = Trainer(load_config(None, [f"train.output_dir={tmp_path}"]), progress=False)
+    trainable = sum(p.numel() * p.element_size() for p in trainer.network.parameters() if p.requires_grad)
+    assert trainable > 0 and bytes_to_come(trainer.network.parameters(), "none") == {
+        "gradients": trainable,
+        "AdamW state": 2 * trainable,
+    }
+    assert sum(bytes_to_come(trainer.network.parameters(), "ddp").values()) == 4 * trainable
+    assert bytes_to_come(trainer.network.parameters(), "fsdp") is None  # per-rank shares: vipo plan
+    trainer.check_memory(3 * trainable)  # exactly enough
+    with pytest.raises(RunError) as err:
+        trainer.check_memory(3 * trainable - 1)
+    message = str(err.value)
+    assert (
+        message.startswith("cpu: the first step needs")
+        and "gradients" in message
+        and "AdamW state" in message
+    )
+    assert (
+        f"{(3 * trainable - 1) / GIB:.1f} GiB free" in message
+        and "vipo plan RECIPE --batch-search" in message
+    )

@@ -1,0 +1,38 @@
+"""The cheap part of a plan, checked before a run's first step on a GPU: the gradients, AdamW
+state and DDP buckets still to come, against the memory the device has free once the weights are
+on it. A run that cannot fit them stops in one line at start-up instead of running out of memory
+at its first optimizer step. Activations are not in it (`vipo plan` traces those)."""
+
+from ..errors import RunError
+
+GIB = 2**30
+# Strategies whose every rank holds every gradient and optimizer state; a sharded strategy's
+# share per rank is left to `vipo plan`.
+UNSHARDED = ("none", "ddp")
+
+
+def bytes_to_come(params, strategy: str) -> dict[str, int] | None:
+    """What the first step adds per GPU for the trainable `params`; None for sharded strategies."""
+    if strategy not in UNSHARDED:
+        return None
+    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    parts = {"gradients": trainable, "AdamW state": 2 * trainable}  # exp_avg, exp_avg_sq like the params
+    if strategy == "ddp":
+        parts["DDP gradient buckets"] = trainable
+    return parts
+
+
+def check_fits(params, strategy: str, free_bytes: int, device: str) -> None:
+    parts = bytes_to_come(params, strategy)
+    if parts is None:
+        return
+    need = sum(parts.values())
+    if need <= free_bytes:
+        return
+    shown = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items())
+    raise RunError(
+        f"{device}: the first step needs {need / GIB:.1f} GiB more ({shown}) than the "
+        f"{free_bytes / GIB:.1f} GiB free after the weights, before any activation: shard it "
+        "(parallel.strategy=fsdp or zero2), train a LoRA (model.lora_rank), or size it with "
+        "`vipo plan RECIPE --batch-search`"
+    )
