@@ -140,6 +140,11 @@ class LossConfig:
     beta_convention: Literal["official", "diffusers-sd15", "diffusers-sdxl", "sum"] = option(
         "official", "convention `beta` is written in; converted with vipo.kernels.beta_from"
     )
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = option(
+        "sigmoid",
+        "pair loss of dpo / poly_dpo: sigmoid (Diffusion-DPO; with alpha, Poly-DPO), or diffusers' "
+        "hinge relu(1 - z) and ipo (h - 1/beta)^2 (alpha 0)",
+    )
 
 
 @dataclass
@@ -234,6 +239,11 @@ class RunConfig:
             raise ConfigError(
                 f"loss.alpha is {self.loss.alpha} but loss.objective is 'dpo' (alpha 0); "
                 "use loss.objective=poly_dpo for alpha != 0"
+            )
+        if self.loss.loss_type != "sigmoid" and self.loss.alpha != 0.0:
+            raise ConfigError(
+                f"loss.alpha is {self.loss.alpha} but loss.loss_type is {self.loss.loss_type!r}: the "
+                "Poly-DPO term belongs to the sigmoid loss; set loss.alpha=0 or loss.loss_type=sigmoid"
             )
         if self.loss.objective != "sft" and self.loss.beta <= 0:
             raise ConfigError(

@@ -87,7 +87,7 @@ def forward_loss(
             cond = {key: torch.cat([value, value]) for key, value in cond.items()}
         x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=False)
         mark("encode")
-        err = sample_errors(adapter.predict(network, x_t, t, cond), target)
+        err = sample_errors(adapter.predict(network, x_t, t, cond), target).float()  # float64 not needed
         mark("policy_forward")
         loss = err.mean()
         mark("loss")
@@ -101,7 +101,13 @@ def forward_loss(
     mark("policy_forward")
     beta = resolve_beta(loss_cfg, pred[0].numel())
     out = poly_dpo_loss(
-        pred, target, ref_err=ref_err, beta=beta, alpha=loss_cfg.alpha, pair_weight=batch.weights
+        pred,
+        target,
+        ref_err=ref_err,
+        beta=beta,
+        alpha=loss_cfg.alpha,
+        pair_weight=batch.weights,
+        loss_type=loss_cfg.loss_type,
     )
     mark("loss")
     return out.loss, preference_metrics(out, loss_cfg.alpha)

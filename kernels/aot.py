@@ -144,18 +144,33 @@ def _cases(sms: int):
                 coef = torch.empty(4, dtype=torch.float32, **meta)
                 scale = torch.empty((), dtype=torch.float32, **meta)
                 yield f"grad {desc}", ops.grad_launch(scale, pred, target, None, coef, sms)[0]
-    # The head kernel: every tile shape head_config picks, with and without ref_pred / pair weights.
+    # The head kernel: every tile shape head_config picks, with and without ref_pred / pair weights,
+    # for every loss type; partials and reference errors in the dtypes poly_dpo_fwd passes.
     for pairs in (1, 16, 17, 32, 64, 1000, 32767):
         for n_chunks in (1, 16, 17, 33, 64, 5000):
             for has_ref_pred in (False, True):
                 for has_pw in (False, True):
-                    partial = torch.empty(3 if has_ref_pred else 1, 2 * pairs, n_chunks, **meta)
-                    ref_err = None if has_ref_pred else torch.empty(2 * pairs, **meta)
-                    pw = torch.empty(pairs, **meta) if has_pw else None
-                    desc = (
-                        f"head pairs={pairs} chunks={n_chunks} ref_pred={has_ref_pred} pair_weight={has_pw}"
-                    )
-                    yield desc, ops.head_launch(partial, ref_err, pw, 4096, 500.0, 8.0, has_ref_pred, sms)[0]
+                    for loss_type in ops.LOSS_TYPES:
+                        partial = torch.empty(
+                            3 if has_ref_pred else 1,
+                            2 * pairs,
+                            n_chunks,
+                            dtype=ops.partial_dtype(has_ref_pred),
+                            **meta,
+                        )
+                        ref_err = (
+                            None if has_ref_pred else torch.empty(2 * pairs, dtype=torch.float64, **meta)
+                        )
+                        pw = torch.empty(pairs, **meta) if has_pw else None
+                        alpha = 8.0 if loss_type == "sigmoid" else 0.0
+                        desc = (
+                            f"head pairs={pairs} chunks={n_chunks} ref_pred={has_ref_pred} "
+                            f"pair_weight={has_pw} loss={loss_type}"
+                        )
+                        launch = ops.head_launch(
+                            partial, ref_err, pw, 4096, 500.0, alpha, has_ref_pred, sms, loss_type
+                        )[0]
+                        yield desc, launch
 
 
 def _bind(launch, target):

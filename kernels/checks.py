@@ -9,6 +9,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # How the implicit accuracy counts a tie (z = 0): "zero" as the official Diffusion-DPO code and
 # vipo do, "half" as diffusers' DPO scripts do.
 TIES = ("zero", "half")
+# The loss of a pair as a function of its logit (vipo.kernels.reference has the formulas).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
 def check_ties(ties: str) -> None:
@@ -17,6 +19,20 @@ def check_ties(ties: str) -> None:
             f"ties must be 'zero' (a tie counts as wrong, the official code) or 'half' (diffusers' "
             f"scripts), got {ties!r}"
         )
+
+
+def check_loss_type(loss_type: str, alpha: float, beta: float) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(
+            f"loss_type must be one of {', '.join(map(repr, LOSS_TYPES))} (with alpha, 'sigmoid' is "
+            f"Poly-DPO), got {loss_type!r}"
+        )
+    if loss_type != "sigmoid" and alpha != 0:
+        raise ValueError(
+            f"alpha={alpha} is the Poly-DPO term of the 'sigmoid' loss; loss_type={loss_type!r} takes alpha=0"
+        )
+    if loss_type == "ipo" and beta == 0:
+        raise ValueError("loss_type='ipo' aims the logit at 1 / beta: beta must not be 0")
 
 
 def count_ties(out, ties: str):
@@ -101,6 +117,7 @@ def check_loss_inputs(
     alpha: float,
     elem_weight: torch.Tensor | None,
     pair_weight: torch.Tensor | None,
+    loss_type: str = "sigmoid",
 ) -> int:
     """Validate the arguments of `poly_dpo_loss`; returns B, the number of pairs."""
     pairs = check_pair_batch("policy_pred", policy_pred)
@@ -125,6 +142,7 @@ def check_loss_inputs(
             raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
+    check_loss_type(loss_type, alpha, beta)
     check_elem_weight(elem_weight, policy_pred)
     if pair_weight is not None:
         check_float("pair_weight", pair_weight)

@@ -15,6 +15,7 @@ from . import reference
 from .checks import (
     check_elem_weight,
     check_loss_inputs,
+    check_loss_type,
     check_pair_batch,
     check_same_shape,
     check_ties,
@@ -52,10 +53,13 @@ def use_fused(tensor: torch.Tensor) -> bool:
 def sample_errors(
     pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float32 [2B].
+    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float64 [2B].
 
     Differentiable w.r.t. `pred`. Use it on the reference pass to reduce the reference output to
-    2B numbers before the policy forward, then pass them as `ref_err` to `poly_dpo_loss`.
+    2B numbers before the policy forward, then pass them as `ref_err` to `poly_dpo_loss`. The
+    result is float64 because the loss subtracts it from a nearly equal policy error: float32
+    would round away the digits that difference is made of (compensated float32 sums inside the
+    kernel, float64 across lanes and chunks).
     """
     if not use_fused(pred):
         return reference.sample_errors(pred, target, elem_weight)
@@ -76,6 +80,7 @@ def poly_dpo_loss(
     elem_weight: torch.Tensor | None = None,
     pair_weight: torch.Tensor | None = None,
     ties: str = "zero",
+    loss_type: str = "sigmoid",
 ) -> PolyDPOOutput:
     """Poly-DPO loss (alpha = 0: Diffusion-DPO) and its metrics.
 
@@ -84,7 +89,8 @@ def poly_dpo_loss(
     elem_weight broadcasts to policy_pred; pair_weight is [B]. Only `loss` has a gradient,
     w.r.t. policy_pred. See `vipo.kernels.reference` for the exact definition.
     `ties`: how `accuracy` counts a pair with z = 0: "zero" (the official code) or "half"
-    (diffusers' scripts).
+    (diffusers' scripts). `loss_type`: "sigmoid" (with alpha != 0: Poly-DPO), "hinge" or "ipo"
+    as diffusers' DPO script defines them (formulas in `vipo.kernels.reference`).
     """
     check_ties(ties)
     if not use_fused(policy_pred):
@@ -98,8 +104,11 @@ def poly_dpo_loss(
             elem_weight=elem_weight,
             pair_weight=pair_weight,
             ties=ties,
+            loss_type=loss_type,
         )
-    check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
+    check_loss_inputs(
+        policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight, loss_type
+    )
     # Each input is read in its own dtype and widened to float32 inside the kernel.
     loss, stats, logits, prob, policy_err, ref_err_out, _ = _fused_ops().poly_dpo_fwd(
         policy_pred,
@@ -110,6 +119,7 @@ def poly_dpo_loss(
         pair_weight,
         float(beta),
         float(alpha),
+        loss_type,
     )
     # Only the loss is differentiable; the metric outputs of the op carry no gradient.
     stats = stats.detach()
@@ -128,12 +138,14 @@ def poly_dpo_loss(
 class PolyDPOLoss(nn.Module):
     """`poly_dpo_loss` with beta and alpha fixed at construction."""
 
-    def __init__(self, beta: float, alpha: float = 0.0, ties: str = "zero"):
+    def __init__(self, beta: float, alpha: float = 0.0, ties: str = "zero", loss_type: str = "sigmoid"):
         super().__init__()
         check_ties(ties)
+        check_loss_type(loss_type, alpha, beta)
         self.beta = float(beta)
         self.alpha = float(alpha)
         self.ties = ties
+        self.loss_type = loss_type
 
     def forward(
         self,
@@ -155,7 +167,8 @@ class PolyDPOLoss(nn.Module):
             elem_weight=elem_weight,
             pair_weight=pair_weight,
             ties=self.ties,
+            loss_type=self.loss_type,
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, alpha={self.alpha}, ties={self.ties!r}"
+        return f"beta={self.beta}, alpha={self.alpha}, ties={self.ties!r}, loss_type={self.loss_type!r}"

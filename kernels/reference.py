@@ -5,12 +5,18 @@ rows [B, 2B); winner and loser of a pair share prompt, noise and timestep.
 
     e      = mean over non-batch dims of m * (pred - target)^2
     d      = (e_pol[w] - e_pol[l]) - (e_ref[w] - e_ref[l])
-    z      = -0.5 * beta * k * d
-    loss   = mean over pairs of softplus(-z) + alpha * (1 - sigmoid(z))      (paper Eq. 9)
-    dL/dz  = -(1 - p) * (1 + alpha * p)                                      (paper Eq. 10)
+    h      = -k * d                  (the logit before beta)
+    z      = beta * h / 2 = -0.5 * beta * k * d
+    loss   = mean over pairs of l(z), with l by `loss_type`:
+      "sigmoid"  softplus(-z) + alpha * (1 - sigmoid(z))   paper Eq. 9; alpha = 0 is Diffusion-DPO
+                 dl/dz = -(1 - p) * (1 + alpha * p)        paper Eq. 10
+      "hinge"    relu(1 - z)                               diffusers' train_diffusion_dpo.py
+      "ipo"      (h - 1 / beta)^2                          the same script's `(logits - 1/(2 beta))^2`
+                                                           with its logits = h and its beta = beta / 2
 
-alpha = 0 is Diffusion-DPO exactly. Math runs in float32 for 16- and 32-bit inputs and in
-float64 for float64 inputs, which makes this module its own float64 oracle in tests.
+Errors are summed in float64 (their difference between policy and reference is small against
+each), the rest runs in float32 for 16- and 32-bit inputs and in float64 for float64 inputs, which
+makes this module its own float64 oracle in tests.
 """
 
 from typing import NamedTuple
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from .checks import (
     check_elem_weight,
     check_loss_inputs,
+    check_loss_type,
     check_pair_batch,
     check_same_shape,
     check_ties,
@@ -47,10 +54,12 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 def sample_errors(
     pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> [2B].
+    """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float64 [2B].
 
     The mean divides by the element count N, not by the sum of weights (a weight map scales
-    each element's share). Float32 result for 16/32-bit inputs, float64 for float64.
+    each element's share). Squares are formed in float32 (float64 for float64 inputs) and summed
+    in float64: the loss subtracts a policy error from a nearly equal reference error, and a
+    float32 result would round away the digits that difference is made of.
     """
     check_pair_batch("pred", pred)
     check_same_shape("target", target, "pred", pred)
@@ -59,7 +68,8 @@ def sample_errors(
     sq = (pred.to(dtype) - target.to(dtype)).square()
     if elem_weight is not None:
         sq = sq * elem_weight.to(dtype)
-    return sq.reshape(pred.shape[0], -1).mean(dim=1)
+    rows = sq.reshape(pred.shape[0], -1)
+    return rows.sum(dim=1, dtype=torch.float64) / rows.shape[1]
 
 
 def poly_dpo_from_errors(
@@ -69,22 +79,33 @@ def poly_dpo_from_errors(
     beta: float,
     alpha: float = 0.0,
     pair_weight: torch.Tensor | None = None,
+    loss_type: str = "sigmoid",
+    math_dtype: torch.dtype | None = None,
 ) -> PolyDPOOutput:
-    """The loss head on per-sample errors [2B] (policy_err differentiable, ref_err constant)."""
+    """The loss head on per-sample errors [2B] (policy_err differentiable, ref_err constant).
+
+    The gap policy_err - ref_err is formed in the wider of the two dtypes, everything after it in
+    `math_dtype` (default: policy_err's dtype)."""
+    check_loss_type(loss_type, alpha, beta)
     pairs = policy_err.shape[0] // 2
-    ref_err = ref_err.detach().to(policy_err.dtype)
+    dtype = math_dtype or policy_err.dtype
+    ref_err = ref_err.detach()
+    wide = torch.promote_types(policy_err.dtype, ref_err.dtype)
     # Subtract the nearly equal policy and reference errors of the same sample first: that
     # difference is exact in floating point far more often than winner minus loser.
-    gap = policy_err - ref_err
+    gap = (policy_err.to(wide) - ref_err.to(wide)).to(dtype)
     diff = gap[:pairs] - gap[pairs:]
-    scale = -0.5 * beta
-    if pair_weight is not None:
-        logits = scale * pair_weight.to(policy_err.dtype) * diff
-    else:
-        logits = scale * diff
-    # softplus(-z) is -log sigmoid(z) without the log of an underflowed sigmoid;
-    # sigmoid(-z) is 1 - p without the cancellation of 1 - sigmoid(z) near p = 1.
-    per_pair = F.softplus(-logits) + alpha * torch.sigmoid(-logits)
+    h = -diff if pair_weight is None else -pair_weight.to(dtype) * diff
+    logits = 0.5 * beta * h
+    if loss_type == "sigmoid":
+        # logsigmoid has no log of an underflowed sigmoid (and, unlike F.softplus, no threshold
+        # past which it returns its argument: 2e-9 off at z = -20, visible in float64);
+        # sigmoid(-z) is 1 - p without the cancellation of 1 - sigmoid(z) near p = 1.
+        per_pair = -F.logsigmoid(logits) + alpha * torch.sigmoid(-logits)
+    elif loss_type == "hinge":
+        per_pair = torch.relu(1.0 - logits)
+    else:  # ipo
+        per_pair = (h - 1.0 / beta).square()
     z = logits.detach()
     return PolyDPOOutput(
         loss=per_pair.mean(),
@@ -92,8 +113,8 @@ def poly_dpo_from_errors(
         prob=torch.sigmoid(z),
         accuracy=(z > 0).to(z.dtype).mean(),
         margin=z.mean() / beta if beta != 0 else torch.zeros_like(z.mean()),
-        policy_err=policy_err.detach(),
-        ref_err=ref_err,
+        policy_err=policy_err.detach().to(dtype),
+        ref_err=ref_err.to(dtype),
     )
 
 
@@ -108,18 +129,30 @@ def poly_dpo_loss(
     elem_weight: torch.Tensor | None = None,
     pair_weight: torch.Tensor | None = None,
     ties: str = "zero",
+    loss_type: str = "sigmoid",
 ) -> PolyDPOOutput:
     """Poly-DPO loss (alpha = 0: Diffusion-DPO) from policy and reference predictions.
 
     Pass exactly one of `ref_pred` (reference prediction, same shape as policy_pred) or
     `ref_err` (its per-sample errors [2B], e.g. from `sample_errors` on the reference pass).
     `ties="half"` counts a pair with z = 0 as half right in `accuracy` (diffusers' scripts).
+    `loss_type`: "sigmoid" (with alpha: Poly-DPO), "hinge" or "ipo" (module docstring).
     """
     check_ties(ties)
-    check_loss_inputs(policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight)
+    check_loss_inputs(
+        policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight, loss_type
+    )
     policy_err = sample_errors(policy_pred, target, elem_weight)
     if ref_pred is not None:
         with torch.no_grad():
             ref_err = sample_errors(ref_pred, target, elem_weight)
-    out = poly_dpo_from_errors(policy_err, ref_err, beta=beta, alpha=alpha, pair_weight=pair_weight)
+    out = poly_dpo_from_errors(
+        policy_err,
+        ref_err,
+        beta=beta,
+        alpha=alpha,
+        pair_weight=pair_weight,
+        loss_type=loss_type,
+        math_dtype=_math_dtype(policy_pred.dtype),
+    )
     return count_ties(out, ties)

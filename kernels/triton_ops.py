@@ -3,9 +3,11 @@
 Three launches per training step, none of which materialises an N-sized intermediate:
 
     forward   _errors_partial_kernel   reads policy_pred, target (ref_pred, elem_weight) once and
-                                       writes fp32 partial sums [streams, 2B, chunks]
+                                       writes partial sums [streams, 2B, chunks]: fp32 with
+                                       ref_pred, else fp64 from compensated fp32 lanes
               _poly_dpo_head_kernel    one program: sums the partials in a fixed order, computes
-                                       z, p, the loss, the metrics and the per-row gradient
+                                       z, p, the loss (sigmoid / Poly-DPO, hinge, ipo), the
+                                       metrics and the per-row gradient
                                        coefficient dL/d(pred - target) / (m (pred - target))
     backward  _poly_dpo_grad_kernel    reads policy_pred, target (elem_weight) once and writes
                                        grad = coef[row] * grad_loss * m * (pred - target) once
@@ -25,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from .checks import LOSS_TYPES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -132,6 +136,7 @@ def _errors_partial_kernel(
     acc_pol = tl.zeros([BLOCK], dtype=tl.float32)
     acc_ref = tl.zeros([BLOCK], dtype=tl.float32)
     acc_gap = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_low = tl.zeros([BLOCK], dtype=tl.float32)  # without ref: what acc_pol's rounding lost
     # `iters` is a runtime bound: a constexpr one would be one more compiled variant per value.
     for it in range(iters):
         offs = (chunk * iters + it) * BLOCK + lanes
@@ -155,25 +160,36 @@ def _errors_partial_kernel(
                 w_stride2,
                 WEIGHT_MODE,
             )
-        acc_pol += w * dp * dp
         if HAS_REF:
+            acc_pol += w * dp * dp
             r = tl.load(ref_ptr + row_start + offs, mask=mask, other=0.0).to(tl.float32)
             dr = r - y
             acc_ref += w * dr * dr
             # (p-y)^2 - (r-y)^2 = (p-r)(p+r-2y): the policy/reference gap without cancellation.
             acc_gap += w * (p - r) * (dp + dr)
+        else:
+            # Alone, an error is later subtracted from another nearly equal one (ref_err): Kahan's
+            # compensated sum per lane keeps its low digits.
+            term = w * dp * dp - acc_low
+            total = acc_pol + term
+            acc_low = (total - acc_pol) - term
+            acc_pol = total
     out = partial_ptr + row * n_chunks + chunk
-    tl.store(out, tl.sum(acc_pol, axis=0))
     if HAS_REF:
+        tl.store(out, tl.sum(acc_pol, axis=0))
         stream = n_rows * n_chunks
         tl.store(out + stream, tl.sum(acc_ref, axis=0))
         tl.store(out + 2 * stream, tl.sum(acc_gap, axis=0))
+    else:
+        # The lanes' compensated sums meet in float64: a float32 tree would round them again.
+        tl.store(out, tl.sum(acc_pol.to(tl.float64) - acc_low.to(tl.float64), axis=0))
 
 
 @triton.jit
 def _row_sums(partial_ptr, rows, row_mask, n_chunks, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum of partial[rows, :] over chunks, tile by tile in a fixed order -> [BLOCK_P]."""
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    """Sum of partial[rows, :] over chunks, tile by tile in a fixed order -> [BLOCK_P], in the
+    partials' own dtype (float32, or float64 for errors that are not a policy/reference gap)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=partial_ptr.dtype.element_ty)
     cols = tl.arange(0, BLOCK_C).to(tl.int64)
     for c0 in range(0, n_chunks, BLOCK_C):
         c = c0 + cols
@@ -190,7 +206,11 @@ def _log1p(x):
     return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
-@triton.jit(do_not_specialize=("n_pairs", "n_chunks"))
+# The loss of a pair as a function of its logit z: the head kernel's LOSS constexpr.
+LOSS_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
+
+
+@triton.jit(do_not_specialize=("n_pairs", "n_chunks", "n_elems"))
 def _poly_dpo_head_kernel(
     partial_ptr,
     ref_err_ptr,
@@ -204,6 +224,7 @@ def _poly_dpo_head_kernel(
     coef_ptr,
     n_pairs,
     n_chunks,
+    n_elems,
     inv_n,
     beta,
     alpha,
@@ -211,6 +232,7 @@ def _poly_dpo_head_kernel(
     inv_beta,
     HAS_REF_PRED: tl.constexpr,
     HAS_PAIR_WEIGHT: tl.constexpr,
+    LOSS: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -224,31 +246,46 @@ def _poly_dpo_head_kernel(
         pairs = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         pmask = pairs < n_pairs
         win, lose = pairs, pairs + n_pairs
-        pol_w = _row_sums(partial_ptr, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
-        pol_l = _row_sums(partial_ptr, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
         if HAS_REF_PRED:
+            pol_w = _row_sums(partial_ptr, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
+            pol_l = _row_sums(partial_ptr, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
             ref_w = _row_sums(partial_ptr + stream, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
             ref_l = _row_sums(partial_ptr + stream, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
             gap_w = _row_sums(partial_ptr + 2 * stream, win, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
             gap_l = _row_sums(partial_ptr + 2 * stream, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) * inv_n
         else:
-            ref_w = tl.load(ref_err_ptr + win, mask=pmask, other=0.0).to(tl.float32)
-            ref_l = tl.load(ref_err_ptr + lose, mask=pmask, other=0.0).to(tl.float32)
-            gap_w = pol_w - ref_w
-            gap_l = pol_l - ref_l
+            # float64 partials and float64 reference errors (sample_errors): the gap of two nearly
+            # equal errors is formed before any rounding to float32.
+            pol_w64 = _row_sums(partial_ptr, win, pmask, n_chunks, BLOCK_P, BLOCK_C) / n_elems
+            pol_l64 = _row_sums(partial_ptr, lose, pmask, n_chunks, BLOCK_P, BLOCK_C) / n_elems
+            ref_w64 = tl.load(ref_err_ptr + win, mask=pmask, other=0.0).to(tl.float64)
+            ref_l64 = tl.load(ref_err_ptr + lose, mask=pmask, other=0.0).to(tl.float64)
+            gap_w = (pol_w64 - ref_w64).to(tl.float32)
+            gap_l = (pol_l64 - ref_l64).to(tl.float32)
+            pol_w, pol_l = pol_w64.to(tl.float32), pol_l64.to(tl.float32)
+            ref_w, ref_l = ref_w64.to(tl.float32), ref_l64.to(tl.float32)
         if HAS_PAIR_WEIGHT:
             k = tl.load(pair_weight_ptr + pairs, mask=pmask, other=0.0).to(tl.float32)
         else:
             k = tl.full([BLOCK_P], 1.0, tl.float32)
-        z = -0.5 * beta * k * (gap_w - gap_l)
+        h = -k * (gap_w - gap_l)  # the logit before beta: z = beta h / 2
+        z = 0.5 * beta * h
         # p and 1 - p each from exp(-|z|), so neither cancels near p = 0 or p = 1.
         q = tl.exp(-tl.abs(z))
         inv = 1.0 / (1.0 + q)
         p = tl.where(z >= 0, inv, q * inv)
         one_minus_p = tl.where(z >= 0, q * inv, inv)
-        softplus_neg_z = tl.maximum(-z, 0.0) + _log1p(q)  # -log sigmoid(z)    (Eq. 9)
-        loss_pair = softplus_neg_z + alpha * one_minus_p
-        dl_dz = -one_minus_p * (1.0 + alpha * p)  # Eq. 10
+        if LOSS == 0:  # sigmoid; Poly-DPO with alpha != 0
+            softplus_neg_z = tl.maximum(-z, 0.0) + _log1p(q)  # -log sigmoid(z)    (Eq. 9)
+            loss_pair = softplus_neg_z + alpha * one_minus_p
+            dl_dz = -one_minus_p * (1.0 + alpha * p)  # Eq. 10
+        elif LOSS == 1:  # hinge: relu(1 - z)
+            loss_pair = tl.maximum(1.0 - z, 0.0)
+            dl_dz = tl.where(z < 1.0, -1.0, 0.0)
+        else:  # ipo: (h - 1 / beta)^2, dL/dz = dL/dh * 2 / beta
+            dev = h - inv_beta
+            loss_pair = dev * dev
+            dl_dz = 4.0 * dev * inv_beta
         # dL/dpred = dL/dz * dz/dgap * dgap/dpred with dgap_w/dpred = 2 m (pred - y) / N and a mean
         # over pairs: coef_w = -dL/dz * beta * k / (B N), coef_l = -coef_w.
         coef = -dl_dz * k * coef_scale
@@ -473,7 +510,11 @@ def partials_launch(pred, target, ref, weight, sms: int | None):
     block, iters, n_chunks, num_warps = grid_config(n_elems, n_rows, pred.dtype, sms)
     w, mode, w_rs, w_s1, w_s2, w_st0, w_st1, w_st2 = _weight_layout(weight, pred.shape)
     streams = 3 if ref is not None else 1
-    partial = _new((streams, n_rows, n_chunks), pred)
+    partial = _new((streams, n_rows, n_chunks), pred, dtype=partial_dtype(ref is not None))
+    if ref is None:
+        # Compensated sums carry two accumulators a lane: twice the threads, half the elements each
+        # (still 128-bit loads), keep it off the stack (16 a thread spilled 32-64 B on sm_90).
+        num_warps *= 2
     launch = Launch(
         _errors_partial_kernel,
         (n_chunks, n_rows),
@@ -506,7 +547,23 @@ def partials_launch(pred, target, ref, weight, sms: int | None):
     return launch, partial, n_elems
 
 
-def head_launch(partial, ref_err, pair_weight, n_elems, beta: float, alpha: float, has_ref_pred: bool, sms):
+def partial_dtype(has_ref: bool) -> torch.dtype:
+    """The partial sums' dtype: float32 with ref_pred (its gap stream needs no more), float64 for
+    errors alone (compensated lane sums, later subtracted from reference errors)."""
+    return torch.float32 if has_ref else torch.float64
+
+
+def head_launch(
+    partial,
+    ref_err,
+    pair_weight,
+    n_elems,
+    beta: float,
+    alpha: float,
+    has_ref_pred: bool,
+    sms,
+    loss_type: str = "sigmoid",
+):
     """The one-program head launch -> (Launch, (loss, stats, logits, prob, policy_err, ref_err, coef))."""
     n_rows, n_chunks = partial.shape[1], partial.shape[2]
     n_pairs = n_rows // 2
@@ -530,6 +587,7 @@ def head_launch(partial, ref_err, pair_weight, n_elems, beta: float, alpha: floa
             *outputs,
             n_pairs,
             n_chunks,
+            n_elems,
             1.0 / n_elems,
             float(beta),
             float(alpha),
@@ -539,6 +597,7 @@ def head_launch(partial, ref_err, pair_weight, n_elems, beta: float, alpha: floa
         dict(
             HAS_REF_PRED=has_ref_pred,
             HAS_PAIR_WEIGHT=pair_weight is not None,
+            LOSS=LOSS_CODES[loss_type],
             BLOCK_P=block_p,
             BLOCK_C=block_c,
             num_warps=4,
@@ -599,26 +658,28 @@ def poly_dpo_fwd(
     pair_weight: torch.Tensor | None,
     beta: float,
     alpha: float,
+    loss_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> loss [], stats [2] (accuracy, margin), logits [B], prob [B], policy_err [2B],
     ref_err [2B], coef [2B] (for backward)."""
     policy_pred, target = _flat(policy_pred), _flat(target)
     ref_pred = _flat(ref_pred) if ref_pred is not None else None
-    # 2B and B values: read by the head kernel as float32, whatever they came in.
-    ref_err = ref_err.to(torch.float32).contiguous() if ref_err is not None else None
+    # 2B and B values, whatever dtype they came in: reference errors are read as float64 (the
+    # digits their difference from the policy errors needs), pair weights as float32.
+    ref_err = ref_err.to(torch.float64).contiguous() if ref_err is not None else None
     pair_weight = pair_weight.to(torch.float32).contiguous() if pair_weight is not None else None
     sms = sm_count(policy_pred.device)
     launch, partial, n_elems = partials_launch(policy_pred, target, ref_pred, elem_weight, sms)
     launch.run()
     launch, outputs = head_launch(
-        partial, ref_err, pair_weight, n_elems, beta, alpha, ref_pred is not None, sms
+        partial, ref_err, pair_weight, n_elems, beta, alpha, ref_pred is not None, sms, loss_type
     )
     launch.run()
     return outputs
 
 
 @poly_dpo_fwd.register_fake
-def _(policy_pred, target, ref_pred, ref_err, elem_weight, pair_weight, beta, alpha):
+def _(policy_pred, target, ref_pred, ref_err, elem_weight, pair_weight, beta, alpha, loss_type):
     n_rows = policy_pred.shape[0]
     f32 = dict(dtype=torch.float32, device=policy_pred.device)
     return (
@@ -655,7 +716,7 @@ def _(grad_scale, pred, target, elem_weight, coef):
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    policy_pred, target, _, _, elem_weight, _, _, _ = inputs
+    policy_pred, target, _, _, elem_weight, _, _, _, _ = inputs
     coef = output[6]
     # Saved: the inputs (alive anyway) and coef, 2B floats; no N-sized intermediate.
     ctx.save_for_backward(policy_pred, target, elem_weight, coef)
@@ -666,7 +727,7 @@ def _fwd_backward(ctx, grad_loss, *_unused_metric_grads):
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
         grad = poly_dpo_bwd(grad_loss, policy_pred, target, elem_weight, coef)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None
 
 
 poly_dpo_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -690,17 +751,17 @@ poly_dpo_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup_con
 def sample_errors_op(
     pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-sample mean of elem_weight * (pred - target)^2 -> fp32 [2B]."""
+    """Per-sample mean of elem_weight * (pred - target)^2 -> float64 [2B]."""
     pred = _flat(pred)
     launch, partial, n_elems = partials_launch(pred, _flat(target), None, elem_weight, sm_count(pred.device))
     launch.run()
-    # A fixed-order sum over a few chunks per row: deterministic.
-    return partial[0].sum(dim=1) * (1.0 / n_elems)
+    # A fixed-order float64 sum over a few chunks per row: deterministic.
+    return partial[0].sum(dim=1) / n_elems
 
 
 @sample_errors_op.register_fake
 def _(pred, target, elem_weight):
-    return pred.new_empty((pred.shape[0],), dtype=torch.float32)
+    return pred.new_empty((pred.shape[0],), dtype=torch.float64)
 
 
 def _errors_setup_context(ctx, inputs, output):

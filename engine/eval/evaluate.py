@@ -35,7 +35,7 @@ def held_out_accuracy(
             cond = adapter.encode_prompts(batch.prompts)
             latents = adapter.encode_pixels(batch.pixels)
             generator = torch.Generator(device=adapter.device).manual_seed(seed + start)
-            gap = torch.zeros(latents.shape[0], device=adapter.device)
+            gap = torch.zeros(latents.shape[0], dtype=torch.float64, device=adapter.device)
             for _ in range(draws):
                 x_t, t, target = adapter.noisy_inputs(latents, generator)
                 policy_err = sample_errors(adapter.predict(network, x_t, t, cond), target)

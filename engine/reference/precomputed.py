@@ -9,7 +9,7 @@ RNG (engine/noise.py): the posterior sample, caption dropout, eps and t of a pai
 
     FOLDER/reference/               (or reference.table)
       index.json                    fingerprint, noise probe, complete flags per epoch and shard
-      errors-e0000-s00000.safetensors   ref_err [n, 2] (winner, loser) and t [n] of cache shard 0
+      errors-e0000-s00000.safetensors   ref_err [n, 2] float64 (winner, loser) and t [n] of cache shard 0
 
 Scoring splits its shards over RANK / WORLD_SIZE and resumes like the cache does.
 """
@@ -188,7 +188,8 @@ def score_reference(
                     x_t, t, target = batch_noise(adapter, batch.latents, batch.ids, seed, epoch)
                     with torch.no_grad(), autocast:
                         err = sample_errors(adapter.predict(adapter.network, x_t, t, batch.cond), target)
-                    errors.append(torch.stack([err[: batch.pairs], err[batch.pairs :]], dim=1).float().cpu())
+                    # float64 as sample_errors gives them: the step subtracts a nearly equal policy error.
+                    errors.append(torch.stack([err[: batch.pairs], err[batch.pairs :]], dim=1).double().cpu())
                     timesteps.append(t[: batch.pairs].float().cpu())
             tensors = {"ref_err": torch.cat(errors), "t": torch.cat(timesteps)}
             save_atomic(

@@ -48,6 +48,19 @@ def test_a_dpo_step_changes_the_policy_and_not_the_reference(tmp_path):
     assert not any(p.requires_grad for p in trainer.reference.network.parameters())
 
 
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_loss_type_reaches_the_kernel_and_gives_its_loss_at_step_zero(tmp_path, loss_type):
+    """At step 0 the policy is the reference: z = 0, so hinge's loss is relu(1 - 0) = 1 and ipo's
+    (0 - 1 / beta)^2 (the sigmoid loss would be log 2)."""
+    cfg = tiny_config(tmp_path, f"loss.loss_type={loss_type}", "loss.objective=dpo")
+    trainer = Trainer(cfg, progress=False)
+    policy_before = snapshot(trainer.adapter.network)
+    metrics = trainer.train_step()
+    expected = 1.0 if loss_type == "hinge" else (1.0 / cfg.loss.beta) ** 2
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-6)
+    assert changed(policy_before, trainer.adapter.network)  # both pull z up from 0
+
+
 def test_adapter_reference_is_the_base_model_and_only_lora_weights_train(tmp_path):
     cfg = tiny_config(tmp_path, "model.lora_rank=4", "reference.mode=adapter")
     trainer = Trainer(cfg, progress=False)

@@ -99,10 +99,11 @@ CASES = [
         ["data.parquet", "is not a recipe (YAML)"],
     ),
     (
+        # `vipo data stats` takes a data path: read as Pick-a-Pic parquet, it lacks the columns.
         "data-stats-parquet",
         ["data", "stats", "{tmp}/data.parquet", "-q"],
-        2,
-        ["data.parquet", "is not a recipe"],
+        1,
+        ["data.parquet", "missing column(s) jpg_0"],
     ),
     ("text-recipe", ["config", "show", "{tmp}/notes.txt"], 2, ["notes.txt", "is not a recipe (YAML)"]),
     (
@@ -303,6 +304,8 @@ CASES = [
     ("demo-sft-steps-negative", show("demo.sft_steps=-1"), 2, ["demo.sft_steps", ">= 0"]),
     # -- combinations -----------------------------------------------------------------------------
     ("dpo-with-alpha", show("loss.objective=dpo", "loss.alpha=8"), 2, ["loss.alpha", "'dpo'"]),
+    ("hinge-with-alpha", show("loss.loss_type=hinge", "loss.alpha=8"), 2, ["loss.alpha", "'hinge'"]),
+    ("unknown-loss-type", show("loss.loss_type=robust"), 2, ["loss.loss_type", "'robust'"]),
     ("adapter-without-lora", show("reference.mode=adapter"), 2, ["reference.mode", "model.lora_rank"]),
     ("precomputed-without-cache", show("reference.mode=precomputed"), 2, ["reference.mode", "data.cache"]),
     (

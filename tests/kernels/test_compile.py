@@ -156,6 +156,9 @@ def test_the_sweep_reaches_every_choice_the_launchers_make_on_a_gpu(compiled):
             (
                 v.constexprs["HAS_REF_PRED"],
                 v.constexprs["HAS_PAIR_WEIGHT"],
+                v.constexprs["LOSS"],
+                v.signature["partial_ptr"],
+                v.signature["ref_err_ptr"],
                 v.constexprs["BLOCK_P"],
                 v.constexprs["BLOCK_C"],
             )
@@ -163,7 +166,14 @@ def test_the_sweep_reaches_every_choice_the_launchers_make_on_a_gpu(compiled):
             if v.kernel == "_poly_dpo_head_kernel"
         }
         tile = triton_ops.head_config(7, 3, interpret=False)
-        assert head == {(r, w, *tile) for r in (False, True) for w in (False, True)}
+        # Without ref_pred the head reads float64 partials and float64 reference errors.
+        pointers = {False: ("*fp64", "*fp64"), True: ("*fp32", "*fp32")}
+        assert head == {
+            (r, w, code, *pointers[r], *tile)
+            for r in (False, True)
+            for w in (False, True)
+            for code in triton_ops.LOSS_CODES.values()
+        }
         # Rows past 2^31 elements (int64 sizes and offsets) compiled for both streaming kernels.
         wide = {v.kernel for v in got if v.constexprs.get("OFFS_64") and v.signature["n_elems"] == "i64"}
         assert wide == set(aot.STREAMING_KERNELS)
