@@ -23,7 +23,16 @@ CONVENTIONS = {
     "diffusers-sdxl": "z = -0.5 * beta * (model_diff - ref_diff), errors averaged over elements",
     # The paper's Eq. 4 (and trainers that sum): squared L2 norms, i.e. errors summed over the
     # N elements of a sample, z = -0.5 * beta * (model_diff - ref_diff).
+    # Also bghira/SimpleTuner simpletuner/helpers/distillation/flow_dpo/distiller.py (Flow-DPO):
+    # `logits = 0.5 * beta * (win_adv + lose_adv)` with `win_adv + lose_adv = ref_diff - model_diff`
+    # and errors `.sum(dim=reduction_dims)` under its default `norm_type="sum"` ("mean": official).
     "sum": "z = -0.5 * beta * (model_diff - ref_diff), errors summed over the N elements of a sample",
+    # CIntellifusion/VideoDPO lvdm/models/ddpm3d.py `dpo_loss`: the official lines, errors
+    # `.mean(dim=[1, 2, 3])` of a [2B, C, F, H, W] latent, which leaves one error per width column:
+    # a logit per (pair, column), the loss their mean. Beta as is, on each column as a sample:
+    # `pred.movedim(-1, 1).flatten(0, 1)` (and the same for target and ref_pred).
+    "videodpo": "z = -0.5 * beta * (model_diff - ref_diff) per (pair, width column), "
+    "errors averaged over C, F, H of [2B, C, F, H, W]",
 }
 
 
@@ -36,6 +45,8 @@ def beta_from(convention: str, value: float, *, elements_per_sample: int | None 
     5000.0
     >>> beta_from("sum", 0.001, elements_per_sample=4 * 64 * 64)
     16.384
+    >>> beta_from("videodpo", 5000.0)  # with each width column of the latent a sample (see CONVENTIONS)
+    5000.0
     """
     if convention == "diffusers":  # its two scripts differ by a factor of 2
         raise ValueError(
@@ -47,7 +58,7 @@ def beta_from(convention: str, value: float, *, elements_per_sample: int | None 
         raise ValueError(f"unknown beta convention {convention!r}; known: {', '.join(CONVENTIONS)}")
     if not math.isfinite(value):
         raise ValueError(f"beta must be finite, got {value}")
-    if convention in ("official", "diffusers-sdxl"):
+    if convention in ("official", "diffusers-sdxl", "videodpo"):
         return float(value)
     if convention == "diffusers-sd15":
         return 2.0 * value
