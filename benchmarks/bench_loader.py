@@ -3,6 +3,7 @@
     python benchmarks/bench_loader.py                     # on a GPU: 1024px JPEG pairs, 720p VP9 + H.264 clips
     python benchmarks/bench_loader.py --size 512 --frames 81 --clips 4
     python benchmarks/bench_loader.py --smoke --out /tmp/loader.json    # CPU: checks the harness
+    python benchmarks/bench_loader.py --sampler-only --out /tmp/sampler.json   # the sampler rows alone
 
 Images: a pair (winner and loser JPEG, `--size` px square) is decoded as the image sources do, two
 images a call through loaders/dali.py `decode_images`: PIL, DALI's CPU decoder, and nvJPEG (DALI
@@ -10,15 +11,24 @@ images a call through loaders/dali.py `decode_images`: PIL, DALI's CPU decoder, 
 decoders: PyAV (`decode_pyav`), DALI's CPU decoder (VP9 only: it cannot do H.264) and NVDEC (DALI
 "mixed", where the driver's libnvcuvid is). Frames/s counts decoded frames; pairs/s counts pairs.
 
-Each figure is the median of `--repeats` timed passes after one warm-up pass (DALI builds its
+Sampler: the cost of `PairSampler.next_batch` per call, the host work the training thread pays for
+each micro-batch of a cached run, at 1M and 10M pairs (`--sampler-pairs`), `--sampler-batch` pairs
+per rank on `--sampler-ranks` ranks. The first call draws the epoch's permutation and is reported
+apart (`first_call_s`) from the steady state (up to `--sampler-calls` later calls of the same
+epoch, each timed alone: mean and median).
+The `regenerate` row is the sampler as it was before the per-epoch cache, the whole permutation
+drawn again for every call, timed at the first size only, for the ratio in the same run.
+
+Each decoder figure is the median of `--repeats` timed passes after one warm-up pass (DALI builds its
 pipeline then). The decoders are synchronous and return host arrays (DALI "mixed" outputs are
 copied back to the host, as loaders/dali.py does), so wall-clock time around a call is the cost a
 data-loading thread pays. The data are generated here (smooth gradients plus noise, JPEG quality 90;
 clips encoded with PyAV) in a temporary folder.
 
 Results: benchmarks/results/loader-<device>-<date>.json on a GPU machine (or `--out`), with device,
-CPU count, versions, commit, date and shapes. CPU timings on shared machines are noise: a CPU run
-needs `--out` outside results/ and is never committed.
+CPU count, versions, commit, date and shapes. CPU decode timings on shared machines are noise: a
+CPU run needs `--out` outside results/ and is never committed. The sampler's cost is CPU work on
+every machine: `--sampler-only --out benchmarks/results/loader-sampler-cpu.json` is committed.
 """
 
 import argparse
@@ -39,6 +49,7 @@ from PIL import Image
 
 from vipo.benchmarks import provenance
 from vipo.loaders import dali
+from vipo.loaders.sampler import PairSampler
 from vipo.loaders.video import FrameSampling, decode_pyav, plan_clip, probe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -185,12 +196,81 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
     return rows
 
 
+def _regenerating_call(sampler: PairSampler) -> list[int]:
+    """`next_batch` before the per-epoch cache: the epoch's whole permutation drawn for every call."""
+    if sampler.batch_in_epoch >= sampler.batches_per_epoch:
+        sampler.epoch, sampler.batch_in_epoch = sampler.epoch + 1, 0
+    order = np.random.default_rng([sampler.seed, sampler.epoch]).permutation(sampler.num_items)
+    start = (sampler.batch_in_epoch * sampler.world_size + sampler.rank) * sampler.batch_size
+    sampler.batch_in_epoch += 1
+    return order[start : start + sampler.batch_size].tolist()
+
+
+def _each_call(call, calls: int) -> list[float]:
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def bench_sampler(sizes: list[int], batch: int, ranks: int, calls: int, old_calls: int) -> list[dict]:
+    """Seconds per `next_batch` of the last rank: first call apart, then the rest of one epoch."""
+    rows = []
+    shape = {"batch_per_rank": batch, "ranks": ranks}
+    for n in sizes:
+        sampler = PairSampler(n, batch, seed=0, rank=ranks - 1, world_size=ranks)
+        (first,) = _each_call(sampler.next_batch, 1)
+        steady = min(calls, sampler.batches_per_epoch - 1)  # no second permutation in the steady state
+        seconds = _each_call(sampler.next_batch, steady)
+        rows.append(
+            _row(
+                "sampler",
+                "cached",
+                1,
+                "calls",
+                seconds,
+                pairs=n,
+                **shape,
+                first_call_s=first,
+                mean_s=statistics.fmean(seconds),
+            )
+        )
+    sampler = PairSampler(sizes[0], batch, seed=0, rank=ranks - 1, world_size=ranks)
+    seconds = _each_call(lambda: _regenerating_call(sampler), old_calls)
+    rows.append(
+        _row(
+            "sampler",
+            "regenerate",
+            1,
+            "calls",
+            seconds,
+            pairs=sizes[0],
+            **shape,
+            first_call_s=seconds[0],
+            mean_s=statistics.fmean(seconds),
+        )
+    )
+    return rows
+
+
+def _sampler_ratios(rows: list[dict]) -> dict:
+    """Speed of the cached sampler over the regenerating one at the same size, from the same run."""
+    speed = {(r["backend"], r["pairs"]): r["calls_per_s"] for r in rows if r["kind"] == "sampler"}
+    return {
+        f"sampler-{n}: cached / regenerate": speed[("cached", n)] / base
+        for (backend, n), base in speed.items()
+        if backend == "regenerate" and ("cached", n) in speed
+    }
+
+
 def _ratios(rows: list[dict]) -> dict:
     """Speed of each DALI decoder over the CPU decoder it replaces, from the same run."""
     speed = {
         (r["kind"], r.get("codec"), r["backend"]): r.get("pairs_per_s") or r.get("frames_per_s")
         for r in rows
-        if "median_s" in r
+        if "median_s" in r and r["kind"] != "sampler"
     }
     ratios = {}
     for (kind, codec, backend), value in speed.items():
@@ -212,6 +292,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--codecs", default="vp9,h264", help=f"comma-separated, of {', '.join(CODECS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
     parser.add_argument(
+        "--sampler-pairs", default="1000000,10000000", help="comma-separated data set sizes for the sampler"
+    )
+    parser.add_argument("--sampler-batch", type=int, default=8, help="sampler pairs per rank a micro-batch")
+    parser.add_argument("--sampler-ranks", type=int, default=8, help="sampler world size")
+    parser.add_argument(
+        "--sampler-calls", type=int, default=10000, help="steady-state sampler calls timed (within one epoch)"
+    )
+    parser.add_argument(
+        "--sampler-old-calls", type=int, default=20, help="calls of the regenerating sampler timed"
+    )
+    parser.add_argument("--sampler-only", action="store_true", help="time the sampler alone, no decoders")
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: checks the harness, times nothing useful"
     )
     parser.add_argument(
@@ -220,6 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.pairs, args.clip_size, args.frames, args.clips, args.repeats = 64, 2, "64x48", 5, 1, 1
+        args.sampler_pairs, args.sampler_calls, args.sampler_old_calls = "10000,100000", 50, 3
+    args.sampler_pairs = [int(v) for v in args.sampler_pairs.split(",")]
     unknown = set(args.codecs.split(",")) - set(CODECS)
     if unknown:
         parser.error(f"--codecs: unknown {', '.join(sorted(unknown))}; known: {', '.join(CODECS)}")
@@ -229,21 +323,55 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    if not cuda and args.out is not None and args.out.resolve().parent == RESULTS.resolve():
-        sys.exit(f"--out {args.out}: CPU timings are never committed; write them outside {RESULTS}")
+    # Decode rates on a shared CPU are noise; the sampler's cost is CPU work wherever it runs.
+    if (
+        not cuda
+        and not args.sampler_only
+        and args.out is not None
+        and args.out.resolve().parent == RESULTS.resolve()
+    ):
+        sys.exit(
+            f"--out {args.out}: CPU decode timings are never committed (only --sampler-only runs); "
+            f"write them outside {RESULTS}"
+        )
     width, height = (int(v) for v in args.clip_size.split("x"))
-    with tempfile.TemporaryDirectory(prefix="vipo-bench-loader-") as folder:
-        pairs = make_jpeg_pairs(args.pairs, args.size)
-        clips = {
-            codec: [
-                make_clip(
-                    Path(folder) / f"{codec}-{i}{CODECS[codec][1]}", codec, width, height, args.frames, seed=i
-                )
-                for i in range(args.clips)
-            ]
-            for codec in args.codecs.split(",")
+    rows, shapes = [], {}
+    if not args.sampler_only:
+        with tempfile.TemporaryDirectory(prefix="vipo-bench-loader-") as folder:
+            pairs = make_jpeg_pairs(args.pairs, args.size)
+            clips = {
+                codec: [
+                    make_clip(
+                        Path(folder) / f"{codec}-{i}{CODECS[codec][1]}",
+                        codec,
+                        width,
+                        height,
+                        args.frames,
+                        seed=i,
+                    )
+                    for i in range(args.clips)
+                ]
+                for codec in args.codecs.split(",")
+            }
+            rows = bench_images(pairs, args.repeats, cuda) + bench_video(clips, args.repeats)
+        shapes = {
+            "jpeg": [args.size, args.size, 3],
+            "jpeg_pairs": args.pairs,
+            "jpeg_bytes_mean": int(np.mean([len(b) for pair in pairs for b in pair])),
+            "clip": [args.frames, height, width, 3],
+            "clips_per_codec": args.clips,
+            "codecs": args.codecs,
         }
-        rows = bench_images(pairs, args.repeats, cuda) + bench_video(clips, args.repeats)
+    rows += bench_sampler(
+        args.sampler_pairs, args.sampler_batch, args.sampler_ranks, args.sampler_calls, args.sampler_old_calls
+    )
+    shapes["sampler"] = {
+        "pairs": args.sampler_pairs,
+        "batch_per_rank": args.sampler_batch,
+        "ranks": args.sampler_ranks,
+        "steady_calls": args.sampler_calls,
+        "regenerate_calls": args.sampler_old_calls,
+    }
     device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
     report = {
         "kind": "loader",
@@ -254,19 +382,20 @@ def main(argv=None) -> dict:
         "nvdec": dali.nvdec_available(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": provenance.commit(),
-        "versions": provenance.versions("PIL", "av", "nvidia.dali"),
-        "shapes": {
-            "jpeg": [args.size, args.size, 3],
-            "jpeg_pairs": args.pairs,
-            "jpeg_bytes_mean": int(np.mean([len(b) for pair in pairs for b in pair])),
-            "clip": [args.frames, height, width, 3],
-            "clips_per_codec": args.clips,
-            "codecs": args.codecs,
-        },
+        "versions": provenance.versions("numpy", "PIL", "av", "nvidia.dali"),
+        "sampler_only": args.sampler_only,
+        "shapes": shapes,
         "rows": rows,
-        "ratios": _ratios(rows),
+        "ratios": {**_ratios(rows), **_sampler_ratios(rows)},
     }
     for row in rows:
+        if row["kind"] == "sampler":
+            print(
+                f"sampler {row['pairs']:>9} pairs {row['backend']:10} "
+                f"{row['mean_s'] * 1e6:10.1f} us/call mean, {row['median_s'] * 1e6:.1f} median, "
+                f"first call {row['first_call_s'] * 1e3:.1f} ms"
+            )
+            continue
         figure = (
             f"{row['pairs_per_s']:.1f} pairs/s"
             if "pairs_per_s" in row

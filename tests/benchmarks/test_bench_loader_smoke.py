@@ -1,5 +1,6 @@
 """The loader benchmark runs end to end at tiny size on CPU: it checks the harness and its result
-file (every decoder row, provenance, shapes), not speed (CPU timings on shared machines are noise)."""
+file (every decoder and sampler row, provenance, shapes), not speed (CPU timings on shared machines
+are noise)."""
 
 import json
 import subprocess
@@ -39,7 +40,39 @@ def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
         )
     assert rows[("video", "vp9", "dali-cpu")]["frames_per_s"] > 0  # DALI's CPU decoder does VP9 ...
     assert "cannot decode h264" in rows[("video", "h264", "dali-cpu")]["unsupported"]  # ... not H.264
-    assert set(report["ratios"]) == {"image: dali-cpu / pil", "video-vp9: dali-cpu / pyav"}
+    assert set(report["ratios"]) == {
+        "image: dali-cpu / pil",
+        "video-vp9: dali-cpu / pyav",
+        "sampler-10000: cached / regenerate",
+    }
+    assert_sampler_rows(report)
+
+
+def assert_sampler_rows(report):
+    """The sampler's smoke sizes: cached at 10k and 100k pairs, the regenerating one at 10k."""
+    rows = {(row["backend"], row["pairs"]): row for row in report["rows"] if row["kind"] == "sampler"}
+    assert set(rows) == {("cached", 10_000), ("cached", 100_000), ("regenerate", 10_000)}
+    for row in rows.values():
+        assert row["calls_per_s"] > 0 and row["first_call_s"] > 0 and row["mean_s"] > 0
+        assert row["batch_per_rank"] == 8 and row["ranks"] == 8
+    assert rows[("cached", 10_000)]["repeats"] == 50 and rows[("regenerate", 10_000)]["repeats"] == 3
+    assert report["shapes"]["sampler"]["pairs"] == [10_000, 100_000]
+
+
+def test_a_sampler_only_run_writes_the_sampler_rows_alone(tmp_path):
+    out = tmp_path / "sampler.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--sampler-only", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["sampler_only"] is True and report["versions"]["numpy"]
+    assert {row["kind"] for row in report["rows"]} == {"sampler"} and set(report["shapes"]) == {"sampler"}
+    assert set(report["ratios"]) == {"sampler-10000: cached / regenerate"}
+    assert_sampler_rows(report)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU run writes into results/ by design")

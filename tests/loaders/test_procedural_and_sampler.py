@@ -73,3 +73,73 @@ def test_sampler_ranks_take_disjoint_batches():
     assert len(set(taken)) == 6
     with pytest.raises(ValueError, match="does not match"):
         ranks[0].load_state_dict({**ranks[1].state_dict(), "seed": 9})
+
+
+def old_batches(n, batch, seed, rank, world_size, count):
+    """What the sampler gave when it drew the epoch's permutation afresh for every micro-batch."""
+    per_epoch, out = n // (batch * world_size), []
+    for k in range(count):
+        epoch, b = divmod(k, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        start = (b * world_size + rank) * batch
+        out.append(order[start : start + batch].tolist())
+    return out
+
+
+@pytest.mark.parametrize(
+    "n, batch, seed, world_size", [(10, 3, 0, 1), (37, 2, 5, 3), (100, 4, 11, 8), (1000, 8, 2, 8)]
+)
+def test_cached_sampler_gives_the_per_call_order_for_every_rank_across_epochs(n, batch, seed, world_size):
+    count = 3 * (n // (batch * world_size)) + 2  # three epochs and into the fourth
+    for rank in range(world_size):
+        sampler = PairSampler(n, batch, seed=seed, rank=rank, world_size=world_size)
+        assert [sampler.next_batch() for _ in range(count)] == old_batches(
+            n, batch, seed, rank, world_size, count
+        )
+        assert sampler.epoch == 3
+
+
+def test_cached_order_is_the_permutation_at_a_million_pairs_and_is_held_as_int32():
+    n = 1_000_003
+    sampler = PairSampler(n, 8, seed=7, rank=3, world_size=8)
+    got = sampler._order(2)
+    assert got.dtype == np.int32 and np.array_equal(got, np.random.default_rng([7, 2]).permutation(n))
+
+
+def test_resuming_mid_epoch_gives_the_same_batches_and_draws_the_resumed_epoch():
+    n, batch, world_size = 50, 3, 2  # 8 global batches an epoch
+    for rank in range(world_size):
+        sampler = PairSampler(n, batch, seed=1, rank=rank, world_size=world_size)
+        for _ in range(13):  # epoch 1, batch 5: the cache holds epoch 1
+            sampler.next_batch()
+        state = sampler.state_dict()
+        ahead = [sampler.next_batch() for _ in range(12)]  # crosses into epoch 2
+        resumed = PairSampler(n, batch, seed=1, rank=rank, world_size=world_size)
+        resumed.next_batch()  # a fresh sampler already holds epoch 0's order: loading must replace it
+        resumed.load_state_dict(state)
+        assert (
+            [resumed.next_batch() for _ in range(12)]
+            == ahead
+            == old_batches(n, batch, 1, rank, world_size, 25)[13:]
+        )
+
+
+def test_the_permutation_is_drawn_once_per_epoch_at_ten_million_pairs(monkeypatch):
+    drawn = []
+    original = PairSampler._order
+
+    def counting(self, epoch):
+        drawn.append(epoch)
+        return original(self, epoch)
+
+    monkeypatch.setattr(PairSampler, "_order", counting)
+    sampler = PairSampler(10_000_000, 8, seed=0, rank=5, world_size=8)
+    batches = [sampler.next_batch() for _ in range(100)]
+    assert drawn == [0] and all(len(b) == 8 for b in batches)
+    assert len({i for b in batches for i in b}) == 800
+    # Only an epoch change draws again: jump to the epoch's last batch, then over the boundary.
+    sampler.batch_in_epoch = sampler.batches_per_epoch - 1
+    sampler.next_batch()
+    assert drawn == [0]
+    sampler.next_batch()
+    assert drawn == [0, 1] and sampler.epoch == 1
