@@ -5,8 +5,8 @@ through cli.COMMAND_MODULES; nothing heavy is imported until a command runs):
     vipo plot RUN
     vipo sample SOURCE --prompts FILE --n 4 --out DIR
     vipo eval DIR [DIR ...] --scorers pickscore,hpsv2,imagereward,aesthetic,clip --base DIR0 --scorers-config F
-    vipo data agreement SOURCE --scorers ... --scorers-config F [--suggest-alpha]
-    vipo data stats [RECIPE [overrides]] [--source manifest --path X] [--json]
+    vipo data agreement SOURCE|PATH --scorers ... --scorers-config F [--suggest-alpha] [--source S]
+    vipo data stats PATH [--source S] [--json]    (or: RECIPE [overrides], --source S --path X)
     vipo scorers convert {hpsv2,imagereward} CHECKPOINT --tokenizer DIR --out DIR
 """
 
@@ -112,6 +112,7 @@ def cmd_agreement(args: argparse.Namespace) -> int:
 
     source = open_pairs(
         args.source,
+        source=args.data_source,
         pairs=args.pairs,
         resolution=args.resolution,
         flip_prob=args.flip_prob,
@@ -138,17 +139,31 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from ..config import load_config
     from .data_stats import collect, format_report
 
+    from ..data.infer import infer_source
+
+    recipe, path = args.recipe, args.path
+    if recipe and not path and _is_data_path(recipe):  # `vipo data stats pairs.parquet`
+        recipe, path = None, recipe
     overrides = list(args.overrides)
-    overrides += [f"data.source={args.source}"] if args.source else []
-    overrides += [f"data.path={args.path}"] if args.path else []
-    if not args.recipe and not any(o.startswith("data.source=") for o in overrides):
-        raise RunError(
-            "vipo data stats needs a recipe or --source (e.g. --source manifest --path pairs.jsonl)"
-        )
-    cfg = load_config(find_recipe(args.recipe) if args.recipe else None, overrides)
+    source = args.source or (infer_source(path) if path and not recipe else None)
+    overrides += [f"data.source={source}"] if source else []
+    overrides += [f"data.path={path}"] if path else []
+    if not recipe and not any(o.startswith("data.source=") for o in overrides):
+        raise RunError("vipo data stats needs a data path, a recipe, or --source (e.g. --source procedural)")
+    cfg = load_config(find_recipe(recipe) if recipe else None, overrides)
     report = collect(cfg.data, cfg.model, progress=not args.quiet, decode=args.decode)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def _is_data_path(arg: str) -> bool:
+    """A data file or folder (or a tar brace pattern), not a recipe file or a built-in name."""
+    from ..schema import DATA_SUFFIXES
+
+    path = Path(arg)
+    if ("{" in arg and ".tar" in arg) or path.suffix.lower() in DATA_SUFFIXES:
+        return True
+    return path.exists() and path.suffix.lower() not in (".yaml", ".yml")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -230,7 +245,15 @@ def add_commands(commands) -> None:
 
     data = commands.group("data", "inspect preference data")
     agree = data.add_parser("agreement", help="do reward models agree with the labels, and with each other?")
-    agree.add_argument("source", help="procedural:clean|noisy|shuffled or a JSONL manifest of image pairs")
+    agree.add_argument(
+        "source", help="procedural:clean|noisy|shuffled, or a data path: a JSONL manifest or parquet pairs"
+    )
+    agree.add_argument(
+        "--source",
+        dest="data_source",
+        choices=["manifest", "pickapic"],
+        help="what the data path is (default: told from the path)",
+    )
     agree.add_argument("--scorers", required=True, help=SCORERS_HELP)
     agree.add_argument("--scorers-config", help=CONFIG_HELP)
     agree.add_argument("--suggest-alpha", action="store_true", help="recommend the Poly-DPO alpha regime")
@@ -259,13 +282,17 @@ def add_commands(commands) -> None:
         "stats", help="pairs, skips by reason, sizes, frames and categories of a data source"
     )
     stats.add_argument(
-        "recipe", nargs="?", metavar="SOURCE", help="recipe file or built-in name (its data.* keys)"
+        "recipe",
+        nargs="?",
+        metavar="SOURCE",
+        help="a data path (parquet, .jsonl, tar shards, a folder: the source told from it), or a recipe "
+        "file or built-in name (its data.* keys)",
     )
     stats.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=pairs.jsonl")
     stats.add_argument(
         "--source",
         choices=["manifest", "pickapic", "shards", "video", "procedural"],
-        help="data.source, without a recipe",
+        help="data.source, without a recipe (default for a data path: told from the path)",
     )
     stats.add_argument("--path", help="data.path: manifest, parquet file/folder, tar shards")
     stats.add_argument(

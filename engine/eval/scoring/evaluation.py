@@ -205,20 +205,33 @@ class RecordImages:
         return len(self.source)
 
     def get(self, index: int):
-        record = self.source[index]
+        from vipo.loaders.images import BadSample
+
+        try:
+            record = self.source[index]
+        except BadSample as bad:
+            self.skipped += 1
+            log.warning("skipped pair %d: %s (%d skipped so far)", index, bad, self.skipped)
+            return None
         return record.prompt, record.winner, record.loser
+
+
+# Parquet pairs are cropped to this square for scoring (reward models resize to their own input).
+PARQUET_SIDE = 512
 
 
 def open_pairs(
     spec: str,
     *,
+    source: str | None = None,
     pairs: int = 256,
     resolution: int = 64,
     flip_prob: float = 0.3,
     seed: int = 0,
     allow_outside_root: bool = False,
 ):
-    """`procedural:clean|noisy|shuffled`, or the path of a JSONL manifest."""
+    """`procedural:clean|noisy|shuffled`, or a data path: a JSONL manifest or Pick-a-Pic parquet
+    (a file or a folder), its kind told from the path (engine/data/infer.py) unless `source` says."""
     if spec.startswith("procedural:"):
         from vipo.loaders.procedural import REGIMES, ProceduralPairs
 
@@ -226,10 +239,23 @@ def open_pairs(
         if regime not in REGIMES:
             raise RunError(f"unknown procedural regime {regime!r} (known: {', '.join(REGIMES)})")
         return RecordImages(ProceduralPairs(pairs, resolution, regime, flip_prob, seed))
-    path = Path(spec)
-    if path.suffix != ".jsonl":
-        raise RunError(f"data source {spec!r}: expected procedural:REGIME or a .jsonl manifest")
-    return ManifestImages(path, allow_outside_root)
+    from ...data.infer import infer_source
+
+    kind = source or infer_source(spec)
+    if kind == "manifest":
+        return ManifestImages(Path(spec), allow_outside_root)
+    if kind == "pickapic":
+        from vipo.loaders.images import PairTransform, SourceError
+        from vipo.loaders.pickapic import PickapicPairs
+
+        try:
+            return RecordImages(PickapicPairs(spec, PairTransform(PARQUET_SIDE)))
+        except (SourceError, OSError, ValueError) as err:
+            raise RunError(f"data (pickapic {spec}): {err}") from None
+    raise RunError(
+        f"data source {spec!r} is {kind}: agreement reads image pairs from procedural:REGIME, a "
+        f"JSONL manifest or Pick-a-Pic parquet (tar shards and video: not yet)"
+    )
 
 
 def score_pairs(source, scorers: dict, progress: bool = True) -> tuple[list[dict], int]:

@@ -182,8 +182,75 @@ def test_a_recipe_with_overrides_names_the_data_and_prints_a_readable_report(tmp
 
 def test_bad_invocations_end_in_one_clear_line(tmp_path, capsys):
     assert main(["data", "stats", "-q"]) == 1
-    assert "needs a recipe or --source" in capsys.readouterr().err
+    assert "needs a data path, a recipe, or --source" in capsys.readouterr().err
     assert main(["data", "stats", "--source", "manifest", "--path", str(tmp_path / "nope.jsonl"), "-q"]) == 1
     assert "nope.jsonl" in capsys.readouterr().err
     with pytest.raises(RunError, match="no .parquet files"):
         collect(*data_config("data.source=pickapic", f"data.path={tmp_path}"), progress=False)
+
+
+def test_a_data_path_is_read_with_its_source_told_from_it(tmp_path, capsys):
+    path = write_manifest(tmp_path)
+    assert main(["data", "stats", str(path), "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"] == "manifest" and report["pairs"] == 3
+    # --source overrides what the path looks like: read as a tar shard, the manifest is a corrupt one.
+    assert main(["data", "stats", str(path), "--source", "shards", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("shards ") and "corrupt_shards 1" in out
+    # A data path that does not exist is named as one, not looked up as a recipe.
+    assert main(["data", "stats", str(tmp_path / "missing.parquet"), "-q"]) == 1
+    assert "data path not found" in capsys.readouterr().err
+
+
+def test_infer_source_from_what_the_path_is(tmp_path):
+    from vipo.engine.data.infer import infer_source
+
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "a.parquet")
+    assert infer_source(str(tmp_path / "a.parquet")) == "pickapic"
+    folder = tmp_path / "parquets"
+    folder.mkdir()
+    pq.write_table(pa.table({"caption": ["x"]}), folder / "part-0.parquet")
+    assert infer_source(str(folder)) == "pickapic"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "000.tar").write_bytes(b"")
+    assert infer_source(str(tmp_path / "s")) == "shards"
+    assert infer_source(str(tmp_path / "s" / "000.tar")) == "shards"
+    assert infer_source(str(tmp_path / "s" / "{000..009}.tar")) == "shards"
+    images = tmp_path / "images.jsonl"
+    images.write_text('\n{"prompt": "p", "winner": "a.jpg", "loser": "b.jpg"}\n')
+    assert infer_source(str(images)) == "manifest"
+    clips = tmp_path / "clips.jsonl"
+    clips.write_text('{"prompt": "p", "winner": "a.MP4", "loser": "b.webm"}\n')
+    assert infer_source(str(clips)) == "video"
+    for bad, words in (
+        (tmp_path / "nope.parquet", "not found"),
+        (tmp_path / "notes.txt", "cannot tell"),
+        (tmp_path / "empty", "no .parquet"),
+        (tmp_path / "blank.jsonl", "empty"),
+        (tmp_path / "binary.jsonl", "not a JSONL manifest"),
+    ):
+        if bad.name == "notes.txt":
+            bad.write_text("hello")
+        elif bad.name == "empty":
+            bad.mkdir()
+        elif bad.name == "blank.jsonl":
+            bad.write_text("\n\n")
+        elif bad.name == "binary.jsonl":
+            bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+        with pytest.raises(RunError, match=words):
+            infer_source(str(bad))
+
+
+def test_agreement_opens_parquet_pairs_by_path_and_counts_the_corrupt_one(tmp_path):
+    from vipo.engine.eval.scoring.evaluation import open_pairs
+
+    source = open_pairs(str(write_pickapic(tmp_path / "train-0.parquet")))
+    items = [source.get(i) for i in range(len(source))]
+    good = [item for item in items if item is not None]
+    assert len(source) == 4 and len(good) == 3 and source.skipped == 1  # the tie is left out
+    prompt, winner, loser = good[0]
+    assert prompt.startswith("prompt ") and winner.shape == loser.shape
+    (tmp_path / "s.tar").write_bytes(b"")
+    with pytest.raises(RunError, match="is shards: agreement reads"):
+        open_pairs(str(tmp_path / "s.tar"))
