@@ -34,6 +34,10 @@ BAD = {
     "infinite beta": lambda p, t, r: dict(ref_pred=r, beta=float("inf")),
     "tensor beta": lambda p, t, r: dict(ref_pred=r, beta=torch.tensor(1.0)),
     "nan alpha": lambda p, t, r: dict(ref_pred=r, alpha=float("nan")),
+    "unknown loss_type": lambda p, t, r: dict(ref_pred=r, loss_type="robust"),
+    "alpha with the hinge loss_type": lambda p, t, r: dict(ref_pred=r, alpha=8.0, loss_type="hinge"),
+    "ipo with zero beta": lambda p, t, r: dict(ref_pred=r, beta=0.0, loss_type="ipo"),
+    "unknown ties": lambda p, t, r: dict(ref_pred=r, ties="third"),
     "odd rows": lambda p, t, r: dict(
         policy_pred=torch.randn(3, 5), target=torch.randn(3, 5), ref_pred=torch.randn(3, 5)
     ),
@@ -58,7 +62,17 @@ def test_both_paths_refuse_a_bad_input_alike_and_name_the_argument(case):
     named = (
         case.split(" ")[-1]
         if case.split(" ")[-1]
-        in ("ref_pred", "target", "ref_err", "pair_weight", "elem_weight", "beta", "alpha")
+        in (
+            "ref_pred",
+            "target",
+            "ref_err",
+            "pair_weight",
+            "elem_weight",
+            "beta",
+            "alpha",
+            "loss_type",
+            "ties",
+        )
         else None
     )
     if named:
