@@ -147,13 +147,40 @@ class LossConfig:
     )
 
 
+Schedule = Literal[
+    "warmup_constant",
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+]
+# Schedules that decay to their end over train.max_steps.
+DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+POLYNOMIAL_END_LR = 1e-7  # diffusers' get_scheduler passes no lr_end: the function's default
+
+
 @dataclass
 class OptimConfig:
     lr: float = option(1e-3, "base learning rate per pair; the step LR is lr * pairs per step when scale_lr")
     scale_lr: bool = option(True, "multiply lr by the pairs per optimizer step (the paper's convention)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(0, "linear warm-up steps, then constant")
+    optimizer: Literal["adamw", "adamw8bit"] = option(
+        "adamw",
+        "adamw: torch.optim.AdamW (fused on a GPU); adamw8bit: bitsandbytes' 8-bit AdamW (a CUDA GPU and "
+        "pip install 'vipo[bnb]'; parallel.strategy none or ddp)",
+    )
+    schedule: Schedule = option(
+        "warmup_constant",
+        "LR schedule over train.max_steps optimizer steps: warmup_constant (update k at lr * min(1, "
+        "k / warmup_steps)); diffusers' get_scheduler schedules constant, constant_with_warmup, linear, "
+        "cosine, cosine_with_restarts, polynomial (their warm-up starts at LR 0)",
+    )
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up (every schedule but constant)")
+    num_cycles: int = option(1, "cosine_with_restarts: cosine cycles, each ending in a hard restart")
+    power: float = option(1.0, "polynomial: the decay's power (to diffusers' end LR, 1e-7)")
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 disables clipping")
 
 
@@ -339,11 +366,52 @@ class RunConfig:
                 f"(data.num_pairs={data.num_pairs}): set train.batch_pairs to at most {data.num_pairs}, or "
                 f"data.num_pairs to at least {self.train.batch_pairs}"
             )
+        _check_optim(self)
         _check_parallel(self)
         _check_paths(self)
         if self.model.path is None:  # with model.path the weights' folder decides; model.config is unused
             check_architecture(self.model.config, self.model.family)
         return self
+
+
+def _check_optim(cfg: RunConfig) -> None:
+    """Schedule and optimizer combinations that would fail, or silently do something else."""
+    optim, max_steps = cfg.optim, cfg.train.max_steps
+    name, warmup = optim.schedule, optim.warmup_steps
+    if name == "constant" and warmup:
+        raise ConfigError(
+            f"optim.schedule=constant has no warm-up but optim.warmup_steps={warmup}: set "
+            "optim.warmup_steps=0, or use optim.schedule=warmup_constant or constant_with_warmup"
+        )
+    if name in DECAYING_SCHEDULES and max_steps < 1:
+        raise ConfigError(
+            f"optim.schedule={name} decays over train.max_steps optimizer steps, but train.max_steps is "
+            f"{max_steps}: set train.max_steps to the run's length"
+        )
+    if name in DECAYING_SCHEDULES and warmup >= max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={warmup} leaves no step to decay in: optim.schedule={name} warms up, then "
+            f"decays until train.max_steps={max_steps}; lower optim.warmup_steps below train.max_steps"
+        )
+    if optim.num_cycles < 1:
+        raise ConfigError(f"optim.num_cycles must be >= 1, got {optim.num_cycles}")
+    if optim.power <= 0:
+        raise ConfigError(f"optim.power must be > 0, got {optim.power}")
+    if name == "polynomial":
+        pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps
+        step_lr = optim.lr * pairs if optim.scale_lr else optim.lr
+        if step_lr <= POLYNOMIAL_END_LR:
+            raise ConfigError(
+                f"optim.schedule=polynomial decays to {POLYNOMIAL_END_LR:g}, but the step LR is {step_lr:g} "
+                f"(optim.lr={optim.lr:g}" + (f" x {pairs} pairs" if optim.scale_lr else "") + "): raise "
+                "optim.lr, or choose another optim.schedule"
+            )
+    if optim.optimizer == "adamw8bit" and cfg.parallel.strategy not in ("none", "ddp"):
+        raise ConfigError(
+            f"optim.optimizer=adamw8bit does not run under parallel.strategy={cfg.parallel.strategy}: "
+            "bitsandbytes keeps its 8-bit state per whole tensor, not on FSDP or ZeRO shards; use "
+            "parallel.strategy none or ddp, or optim.optimizer=adamw"
+        )
 
 
 def _check_parallel(cfg: RunConfig) -> None:

@@ -26,6 +26,7 @@ from .checkpoint import (
 )
 from .errors import RunError
 from .models import compile_network
+from .optim import build_optimizer, build_schedule
 
 
 class Strategy:
@@ -216,9 +217,10 @@ class DeepSpeedStrategy(ShardedSave, Strategy):
 
 
 def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy:
-    """Wrap the policy (and a copy reference) for `parallel.strategy` and build the AdamW that
-    trains what the strategy trains (FSDP's sharded parameters, ZeRO's partitions). `probe()`
-    gives one sample's (latents, cond) for FSDP's first forward."""
+    """Wrap the policy (and a copy reference) for `parallel.strategy` and build the optimizer
+    (optim.py) that trains what the strategy trains (FSDP's sharded parameters, ZeRO's
+    partitions) and its LR schedule. `probe()` gives one sample's (latents, cond) for FSDP's
+    first forward."""
     strategy, mixed = cfg.parallel.strategy, cfg.train.mixed_precision
     network = adapter.network
     ds_config = (
@@ -239,17 +241,8 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
     if reference is not None:
         parallel.parallelize_reference(reference, strategy, world, cfg.parallel, mixed, ds_config)
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-        fused=world.device.type == "cuda",
-    )
-    warmup = cfg.optim.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
+    optimizer = build_optimizer(params, cfg.optim, lr, world.device)
+    scheduler = build_schedule(optimizer, cfg.optim, cfg.train.max_steps)
     if ds_config is not None:
         engine = parallel.apply_deepspeed(network, optimizer, ds_config)
         reference_engine = getattr(reference, "network", None)

@@ -35,6 +35,7 @@ from .integrity import resolve_checkpoint, step_folders
 from .models import LORA_TARGETS, build_adapter
 from .noise import CounterNoise, GeneratorNoise, GlobalDrawNoise
 from .objectives import LatentPairBatch, PairBatch, forward_loss
+from .optim import check_optimizer
 from .parallel import pick_device  # noqa: F401  (historical import path)
 from .reference import build_reference
 from .sinks import MetricSinks, check_sinks_installed
@@ -75,6 +76,7 @@ class Trainer:
 
     def _build(self, progress: bool, data=None, reference=None) -> None:
         cfg, world = self.cfg, self.world
+        check_optimizer(cfg.optim, cfg.parallel.strategy, world.device)  # before any data or model
         self.progress = progress and world.is_main
         self.device = world.device
         self.out_dir = Path(cfg.train.output_dir)
@@ -123,7 +125,7 @@ class Trainer:
             self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
-        if self.device.type == "cuda":  # gradients and AdamW state against what the device has left
+        if self.device.type == "cuda":  # gradients and optimizer state against what the device has left
             self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
@@ -141,12 +143,16 @@ class Trainer:
         self.nonfinite_in_row = 0
 
     def check_memory(self, free_bytes: int) -> None:
-        """Stop in one line when the first step's gradients and AdamW state cannot fit in
+        """Stop in one line when the first step's gradients and optimizer state cannot fit in
         `free_bytes` (engine/plan/budget.py); called on a GPU before the strategy wraps the model."""
         from .plan.budget import check_fits
 
         check_fits(
-            self.adapter.network.parameters(), self.cfg.parallel.strategy, free_bytes, str(self.device)
+            self.adapter.network.parameters(),
+            self.cfg.parallel.strategy,
+            free_bytes,
+            str(self.device),
+            optimizer=self.cfg.optim.optimizer,
         )
 
     @property
@@ -242,13 +248,14 @@ class Trainer:
         finite = bool(torch.isfinite(sums["loss"]))  # the one host sync of a step
         if finite:
             self.nonfinite_in_row = 0
+        lr = self.scheduler.get_last_lr()[0]  # what this step's update ran at
         grad_norm = self.update(finite)
         with warnings.catch_warnings():  # a skipped first update still advances the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         self.step += 1
         sums["grad_norm"] = grad_norm.detach()
-        sums["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])
+        sums["lr"] = torch.tensor(lr)
         sums["data_wait_s"] = torch.tensor(data_wait)
         return sums
 
@@ -294,6 +301,12 @@ class Trainer:
             return False
         state = checkpoint_state(path)
         self.strategy.check_resumable(path, state)
+        saved = state.get("optimizer", "adamw")  # checkpoints that predate optim.optimizer: AdamW
+        if saved != self.cfg.optim.optimizer:
+            raise RunError(
+                f"{path} holds the state of optim.optimizer={saved}; resume with it, or start "
+                f"optim.optimizer={self.cfg.optim.optimizer} from its weights with model.init_from"
+            )
         self.step = state["step"]  # a reseeded per-rank stream is keyed by it
         self._restore_rng(self.strategy.load(path, state))
         sampler = dict(state["sampler"])
@@ -322,6 +335,7 @@ class Trainer:
             "sampler": self.batches.state_dict(),
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_row": self.nonfinite_in_row,
+            "optimizer": self.cfg.optim.optimizer,
         }
         if stopped:
             state["stopped"] = stopped

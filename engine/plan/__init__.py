@@ -50,7 +50,7 @@ AdamW runs fused, as the strategy builds it on a GPU (one kernel, no temporaries
 CUDA context and the caching allocator's fragmentation (leave a few GiB). ddp: one replica with
 train.batch_pairs / --gpus pairs is traced; DDP's gradient buckets (one copy of every gradient,
 allocated when DDP wraps the model) are added as a stated line, not traced. fsdp, zero2 and zero3
-are not built yet and are refused.
+are not built yet and are refused, as is optim.optimizer=adamw8bit (AdamW's plan bounds it).
 """
 
 import argparse
@@ -101,6 +101,11 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
         raise RunError(
             f"vipo plan: parallel.strategy={strategy} is not built yet (traced: {', '.join(TRACED_STRATEGIES)}); "
             "parallel.strategy=ddp gives the numbers of one full replica"
+        )
+    if cfg.optim.optimizer != "adamw":
+        raise RunError(
+            f"vipo plan: optim.optimizer={cfg.optim.optimizer} is not built yet (traced: adamw); "
+            "optim.optimizer=adamw gives an upper bound (its state is the larger)"
         )
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")

@@ -1,4 +1,4 @@
-"""The cheap part of a plan, checked before a run's first step on a GPU: the gradients, AdamW
+"""The cheap part of a plan, checked before a run's first step on a GPU: the gradients, optimizer
 state and DDP buckets still to come, against the memory the device has free once the weights are
 on it. A run that cannot fit them stops in one line at start-up instead of running out of memory
 at its first optimizer step. Activations are not in it (`vipo plan` traces those)."""
@@ -9,21 +9,37 @@ GIB = 2**30
 # Strategies whose every rank holds every gradient and optimizer state; a sharded strategy's
 # share per rank is left to `vipo plan`.
 UNSHARDED = ("none", "ddp")
+# bitsandbytes' AdamW8bit: two uint8 states per element, with one fp32 scale per block of 256 for
+# each; tensors under 4096 elements keep two fp32 states (its min_8bit_size).
+BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
 
 
-def bytes_to_come(params, strategy: str) -> dict[str, int] | None:
-    """What the first step adds per GPU for the trainable `params`; None for sharded strategies."""
+def _adamw8bit_state(params) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 2 * (n + 4 * -(-n // BNB_BLOCK)) if n >= BNB_MIN_8BIT else 2 * 4 * n
+    return total
+
+
+def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, int] | None:
+    """What the first step adds per GPU for the trainable `params` (optim.optimizer `optimizer`);
+    None for sharded strategies."""
     if strategy not in UNSHARDED:
         return None
-    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    parts = {"gradients": trainable, "AdamW state": 2 * trainable}  # exp_avg, exp_avg_sq like the params
+    params = [p for p in params if p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    if optimizer == "adamw8bit":
+        parts = {"gradients": trainable, "AdamW8bit state": _adamw8bit_state(params)}
+    else:
+        parts = {"gradients": trainable, "AdamW state": 2 * trainable}  # exp_avg, exp_avg_sq like the params
     if strategy == "ddp":
         parts["DDP gradient buckets"] = trainable
     return parts
 
 
-def check_fits(params, strategy: str, free_bytes: int, device: str) -> None:
-    parts = bytes_to_come(params, strategy)
+def check_fits(params, strategy: str, free_bytes: int, device: str, *, optimizer: str = "adamw") -> None:
+    parts = bytes_to_come(params, strategy, optimizer)
     if parts is None:
         return
     need = sum(parts.values())
