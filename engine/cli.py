@@ -88,6 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
 
     cfg = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from .plan.dry_run import dry_run, render
+
+        print(render(cfg, dry_run(cfg)))
+        return 0
     with Trainer(cfg, progress=not args.quiet) as trainer:  # tears down a process group it started
         summary = trainer.train(resume=args.resume)
     if not summary["is_main"]:  # one summary per run, from rank 0
@@ -141,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     train.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, data (a decoded sample) and model (on the meta device) and print the memory "
+        "before activations; train nothing",
     )
     train.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

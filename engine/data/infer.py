@@ -20,16 +20,15 @@ _SOURCES_OF_FOLDERS = (("*.parquet", "pickapic"), ("*.tar", "shards"), ("*.jsonl
 
 def _manifest_kind(path: Path) -> str:
     """manifest or video: the suffix of the first pair's winner decides."""
-    number = 0
     try:
         with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+            for line in handle:
                 if line.strip():
                     row = json.loads(line)
                     winner = str(row.get("winner", "")) if isinstance(row, dict) else ""
                     return "video" if winner.lower().endswith(VIDEO_SUFFIXES) else "manifest"
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunError(f"{path}: not a JSONL manifest ({type(err).__name__} near line {number})") from None
+        raise RunError(f"{path}: not a JSONL manifest (its first pair: {type(err).__name__})") from None
     except OSError as err:
         raise RunError(f"cannot read {path}: {err.strerror or err}") from None
     raise RunError(f"{path}: the manifest is empty")

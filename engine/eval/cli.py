@@ -137,9 +137,8 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from vipo.configs import find_recipe
 
     from ..config import load_config
-    from .data_stats import collect, format_report
-
     from ..data.infer import infer_source
+    from .data_stats import collect, format_report
 
     recipe, path = args.recipe, args.path
     if recipe and not path and _is_data_path(recipe):  # `vipo data stats pairs.parquet`
