@@ -114,11 +114,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def assert_same_curve(rows: list[dict], expected: list[dict], what: str) -> None:
     """Loss and gradient norm per step within fp32 tolerance. Adam hides a gradient scaled by a
-    constant from the loss, not from the norm: both are compared."""
+    constant from the loss, not from the norm: both are compared. The norm gets 1e-3: two ranks
+    run other batch shapes than one process (other conv kernels, other rounding), and Adam's
+    normalised step turns that noise in near-zero gradients into full-size updates. On an AMD EPYC
+    host step 3's norm was 33.629 on every 2-rank strategy against 33.643 in one process (4e-4),
+    with steps 1 and 2 and every loss within 2e-4."""
     assert [r["step"] for r in rows] == [e["step"] for e in expected], what
     for row, ref in zip(rows, expected, strict=True):
-        for key in ("loss", "grad_norm", "accuracy"):
-            assert row[key] == pytest.approx(ref[key], rel=2e-4, abs=1e-6), (
+        for key, rel in (("loss", 2e-4), ("grad_norm", 1e-3), ("accuracy", 2e-4)):
+            assert row[key] == pytest.approx(ref[key], rel=rel, abs=1e-6), (
                 what,
                 row["step"],
                 key,
