@@ -103,9 +103,11 @@ def save_checkpoint(
     *,
     latest: bool = True,
     suffix: str = "",
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """One process (or rank 0 of a ddp run, whose replicas are identical). `rng` replaces the
-    generator's state when there is one stream per rank."""
+    generator's state when there is one stream per rank; `extra` maps more safetensors files of
+    the checkpoint (e.g. ema.safetensors) to their tensors."""
     root, final, tmp = _paths(out_dir, step, suffix)
     root.mkdir(parents=True, exist_ok=True)
     tmp = tmp.with_name(f"{tmp.name}-{os.getpid()}")
@@ -117,6 +119,8 @@ def save_checkpoint(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt"
     )
     save_file(rng or {"noise_generator": generator.get_state()}, tmp / "rng.safetensors")
+    for name, tensors in (extra or {}).items():
+        save_file(tensors, tmp / name)
     _write_trainer_state(tmp, step, {"format": "safetensors", **state}, cfg)
     write_manifest(tmp)
     _publish(tmp, final, root, latest=latest)

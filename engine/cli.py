@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="new folder to write")
     export.add_argument("--step", type=int, help="checkpoint step (default: the latest good one)")
     export.add_argument("--lora-only", action="store_true", help="save only the LoRA weights")
+    export.add_argument(
+        "--ema", action="store_true", help="the EMA of the weights (a run with train.ema_decay) instead"
+    )
     export.set_defaults(func=lazy("vipo.engine.export", "cmd_export"))
 
     precompute = "dotted overrides, e.g. data.cache=/data/cache train.seed=1"

@@ -194,6 +194,11 @@ class TrainConfig:
     )
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
     max_steps: int = option(200, "optimizer steps")
+    ema_decay: float = option(
+        0.0,
+        "EMA of the trained weights, e.g. 0.9999 (0: off): float32, saved in each checkpoint "
+        "(ema.safetensors), written by `vipo export --ema`; strategies none and ddp",
+    )
     seed: int = option(0, "seed for weights, data order, noise and timesteps")
     log_every_steps: int = option(20, "steps between metric logs")
     output_dir: str = option("runs/demo", "where metrics and checkpoints go")
@@ -418,6 +423,13 @@ def _check_parallel(cfg: RunConfig) -> None:
     """Strategy combinations the dataclass cannot refuse by type alone."""
     par = cfg.parallel
     strategy = par.strategy
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
+    if cfg.train.ema_decay and strategy not in ("none", "ddp"):
+        raise ConfigError(
+            f"train.ema_decay is built for parallel.strategy none and ddp, not {strategy} (its weights "
+            "are sharded); set train.ema_decay=0"
+        )
     if par.cpu_offload and strategy != "fsdp":
         raise ConfigError(
             f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "

@@ -55,9 +55,15 @@ def load_trained(checkpoint: Path, device: torch.device | None = None):
     return adapter, cfg
 
 
-def export_run(run: Path, out: Path, *, step: int | None = None, lora_only: bool = False) -> Path:
+def export_run(
+    run: Path, out: Path, *, step: int | None = None, lora_only: bool = False, ema: bool = False
+) -> Path:
     checkpoint = find_checkpoint(run, step)
     adapter, cfg = load_trained(checkpoint)
+    if ema:  # the averaged weights (train.ema_decay) in place of the trained ones
+        from .ema import load_ema_weights
+
+        load_ema_weights(checkpoint, adapter.network)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise RunError(f"{out} exists and is not empty: export writes a fresh folder")
@@ -101,6 +107,6 @@ def _copy_components(source: Path, out: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_run(Path(args.run), Path(args.out), step=args.step, lora_only=args.lora_only)
+    out = export_run(Path(args.run), Path(args.out), step=args.step, lora_only=args.lora_only, ema=args.ema)
     print(f"exported {args.run} to {out}")
     return 0

@@ -84,7 +84,9 @@ class Strategy:
             )
         raise RunError(f"{path} is an FSDP checkpoint: resume it with parallel.strategy=fsdp, ddp or none")
 
-    def save(self, out_dir: Path, step: int, state: dict, rng: dict, *, latest: bool, suffix: str) -> Path:
+    def save(
+        self, out_dir: Path, step: int, state: dict, rng: dict, *, latest: bool, suffix: str, extra=None
+    ) -> Path:
         path = Path(out_dir) / "checkpoints" / f"step-{step:06d}{suffix}"
         if self.world.is_main:  # replicas: rank 0 writes them all
             path = save_checkpoint(
@@ -99,6 +101,7 @@ class Strategy:
                 rng,
                 latest=latest,
                 suffix=suffix,
+                extra=extra,
             )
         self.world.barrier()
         return path

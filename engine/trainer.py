@@ -30,6 +30,7 @@ from .checkpoint import checkpoint_state, export_full_weights
 from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
 from .data.cache import CacheBatchSource, open_cache
+from .ema import EMA_FILE, PolicyEMA
 from .errors import RunError
 from .integrity import resolve_checkpoint, step_folders
 from .models import LORA_TARGETS, build_adapter
@@ -128,6 +129,7 @@ class Trainer:
         if self.device.type == "cuda":  # gradients and optimizer state against what the device has left
             self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
+        self.ema = PolicyEMA(self.strategy.network, cfg.train.ema_decay) if cfg.train.ema_decay else None
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
         self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
         if cfg.data.cache:
@@ -229,6 +231,8 @@ class Trainer:
         grad_norm, skipped = self.strategy.update(finite)
         if skipped:
             self._count_nonfinite(skipped)
+        elif self.ema is not None:
+            self.ema.update()
         self.mark("optimizer")
         return grad_norm
 
@@ -309,6 +313,8 @@ class Trainer:
             )
         self.step = state["step"]  # a reseeded per-rank stream is keyed by it
         self._restore_rng(self.strategy.load(path, state))
+        if self.ema is not None:
+            self.ema.load(path)
         sampler = dict(state["sampler"])
         # The position counts global batches: a different world size with the same global
         # batch continues the same order. A stream (tar shards) resumes its own position.
@@ -353,8 +359,9 @@ class Trainer:
         return path
 
     def _write_checkpoint(self, state: dict, latest: bool, suffix: str) -> Path:
+        extra = {"extra": {EMA_FILE: self.ema.state_dict()}} if self.ema is not None else {}
         return self.strategy.save(
-            self.out_dir, self.step, state, self._rng_states(), latest=latest, suffix=suffix
+            self.out_dir, self.step, state, self._rng_states(), latest=latest, suffix=suffix, **extra
         )
 
     def export(self, out_dir: Path) -> Path | None:

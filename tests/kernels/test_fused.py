@@ -176,7 +176,7 @@ def test_hinge_and_ipo_match_float64(seed, dtype, n_elems, loss_type, via):
 # Fresh inputs a case, the 2x rule held case by case, not on average (seeds 0 .. cases - 1). In
 # float32 the eager formula is at its best and the rule at its tightest; in 16-bit dtypes the
 # eager lines round every square, and a few cases show it.
-REF_ERR_CASES = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
+REF_ERR_CASES = {torch.float32: 5, torch.bfloat16: 1, torch.float16: 1}
 REF_ERR_SHAPES = [(1000,), (4, 32, 32, 3)]  # the second: 12,291 elements, not a multiple of BLOCK
 
 

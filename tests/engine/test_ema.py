@@ -1,0 +1,85 @@
+"""train.ema_decay: an EMA of the trained weights, saved in checkpoints, resumed, exported."""
+
+import pytest
+import torch
+
+from vipo.engine.config import ConfigError, load_config
+from vipo.engine.errors import RunError
+from vipo.engine.export import export_run
+from vipo.engine.trainer import Trainer
+
+
+def tiny(out_dir, *overrides):
+    return load_config(
+        None,
+        [
+            "model.config=sd15-tiny",
+            "data.num_pairs=16",
+            "data.resolution=16",
+            "train.batch_pairs=2",
+            "train.max_steps=4",
+            "train.checkpoint_every_steps=2",
+            "loss.beta=500",
+            "optim.lr=1e-3",
+            "train.ema_decay=0.7",
+            f"train.output_dir={out_dir}",
+            *overrides,
+        ],
+    )
+
+
+def trained(network):
+    return {n: p.detach().float().clone() for n, p in network.named_parameters() if p.requires_grad}
+
+
+def test_the_ema_is_the_running_lerp_of_the_weights_after_each_update(tmp_path):
+    trainer = Trainer(tiny(tmp_path), progress=False)
+    expected = trained(trainer.adapter.network)
+    for _ in range(3):
+        trainer.train_step()
+        for name, value in trained(trainer.adapter.network).items():
+            expected[name] = expected[name] + 0.3 * (value - expected[name])
+    ema = trainer.ema.state_dict()
+    assert set(ema) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(ema[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    moved = trained(trainer.adapter.network)
+    assert any(not torch.allclose(ema[n], moved[n]) for n in moved)  # it lags the weights
+
+
+def test_the_ema_survives_a_resume_exactly_and_is_what_export_ema_writes(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    straight = Trainer(tiny(tmp_path / "straight"), progress=False)
+    straight.train()
+    Trainer(tiny(tmp_path / "split", "train.max_steps=2"), progress=False).train()
+    resumed = Trainer(tiny(tmp_path / "split"), progress=False)
+    resumed.train(resume=True)
+    a, b = straight.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "split" / "checkpoints" / "step-000004" / "ema.safetensors").is_file()
+    out = export_run(tmp_path / "split", tmp_path / "export", ema=True)
+    unet = dict(UNet2DConditionModel.from_pretrained(out / "unet").named_parameters())
+    assert all(torch.equal(unet[k].float(), b[k]) for k in b)
+    plain = export_run(tmp_path / "split", tmp_path / "export-plain")
+    weights = dict(UNet2DConditionModel.from_pretrained(plain / "unet").named_parameters())
+    assert any(not torch.equal(weights[k].float(), b[k]) for k in b)
+
+
+def test_export_ema_of_a_run_without_it_is_one_clear_error(tmp_path):
+    Trainer(tiny(tmp_path / "run", "train.ema_decay=0", "train.max_steps=2"), progress=False).train()
+    with pytest.raises(RunError, match="no ema.safetensors"):
+        export_run(tmp_path / "run", tmp_path / "export", ema=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["train.ema_decay=1.0"], "train.ema_decay must be in"),
+        (["train.ema_decay=-0.1"], "train.ema_decay must be in"),
+        (["train.ema_decay=0.99", "parallel.strategy=fsdp"], "train.ema_decay is built for"),
+    ],
+)
+def test_bad_ema_settings_are_refused_by_name(tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        tiny(tmp_path, *overrides)
