@@ -58,8 +58,8 @@ def sample_errors(
     Differentiable w.r.t. `pred`. Use it on the reference pass to reduce the reference output to
     2B numbers before the policy forward, then pass them as `ref_err` to `poly_dpo_loss`. The
     result is float64 because the loss subtracts it from a nearly equal policy error: float32
-    would round away the digits that difference is made of (compensated float32 sums inside the
-    kernel, float64 across lanes and chunks).
+    would round away the digits that difference is made of (inside the kernel each square is
+    formed and summed in float64).
     """
     if not use_fused(pred):
         return reference.sample_errors(pred, target, elem_weight)

@@ -4,7 +4,7 @@ Three launches per training step, none of which materialises an N-sized intermed
 
     forward   _errors_partial_kernel   reads policy_pred, target (ref_pred, elem_weight) once and
                                        writes partial sums [streams, 2B, chunks]: fp32 with
-                                       ref_pred, else fp64 from compensated fp32 lanes
+                                       ref_pred, else fp64 (squares formed in fp64)
               _poly_dpo_head_kernel    one program: sums the partials in a fixed order, computes
                                        z, p, the loss (sigmoid / Poly-DPO, hinge, ipo), the
                                        metrics and the per-row gradient
@@ -136,7 +136,7 @@ def _errors_partial_kernel(
     acc_pol = tl.zeros([BLOCK], dtype=tl.float32)
     acc_ref = tl.zeros([BLOCK], dtype=tl.float32)
     acc_gap = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_low = tl.zeros([BLOCK], dtype=tl.float32)  # without ref: what acc_pol's rounding lost
+    acc_one = tl.zeros([BLOCK], dtype=tl.float64)  # without ref: the error alone, in float64
     # `iters` is a runtime bound: a constexpr one would be one more compiled variant per value.
     for it in range(iters):
         offs = (chunk * iters + it) * BLOCK + lanes
@@ -168,12 +168,13 @@ def _errors_partial_kernel(
             # (p-y)^2 - (r-y)^2 = (p-r)(p+r-2y): the policy/reference gap without cancellation.
             acc_gap += w * (p - r) * (dp + dr)
         else:
-            # Alone, an error is later subtracted from another nearly equal one (ref_err): Kahan's
-            # compensated sum per lane keeps its low digits.
-            term = w * dp * dp - acc_low
-            total = acc_pol + term
-            acc_low = (total - acc_pol) - term
-            acc_pol = total
+            # Alone, an error is later subtracted from another nearly equal one (ref_err): its
+            # digits must survive. In float64 the difference of two float32 (or 16-bit) values is
+            # exact and its square rounds at 1e-16, so the per-element rounding a float32 square
+            # and sum would add (the eager formula's own) is gone; memory-bound, the float64
+            # arithmetic is hidden on A100/H100 (and roughly breaks even on 1/64-rate GPUs).
+            d = p.to(tl.float64) - y.to(tl.float64)
+            acc_one += w * (d * d)
     out = partial_ptr + row * n_chunks + chunk
     if HAS_REF:
         tl.store(out, tl.sum(acc_pol, axis=0))
@@ -181,8 +182,7 @@ def _errors_partial_kernel(
         tl.store(out + stream, tl.sum(acc_ref, axis=0))
         tl.store(out + 2 * stream, tl.sum(acc_gap, axis=0))
     else:
-        # The lanes' compensated sums meet in float64: a float32 tree would round them again.
-        tl.store(out, tl.sum(acc_pol.to(tl.float64) - acc_low.to(tl.float64), axis=0))
+        tl.store(out, tl.sum(acc_one, axis=0))
 
 
 @triton.jit
@@ -512,8 +512,8 @@ def partials_launch(pred, target, ref, weight, sms: int | None):
     streams = 3 if ref is not None else 1
     partial = _new((streams, n_rows, n_chunks), pred, dtype=partial_dtype(ref is not None))
     if ref is None:
-        # Compensated sums carry two accumulators a lane: twice the threads, half the elements each
-        # (still 128-bit loads), keep it off the stack (16 a thread spilled 32-64 B on sm_90).
+        # A float64 accumulator a lane is two registers an element: twice the threads, half the
+        # elements each (still 128-bit loads) keep it off the stack.
         num_warps *= 2
     launch = Launch(
         _errors_partial_kernel,
@@ -549,7 +549,7 @@ def partials_launch(pred, target, ref, weight, sms: int | None):
 
 def partial_dtype(has_ref: bool) -> torch.dtype:
     """The partial sums' dtype: float32 with ref_pred (its gap stream needs no more), float64 for
-    errors alone (compensated lane sums, later subtracted from reference errors)."""
+    errors alone (float64 lanes: later subtracted from nearly equal reference errors)."""
     return torch.float32 if has_ref else torch.float64
 
 
