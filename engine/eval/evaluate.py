@@ -11,6 +11,7 @@ import torch
 
 from vipo.kernels import sample_errors
 
+from ..models.base import frozen_mode
 from ..objectives import PairBatch
 
 
@@ -27,7 +28,9 @@ def held_out_accuracy(
 ) -> dict:
     network = adapter.network
     was_training = network.training
-    network.eval()
+    # The mode the reference runs in (see frozen_mode): in another mode PyTorch may take other code
+    # paths, and a policy equal to its reference would not tie on every pair.
+    network.train(frozen_mode(network))
     gaps = []
     try:
         for start in range(0, len(source), batch_pairs):
