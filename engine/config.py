@@ -167,6 +167,7 @@ class OptimConfig:
     scale_lr: bool = option(True, "multiply lr by the pairs per optimizer step (the paper's convention)")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas")
     weight_decay: float = option(0.0, "AdamW weight decay")
+    eps: float = option(1e-8, "AdamW epsilon (diffusers' --adam_epsilon); > 0")
     optimizer: Literal["adamw", "adamw8bit"] = option(
         "adamw",
         "adamw: torch.optim.AdamW (fused on a GPU); adamw8bit: bitsandbytes' 8-bit AdamW (a CUDA GPU and "
@@ -353,6 +354,8 @@ class RunConfig:
                 raise ConfigError(f"{key} must be >= {low}, got {value}")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not self.optim.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.optim.eps}")
         if not all(0.0 <= beta < 1.0 for beta in self.optim.betas):
             raise ConfigError(f"optim.betas: each AdamW beta must be in [0, 1), got {list(self.optim.betas)}")
         if self.train.seed >= 2**63:  # torch and numpy generators take 64-bit seeds; vipo adds offsets

@@ -52,11 +52,14 @@ def build_optimizer(params, optim_cfg, lr: float, device: torch.device) -> torch
         import bitsandbytes as bnb  # only here: a CUDA-only package, never needed otherwise
 
         # Tensors under min_8bit_size (4096 elements: biases, norms) keep fp32 state.
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=optim_cfg.betas, weight_decay=optim_cfg.weight_decay)
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=optim_cfg.betas, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+        )
     return torch.optim.AdamW(
         params,
         lr=lr,
         betas=optim_cfg.betas,
+        eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
         fused=device.type == "cuda",
     )

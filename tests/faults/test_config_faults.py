@@ -227,6 +227,7 @@ CASES = [
     ("loss-beta-zero-dpo", show("loss.objective=dpo", "loss.beta=0"), 2, ["loss.beta", "dpo"]),
     ("lr-zero", show("optim.lr=0"), 2, ["optim.lr", "> 0"]),
     ("weight-decay-negative", show("optim.weight_decay=-0.01"), 2, ["optim.weight_decay", ">= 0", "-0.01"]),
+    ("adam-eps-zero", show("optim.eps=0"), 2, ["optim.eps", "> 0", "got 0"]),
     ("max-grad-norm-negative", show("optim.max_grad_norm=-1"), 2, ["optim.max_grad_norm", ">= 0", "-1"]),
     ("warmup-negative", show("optim.warmup_steps=-1"), 2, ["optim.warmup_steps", ">= 0", "-1"]),
     ("device-tpu", show("train.device=tpu"), 2, ["train.device", "'tpu'", "auto, cpu, cuda"]),
