@@ -62,7 +62,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_rows(proc: subprocess.Popen, run: Path, count: int, timeout: float = 240) -> None:
+def wait_for_rows(proc: subprocess.Popen, run: Path, count: int, timeout: float = 420) -> None:
     deadline = time.monotonic() + timeout
     while len(rows(run)) < count:
         assert proc.poll() is None, (
@@ -168,13 +168,14 @@ def torchrun(*args: str) -> list[str]:
     ]
 
 
+# DDP only: the stop step is agreed over the process group whatever the strategy, and DeepSpeed's
+# own save and resume are tested in test_parallel (two more DeepSpeed start-ups here cost over
+# two minutes of CI's 2 cores).
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp"])
 def test_sigterm_to_torchrun_saves_the_same_step_on_every_rank_and_resumes_exactly(
     recipe, tmp_path, strategy
 ):
-    if strategy == "zero2":
-        pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     common = [
         "-m",
