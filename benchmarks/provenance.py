@@ -3,10 +3,10 @@ commit. One place, so the kernel and step benchmarks cannot drift apart."""
 
 import importlib
 import platform
-import subprocess
-from pathlib import Path
 
 import torch
+
+from vipo.engine.provenance import commit  # noqa: F401  (re-exported: the results files' commit)
 
 
 def versions(*packages: str) -> dict:
@@ -18,16 +18,3 @@ def versions(*packages: str) -> dict:
         except ImportError:
             found[name] = None
     return found
-
-
-def commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

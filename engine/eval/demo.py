@@ -48,6 +48,28 @@ def _stage_configs(cfg: RunConfig, demo: DemoConfig, out: Path) -> tuple[RunConf
     return sft, dpo
 
 
+def held_out_pairs(cfg: RunConfig, demo: DemoConfig) -> ProceduralPairs:
+    """Clean pairs drawn with the run's seed + 1: never trained on, whatever the training regime."""
+    return ProceduralPairs(demo.held_out_pairs, cfg.data.resolution, "clean", seed=cfg.train.seed + 1)
+
+
+def stage_two_config(cfg: RunConfig, demo: DemoConfig, out: Path) -> RunConfig:
+    """Stage 2's run (in out/dpo): policy and reference both start from out/sft's last checkpoint."""
+    checkpoint = latest_checkpoint(out / "sft")
+    if checkpoint is None:
+        raise FileNotFoundError(f"no stage 1 checkpoint in {out / 'sft'}")
+    dpo = _stage_configs(cfg, demo, out)[1]
+    return dataclasses.replace(dpo, model=dataclasses.replace(dpo.model, init_from=str(checkpoint)))
+
+
+def train_stage_one(cfg: RunConfig, demo: DemoConfig, out: Path, *, progress: bool = True) -> dict:
+    """Stage 1, SFT on winners, in out/sft (a fresh folder); its training summary."""
+    sft_cfg = _stage_configs(cfg, demo, out)[0]
+    log.info("stage 1: SFT on winners, %d steps", sft_cfg.train.max_steps)
+    with Trainer(sft_cfg, progress=progress) as trainer:
+        return trainer.train()
+
+
 def plot_demo_curves(cfg: RunConfig, out: Path, png: Path, demo: DemoConfig | None = None) -> Path:
     """Both stages on one page: stage 1's SFT loss over stage 2's loss, accuracy, margin and
     winner error change, each stage under its own heading (from out/sft and out/dpo)."""
@@ -69,17 +91,13 @@ def run_demo(cfg: RunConfig, demo: DemoConfig | None = None, *, progress: bool =
     out = Path(cfg.train.output_dir)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    sft_cfg, dpo_cfg = _stage_configs(cfg, demo, out)
     for stage in (out / "sft", out / "dpo"):  # the demo starts over: its own earlier stage runs go
         if stage.exists():
             log.info("replacing the earlier demo run in %s", stage)
             shutil.rmtree(stage)
 
-    log.info("stage 1: SFT on winners, %d steps", sft_cfg.train.max_steps)
-    Trainer(sft_cfg, progress=progress).train()
-    dpo_cfg = dataclasses.replace(
-        dpo_cfg, model=dataclasses.replace(dpo_cfg.model, init_from=str(latest_checkpoint(out / "sft")))
-    )
+    train_stage_one(cfg, demo, out, progress=progress)
+    dpo_cfg = stage_two_config(cfg, demo, out)
 
     log.info(
         "stage 2: %s (alpha %g, beta %g), %d steps",
@@ -89,7 +107,7 @@ def run_demo(cfg: RunConfig, demo: DemoConfig | None = None, *, progress: bool =
         cfg.train.max_steps,
     )
     trainer = Trainer(dpo_cfg, progress=progress)
-    held_out = ProceduralPairs(demo.held_out_pairs, cfg.data.resolution, "clean", seed=cfg.train.seed + 1)
+    held_out = held_out_pairs(cfg, demo)
     before = held_out_accuracy(trainer.adapter, trainer.reference, held_out)
     prompts = [held_out[i].prompt for i in range(min(demo.sample_prompts, len(held_out)))]
     shape = (trainer.adapter.network.config.in_channels, cfg.data.resolution, cfg.data.resolution)
