@@ -72,7 +72,7 @@ def test_config_show_resolves_overrides(capsys):
 
 @pytest.mark.slow
 def test_the_default_demo_learns_the_preference(tmp_path):
-    # The README's promise, at the README's settings (about 4 minutes on 2 cores).
+    # The README's promise, at the README's settings (about 3 minutes on one core).
     out_dir = tmp_path / "demo"
     result = run_vipo("demo", "--quiet", f"train.output_dir={out_dir}", interpret="0")
     assert result.returncode == 0, result.stderr
