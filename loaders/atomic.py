@@ -85,10 +85,10 @@ def whole_shard(path: Path, digest: str, count: int) -> bool:
     return True
 
 
-def describe_differences(found: dict, expected: dict) -> str:
+def describe_differences(found: dict, expected: dict, holder: str = "cache") -> str:
     keys = sorted(set(found) | set(expected))
     return "; ".join(
-        f"{key}: cache has {found.get(key, '(absent)')!r}, this run {expected.get(key, '(absent)')!r}"
+        f"{key}: {holder} has {found.get(key, '(absent)')!r}, this run {expected.get(key, '(absent)')!r}"
         for key in keys
         if found.get(key) != expected.get(key)
     )

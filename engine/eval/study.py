@@ -328,7 +328,7 @@ def _load(path: Path, settings: dict, digest: str) -> list[dict]:
         return []
     if earlier.get("settings_digest") != digest:
         flat_found = _flatten(earlier.get("settings", {}))
-        differences = describe_differences(flat_found, _flatten(settings)).replace("cache has", "it has")
+        differences = describe_differences(flat_found, _flatten(settings), holder="it")
         raise RunError(
             f"{path} holds a study with other settings ({differences or 'unreadable settings'}): "
             "choose another --out, or delete it to start over"
