@@ -21,6 +21,7 @@ from .checks import (
     check_ties,
     count_ties,
 )
+from .distributed import reduce_errors
 from .reference import PolyDPOOutput
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -50,8 +51,21 @@ def use_fused(tensor: torch.Tensor) -> bool:
     return _fused_ops() is not None
 
 
+def _local_errors(pred, target, elem_weight) -> torch.Tensor:
+    if not use_fused(pred):
+        return reference.sample_errors(pred, target, elem_weight)
+    check_pair_batch("pred", pred)
+    check_same_shape("target", target, "pred", pred)
+    check_elem_weight(elem_weight, pred)
+    return _fused_ops().sample_errors_op(pred, target, elem_weight)
+
+
 def sample_errors(
-    pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    elem_weight: torch.Tensor | None = None,
+    *,
+    reduce_group=None,
 ) -> torch.Tensor:
     """Per-sample mean of `elem_weight * (pred - target)^2` over every non-batch dim -> float64 [2B].
 
@@ -60,13 +74,16 @@ def sample_errors(
     result is float64 because the loss subtracts it from a nearly equal policy error: float32
     would round away the digits that difference is made of (inside the kernel each square is
     formed and summed in float64).
+
+    `reduce_group` (a torch.distributed group): `pred` and `target` are this rank's shard of each
+    sample's elements (context parallelism); the result is the mean over the whole sample, the same
+    on every rank of the group, from one all-reduce of 2B + 1 floats (`vipo.kernels.distributed`).
     """
-    if not use_fused(pred):
-        return reference.sample_errors(pred, target, elem_weight)
-    check_pair_batch("pred", pred)
-    check_same_shape("target", target, "pred", pred)
-    check_elem_weight(elem_weight, pred)
-    return _fused_ops().sample_errors_op(pred, target, elem_weight)
+    errors = _local_errors(pred, target, elem_weight)
+    if reduce_group is None:
+        return errors
+    (errors,) = reduce_errors([errors], pred[0].numel(), reduce_group)
+    return errors
 
 
 def poly_dpo_loss(
@@ -81,6 +98,7 @@ def poly_dpo_loss(
     pair_weight: torch.Tensor | None = None,
     ties: str = "zero",
     loss_type: str = "sigmoid",
+    reduce_group=None,
 ) -> PolyDPOOutput:
     """Poly-DPO loss (alpha = 0: Diffusion-DPO) and its metrics.
 
@@ -91,8 +109,29 @@ def poly_dpo_loss(
     `ties`: how `accuracy` counts a pair with z = 0: "zero" (the official code) or "half"
     (diffusers' scripts). `loss_type`: "sigmoid" (with alpha != 0: Poly-DPO), "hinge" or "ipo"
     as diffusers' DPO script defines them (formulas in `vipo.kernels.reference`).
+    `reduce_group`: the predictions are this rank's shard of each sample's elements (context
+    parallelism, see `sample_errors`); a `ref_err` is then the whole-sample errors (from
+    `sample_errors(..., reduce_group=)`). Every rank of the group gets the whole batch's loss and
+    the gradient of its own elements.
     """
     check_ties(ties)
+    if reduce_group is not None:
+        check_loss_inputs(
+            policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight, loss_type
+        )
+        return _sharded_loss(
+            policy_pred,
+            target,
+            ref_pred,
+            ref_err,
+            beta,
+            alpha,
+            elem_weight,
+            pair_weight,
+            ties,
+            loss_type,
+            reduce_group,
+        )
     if not use_fused(policy_pred):
         return reference.poly_dpo_loss(
             policy_pred,
@@ -135,6 +174,32 @@ def poly_dpo_loss(
     return count_ties(out, ties)
 
 
+def _sharded_loss(
+    policy_pred, target, ref_pred, ref_err, beta, alpha, elem_weight, pair_weight, ties, loss_type, group
+) -> PolyDPOOutput:
+    """The loss of samples sharded over `group`: local float64 errors (the fused kernel or the
+    reference, as without a group), one all-reduce, then the head on 2B numbers (eager: the
+    head's cost is nothing against the errors')."""
+    n_local = policy_pred[0].numel()
+    policy_err = _local_errors(policy_pred, target, elem_weight)
+    if ref_pred is not None:
+        with torch.no_grad():
+            ref_local = _local_errors(ref_pred, target, elem_weight)
+        policy_err, ref_err = reduce_errors([policy_err, ref_local], n_local, group)
+    else:
+        (policy_err,) = reduce_errors([policy_err], n_local, group)
+    out = reference.poly_dpo_from_errors(
+        policy_err,
+        ref_err,
+        beta=float(beta),
+        alpha=float(alpha),
+        pair_weight=pair_weight,
+        loss_type=loss_type,
+        math_dtype=torch.float64 if policy_pred.dtype == torch.float64 else torch.float32,
+    )
+    return count_ties(out, ties)
+
+
 class PolyDPOLoss(nn.Module):
     """`poly_dpo_loss` with beta and alpha fixed at construction."""
 
@@ -156,6 +221,7 @@ class PolyDPOLoss(nn.Module):
         ref_err: torch.Tensor | None = None,
         elem_weight: torch.Tensor | None = None,
         pair_weight: torch.Tensor | None = None,
+        reduce_group=None,
     ) -> PolyDPOOutput:
         return poly_dpo_loss(
             policy_pred,
@@ -168,6 +234,7 @@ class PolyDPOLoss(nn.Module):
             pair_weight=pair_weight,
             ties=self.ties,
             loss_type=self.loss_type,
+            reduce_group=reduce_group,
         )
 
     def extra_repr(self) -> str:
