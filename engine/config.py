@@ -229,6 +229,20 @@ class TrainConfig:
 
 
 @dataclass
+class ContextParallelConfig:
+    ulysses: int = option(
+        1,
+        "ranks that split each sample's tokens by all-to-all over attention heads (DeepSpeed-Ulysses); "
+        "must divide the heads (Wan2.1-1.3B: 12). 1 = off",
+    )
+    ring: int = option(
+        1,
+        "ranks that split each sample's tokens by ring attention (any head count; needs "
+        "model.attention=flash_attn). Group size = ulysses x ring, consecutive ranks",
+    )
+
+
+@dataclass
 class ParallelConfig:
     strategy: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = option(
         "none",
@@ -254,6 +268,7 @@ class ParallelConfig:
         "global: every rank draws noise, t and caption dropout for the whole global micro-batch and keeps "
         "its rows (N processes reproduce 1 process); per_rank: a generator per (seed, rank), O(local) memory",
     )
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
 
 @dataclass
@@ -444,6 +459,21 @@ def _check_parallel(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.deepspeed_config needs strategy zero2 or zero3, got {strategy!r}")
     if par.deepspeed_config and not Path(par.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config: no such file {par.deepspeed_config}")
+    cp = par.context_parallel
+    for key in ("ulysses", "ring"):
+        if getattr(cp, key) < 1:
+            raise ConfigError(
+                f"parallel.context_parallel.{key} must be >= 1 (1: off), got {getattr(cp, key)}"
+            )
+    if cp.ulysses * cp.ring > 1:
+        if strategy not in ("ddp", "fsdp"):
+            raise ConfigError(
+                f"parallel.context_parallel needs parallel.strategy ddp or fsdp, got {strategy!r}"
+            )
+        if cfg.train.compile != "off":
+            raise ConfigError(
+                "parallel.context_parallel does not run under train.compile yet: set train.compile=off"
+            )
     if strategy == "fsdp" and not par.reshard_after_forward and cfg.reference.mode == "adapter":
         # PEFT switches LoRA requires_grad off for the reference pass and on again after it; with
         # blocks left gathered in between, the flags land on the gathered copies and FSDP, which

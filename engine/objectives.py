@@ -17,6 +17,8 @@ import torch
 
 from vipo.kernels import beta_from, poly_dpo_loss, sample_errors
 
+from .context_parallel import loss_inputs
+
 
 @dataclass
 class PairBatch:
@@ -87,7 +89,8 @@ def forward_loss(
             cond = {key: torch.cat([value, value]) for key, value in cond.items()}
         x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=False)
         mark("encode")
-        err = sample_errors(adapter.predict(network, x_t, t, cond), target).float()  # float64 not needed
+        pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target)
+        err = sample_errors(pred, target, **shard).float()  # float64 not needed
         mark("policy_forward")
         loss = err.mean()
         mark("loss")
@@ -99,11 +102,13 @@ def forward_loss(
     mark("reference")
     pred = adapter.predict(network, x_t, t, cond)
     mark("policy_forward")
-    beta = resolve_beta(loss_cfg, pred[0].numel())
+    beta = resolve_beta(loss_cfg, pred[0].numel())  # of the whole sample, also when its tokens are split
+    pred, target, shard = loss_inputs(adapter, pred, target)
     out = poly_dpo_loss(
         pred,
         target,
         ref_err=ref_err,
+        **shard,
         beta=beta,
         alpha=loss_cfg.alpha,
         pair_weight=batch.weights,

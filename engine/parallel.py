@@ -45,10 +45,21 @@ class World:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    context: int = 1  # ranks per context-parallel group (engine/context_parallel.py): they share samples
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of the global batch (and of its noise) this rank takes."""
+        return self.rank // self.context
+
+    @property
+    def data_size(self) -> int:
+        """How many shares the global batch splits into: ranks / context group size."""
+        return self.size // self.context
 
     @property
     def distributed(self) -> bool:
@@ -381,9 +392,10 @@ def unwrap(policy) -> nn.Module:
 
 
 def rank_generator(seed: int, world: World, device: torch.device, per_rank: bool) -> torch.Generator:
-    """The noise generator: one stream shared by all ranks (global draw), or one per (seed, rank)."""
-    if per_rank and world.size > 1:
+    """The noise generator: one stream shared by all ranks (global draw), or one per (seed, data
+    rank): the ranks of a context group draw the same noise."""
+    if per_rank and world.data_size > 1:
         import numpy as np
 
-        seed = int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([seed, world.data_rank]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(seed)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import parallel
+from . import context_parallel, parallel
 from .checkpoint import checkpoint_state, export_full_weights
 from .config import RunConfig, to_dict
 from .data import BatchStream, build_source, to_pixels
@@ -81,24 +81,29 @@ class Trainer:
         self.progress = progress and world.is_main
         self.device = world.device
         self.out_dir = Path(cfg.train.output_dir)
-        local_pairs, rest = divmod(cfg.train.batch_pairs, world.size)
+        # Under context parallelism the ranks of a group share their pairs: data and noise are
+        # split over data ranks (world.data_rank of world.data_size).
+        self.context = context_parallel.setup(cfg.parallel, world)
+        shares = world.data_size
+        local_pairs, rest = divmod(cfg.train.batch_pairs, shares)
         if rest or not local_pairs:
+            over = f"{shares} data-parallel groups" if world.context > 1 else f"{shares} processes"
             raise RunError(
                 f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
-                f"over {world.size} processes: use a multiple of {world.size}"
+                f"over {over}: use a multiple of {shares}"
             )
         if data is not None:
             self.data = data
         elif cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
             self.data = open_cache(cfg)
         else:
-            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.rank, world.size)
+            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.data_rank, shares)
         self.batches = BatchStream(
             self.data,
             local_pairs,
             cfg.train.seed,
-            world.rank,
-            world.size,
+            world.data_rank,
+            shares,
             max_bad_fraction=cfg.data.max_bad_fraction,
             prefetch_batches=0 if cfg.data.cache else cfg.data.prefetch_batches,  # cached batches are cheap
         )
@@ -124,6 +129,12 @@ class Trainer:
             self.reference = reference(self.adapter)
         else:
             self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
+        if self.context is not None:  # after the copy reference is made: each network gets its own hooks
+            self.context.check(self.adapter.network, cfg.model.family, cfg.model.attention)
+            for network in (self.adapter.network, getattr(self.reference, "network", None)):
+                if network is not None:
+                    self.context.enable(network)
+            self.adapter.context = self.context
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
         if self.device.type == "cuda":  # gradients and optimizer state against what the device has left
@@ -134,8 +145,8 @@ class Trainer:
         self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
         if cfg.data.cache:
             self.noise = CounterNoise(cfg.train.seed)
-        elif world.size > 1 and not per_rank_noise:
-            self.noise = GlobalDrawNoise(self.generator, world.rank, world.size)
+        elif shares > 1 and not per_rank_noise:
+            self.noise = GlobalDrawNoise(self.generator, world.data_rank, shares)
         else:
             self.noise = GeneratorNoise(self.generator)
         # Called as each phase of a micro-batch ends; `vipo bench step` times them through it.
@@ -222,7 +233,10 @@ class Trainer:
                 self.cfg.loss,
                 self.mark,
             )
-            self.strategy.backward(loss, accum, last)
+            # A context group's gradient is the sum of its ranks' (each holds its tokens' share);
+            # the strategy's mean over all ranks divides by the group size once too often.
+            scaled = loss * self.context.grad_scale if self.context is not None else loss
+            self.strategy.backward(scaled, accum, last)
         self.mark("backward")
         return {key: value.detach() for key, value in metrics.items()}
 

@@ -79,6 +79,9 @@ class DiffusionAdapter(ABC):
     family: str
     prediction_type: str  # "epsilon" or "flow"
     denoiser: str = "transformer"  # its subfolder in a diffusers pipeline folder
+    context = (
+        None  # engine/context_parallel.py's ContextParallel while a sample's tokens are split over ranks
+    )
 
     def __init__(self, network: nn.Module, device: torch.device):
         self.network = network

@@ -122,7 +122,11 @@ class WanAdapter(FlowMatchingAdapter):
 
     def predict(self, network: nn.Module, x_t, t, cond):
         hidden = rows_for(cond, x_t.shape[0])["encoder_hidden_states"]
-        return network(hidden_states=x_t, timestep=t * TIMESTEP_SCALE, encoder_hidden_states=hidden).sample
+        # return_dict=False: diffusers' context-parallel hooks take tensors, not output classes.
+        (out,) = network(
+            hidden_states=x_t, timestep=t * TIMESTEP_SCALE, encoder_hidden_states=hidden, return_dict=False
+        )
+        return out
 
 
 def build_wan(model_cfg, device: torch.device, vocabulary: list[str] | None = None) -> WanAdapter:

@@ -18,7 +18,15 @@ from torch import nn
 
 from vipo.kernels import sample_errors
 
+from ..context_parallel import loss_inputs
 from ..models.base import frozen_mode
+
+
+def reference_errors(adapter, network, x_t, t, cond, target) -> torch.Tensor:
+    """e_ref [2B] of `network`'s prediction (under context parallelism: of the whole samples,
+    from this rank's tokens and one all-reduce)."""
+    pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target)
+    return sample_errors(pred, target, **shard)
 
 
 class CopyReference:
@@ -31,7 +39,7 @@ class CopyReference:
 
     @torch.no_grad()
     def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
-        return sample_errors(self.adapter.predict(self.network, x_t, t, cond), target)
+        return reference_errors(self.adapter, self.network, x_t, t, cond, target)
 
 
 class AdapterReference:
@@ -48,7 +56,7 @@ class AdapterReference:
         network.train(was_training and self.same_mode)
         network.disable_adapters()
         try:
-            return sample_errors(self.adapter.predict(network, x_t, t, cond), target)
+            return reference_errors(self.adapter, network, x_t, t, cond, target)
         finally:
             network.enable_adapters()
             network.train(was_training)

@@ -39,6 +39,8 @@ class Recorder(torch.nn.Module):
 
     def forward(self, **kwargs):
         self.kwargs = kwargs
+        if kwargs.get("return_dict", True) is False:  # diffusers' tuple output
+            return (kwargs["hidden_states"],)
         return SimpleNamespace(sample=kwargs["hidden_states"])
 
 

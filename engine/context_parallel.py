@@ -1,0 +1,164 @@
+"""Context parallelism: the token sequence of each sample split over a group of ranks.
+
+    parallel.context_parallel.ulysses = k   # heads all-to-all (DeepSpeed-Ulysses), k | heads
+    parallel.context_parallel.ring = r      # ring attention over k/v shards (any head count)
+
+The attention is diffusers' (`ModelMixin.enable_parallelism` with its `ContextParallelConfig`
+and the model's own `_cp_plan`): the sequence is split at the first block and gathered after
+the last. What this module adds is the DPO part:
+
+- ranks are laid out as a (data, ring, ulysses) mesh; the k x r ranks of a context group are
+  consecutive (one node) and see the same pairs, the same noise and the same t (data and noise
+  are drawn by data rank, `World.data_rank`);
+- each rank's loss reads its own token shard of prediction and target only, and the group
+  all-reduces the 2B per-sample partial errors (`vipo.kernels` with `reduce_group`): every rank
+  gets the whole batch's loss and the gradient of its own tokens;
+- the parameter gradient of a context group is the sum of its ranks' gradients, which the
+  data-parallel mean over all ranks (DDP, FSDP) divides by k x r once too often: the backward
+  scales the loss by the group size (`grad_scale`).
+
+Families: Wan (its transformer's `_cp_plan`); FLUX and SD3.5 are refused for now.
+"""
+
+import logging
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError
+from .errors import RunError
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("wan",)
+
+
+@dataclass
+class ContextParallel:
+    """This rank's place in the (data, ring, ulysses) mesh and its context group."""
+
+    ulysses: int
+    ring: int
+    mesh: object  # torch DeviceMesh (data, ring, ulysses)
+    group: object  # the context group: the ring x ulysses ranks that share a sample
+    rank: int  # this rank's place in it: which token shard it holds
+    patch: tuple[int, int, int] = (1, 1, 1)  # the transformer's patch (frames, rows, columns)
+
+    @property
+    def size(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def grad_scale(self) -> int:
+        return self.size
+
+    # -- the model --
+
+    def check(self, network: nn.Module, family: str, attention: str) -> None:
+        """Refuse what cannot run, in one line naming the key; learn the model's patch."""
+        if family not in FAMILIES:
+            raise ConfigError(
+                f"parallel.context_parallel works for {', '.join(FAMILIES)}; model.family is {family!r}"
+            )
+        if self.ring > 1 and attention != "flash_attn":
+            # diffusers' ring attention merges partial softmaxes by their log-sum-exp, which its
+            # SDPA backend does not return.
+            raise ConfigError(
+                f"parallel.context_parallel.ring={self.ring} needs model.attention=flash_attn (a backend "
+                f"that returns the log-sum-exp); model.attention is {attention!r}. Ulysses alone runs on SDPA"
+            )
+        self.patch = tuple(network.config.patch_size)
+        heads = getattr(network.config, "num_attention_heads", None)
+        if heads is not None and heads % self.ulysses:
+            divisors = [k for k in range(1, heads + 1) if heads % k == 0]
+            raise ConfigError(
+                f"parallel.context_parallel.ulysses={self.ulysses} must divide the model's {heads} attention "
+                f"heads (one of {divisors}); for more ranks add ring (e.g. ulysses x ring)"
+            )
+
+    def enable(self, network: nn.Module) -> None:
+        """diffusers' context parallelism on `network` (a policy or a copy reference)."""
+        from diffusers import ContextParallelConfig
+
+        config = ContextParallelConfig(
+            ring_degree=self.ring, ulysses_degree=self.ulysses, mesh=self.mesh["ring", "ulysses"]
+        )
+        # diffusers 0.42 picks the rank's device as rank % torch.accelerator.device_count(), which
+        # is 0 on a CPU-only machine (gloo): count the CPU as one device there.
+        on_cpu = next(network.parameters()).device.type == "cpu"
+        counted = (
+            mock.patch.object(torch.accelerator, "device_count", return_value=1) if on_cpu else nullcontext()
+        )
+        with counted:
+            network.enable_parallelism(config=config)
+        # diffusers 0.42's gather calls a torch collective that torch 2.13 deprecates, once a forward.
+        warnings.filterwarnings(
+            "ignore", message=".*all_gather_tensor.* is deprecated", category=FutureWarning
+        )
+
+    # -- the loss --
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of latents [N, C, F, H, W] as [N, S / size, C * pt * ph * pw]: the
+        transformer's patch order (frame, row, column) and diffusers' equal split of the sequence."""
+        n, c, f, h, w = x.shape
+        pt, ph, pw = self.patch
+        grid = (f // pt, h // ph, w // pw)
+        tokens = grid[0] * grid[1] * grid[2]
+        if tokens % self.size:
+            raise RunError(
+                f"context parallelism splits each sample's {tokens} tokens ({'x'.join(map(str, grid))} "
+                f"patches) into {self.size} equal shards: choose a resolution or frame count whose token "
+                f"count {self.size} divides"
+            )
+        x = x.reshape(n, c, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(n, tokens, -1).chunk(self.size, dim=1)[self.rank]
+
+
+def setup(parallel_cfg, world) -> ContextParallel | None:
+    """The mesh and context groups of `parallel.context_parallel` (every rank calls this; None
+    when it is off). Sets `world.context`, from which the data and noise ranks follow."""
+    cp = parallel_cfg.context_parallel
+    size = cp.ulysses * cp.ring
+    if size == 1:
+        return None
+    if world.size % size:
+        raise RunError(
+            f"parallel.context_parallel: ulysses x ring = {size} must divide the {world.size} processes"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(
+        world.device.type,
+        (world.size // size, cp.ring, cp.ulysses),
+        mesh_dim_names=("data", "ring", "ulysses"),
+    )
+    group = None
+    for first in range(0, world.size, size):  # every rank creates every group, in the same order
+        ranks = list(range(first, first + size))
+        made = dist.new_group(ranks)
+        if world.rank in ranks:
+            group = made
+    world.context = size
+    log.info(
+        "context parallelism: %d data groups x %d ranks (ulysses %d x ring %d)",
+        world.size // size,
+        size,
+        cp.ulysses,
+        cp.ring,
+    )
+    return ContextParallel(cp.ulysses, cp.ring, mesh, group, world.rank % size)
+
+
+def loss_inputs(adapter, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(pred, target, kwargs) for vipo.kernels: the whole tensors, or under context parallelism
+    this rank's token shard of each and the group to reduce the errors over."""
+    context = getattr(adapter, "context", None)
+    if context is None:
+        return pred, target, {}
+    return context.shard(pred), context.shard(target), {"reduce_group": context.group}

@@ -1,0 +1,203 @@
+"""Context parallelism (parallel.context_parallel): each sample's tokens split over ranks.
+
+The token shard a rank's loss reads is the one diffusers' split gives that rank's transformer
+(checked against the model's own unpatchify), and on gloo processes tiny Wan trains with
+ulysses = 2 like one process with the same global batch: under DDP and resumed, under FSDP with
+activation checkpointing and the LoRA-off reference, and on 4 ranks as 2 data groups x 2.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_parallel import assert_same_curve, launch, one_thread, read_metrics
+
+from vipo.engine.config import ConfigError, load_config
+from vipo.engine.context_parallel import ContextParallel, setup
+from vipo.engine.errors import RunError
+from vipo.engine.parallel import World
+
+from vipo_testing import tiny_adapter
+
+RECIPE = """\
+model: {family: wan, config: wan-tiny}
+data: {num_pairs: 16, resolution: 16}
+loss: {beta: 500.0}
+optim: {lr: 1.0e-4, eps: 1.0e-6}
+train: {batch_pairs: 2, grad_accum_steps: 2, max_steps: 4, log_every_steps: 1, checkpoint_every_steps: 2}
+"""
+
+
+def torchrun(n: int, *args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipe") / "wan.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def one_process(recipe: Path, out: Path, *overrides: str) -> list[dict]:
+    from vipo.engine.trainer import Trainer
+
+    cfg = load_config(recipe, [f"train.output_dir={out}", *overrides])
+    with one_thread(), Trainer(cfg, progress=False) as trainer:
+        trainer.train()
+    return read_metrics(out)
+
+
+# -- the token shard ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_each_ranks_shard_is_the_tokens_its_transformer_holds(size):
+    """Wan's output is built from tokens by its own unpatchify: make every token's output its
+    index, and each rank's shard must hold exactly the indices diffusers' split gives it."""
+    network = tiny_adapter("wan").network.eval()
+    x = torch.randn(2, 4, 3, 12, 8)  # 3 frames of 6 x 4 patches: 72 tokens
+    tokens = 3 * 6 * 4
+    marker = torch.arange(tokens, dtype=torch.float32).view(1, tokens, 1)
+    hook = network.proj_out.register_forward_hook(lambda m, i, out: marker.expand_as(out).contiguous())
+    try:
+        with torch.no_grad():
+            (out,) = network(
+                hidden_states=x,
+                timestep=torch.tensor([10.0, 20.0]),
+                encoder_hidden_states=torch.zeros(2, 4, 32),
+                return_dict=False,
+            )
+    finally:
+        hook.remove()
+    shards = [
+        ContextParallel(size, 1, None, None, rank, patch=tuple(network.config.patch_size)).shard(out)
+        for rank in range(size)
+    ]
+    per_rank = tokens // size
+    for rank, shard in enumerate(shards):
+        assert shard.shape == (2, per_rank, 4 * 1 * 2 * 2)
+        expected = torch.arange(rank * per_rank, (rank + 1) * per_rank, dtype=torch.float32)
+        assert torch.equal(shard, expected.view(1, -1, 1).expand_as(shard)), rank
+
+
+def test_a_token_count_the_group_does_not_divide_is_one_error():
+    context = ContextParallel(4, 1, None, None, 0, patch=(1, 2, 2))
+    with pytest.raises(RunError, match=r"18 tokens \(1x3x6 patches\) into 4 equal shards"):
+        context.shard(torch.zeros(2, 4, 1, 6, 12))
+
+
+# -- settings refused in one line -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.context_parallel.ulysses=2"], "needs parallel.strategy ddp or fsdp, got 'none'"),
+        (["parallel.strategy=zero2", "parallel.context_parallel.ulysses=2"], "got 'zero2'"),
+        (["parallel.strategy=ddp", "parallel.context_parallel.ring=0"], "ring must be >= 1"),
+        (
+            ["parallel.strategy=ddp", "parallel.context_parallel.ulysses=2", "train.compile=blocks"],
+            "does not run under train.compile",
+        ),
+    ],
+)
+def test_config_refuses(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe, overrides)
+
+
+@pytest.mark.parametrize(
+    "ulysses, ring, family, attention, message",
+    [
+        (4, 1, "wan", "sdpa", r"ulysses=4 must divide the model's 2 attention heads \(one of \[1, 2\]\)"),
+        (1, 2, "wan", "sdpa", "ring=2 needs model.attention=flash_attn"),
+        (2, 1, "flux", "sdpa", "works for wan; model.family is 'flux'"),
+    ],
+)
+def test_the_model_check_refuses(ulysses, ring, family, attention, message):
+    network = tiny_adapter("wan").network
+    with pytest.raises(ConfigError, match=message):
+        ContextParallel(ulysses, ring, None, None, 0).check(network, family, attention)
+
+
+def test_a_group_that_does_not_divide_the_processes_is_refused(recipe):
+    cfg = load_config(recipe, ["parallel.strategy=ddp", "parallel.context_parallel.ulysses=2"])
+    with pytest.raises(RunError, match="ulysses x ring = 2 must divide the 3 processes"):
+        setup(cfg.parallel, World(rank=0, size=3))
+    assert setup(load_config(recipe).parallel, World()) is None
+
+
+# -- training on gloo processes ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ulysses_2_under_ddp_trains_like_one_process_and_resumes(recipe, tmp_path):
+    expected = one_process(recipe, tmp_path / "one")
+    run = tmp_path / "run"
+    common = [
+        "-m",
+        "vipo.engine",
+        "train",
+        str(recipe),
+        f"train.output_dir={run}",
+        "parallel.strategy=ddp",
+        "parallel.context_parallel.ulysses=2",
+        "-q",
+    ]
+    launch(torchrun(2, *common, "train.max_steps=2"), tmp_path)
+    launch(torchrun(2, *common, "--resume"), tmp_path)
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    assert_same_curve(read_metrics(run), expected, "ddp, ulysses 2, resumed at step 2")
+
+
+@pytest.mark.slow
+def test_ulysses_2_under_fsdp_with_the_adapter_reference_trains_like_one_process(recipe, tmp_path):
+    lora = ["model.lora_rank=4", "reference.mode=adapter", "optim.lr=1.0e-3"]
+    expected = one_process(recipe, tmp_path / "one", *lora)
+    run = tmp_path / "run"
+    launch(
+        torchrun(
+            2,
+            "-m",
+            "vipo.engine",
+            "train",
+            str(recipe),
+            f"train.output_dir={run}",
+            "parallel.strategy=fsdp",
+            "model.gradient_checkpointing=true",
+            "parallel.context_parallel.ulysses=2",
+            *lora,
+            "-q",
+        ),
+        tmp_path,
+    )
+    rows = read_metrics(run)
+    assert rows[-1]["loss"] != rows[0]["loss"]  # the LoRA weights moved the policy off its reference
+    assert_same_curve(rows, expected, "fsdp, ulysses 2, adapter reference")
+
+
+@pytest.mark.slow
+def test_two_data_groups_of_two_context_ranks_train_like_one_process(recipe, tmp_path):
+    """4 ranks: data 2 x ulysses 2. Each data group draws its half of the batch and its noise."""
+    expected = one_process(recipe, tmp_path / "one")
+    run = tmp_path / "run"
+    out = launch(
+        torchrun(
+            4,
+            "-m",
+            "vipo.engine",
+            "train",
+            str(recipe),
+            f"train.output_dir={run}",
+            "parallel.strategy=ddp",
+            "parallel.context_parallel.ulysses=2",
+        ),
+        tmp_path,
+    )
+    assert "2 data groups x 2 ranks (ulysses 2 x ring 1)" in out
+    assert_same_curve(read_metrics(run), expected, "ddp, data 2 x ulysses 2")
+    assert json.loads((run / "config.json").read_text())["parallel"]["context_parallel"]["ulysses"] == 2
