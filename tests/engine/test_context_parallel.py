@@ -29,10 +29,15 @@ train: {batch_pairs: 2, grad_accum_steps: 2, max_steps: 4, log_every_steps: 1, c
 """
 
 
-def torchrun(n: int, *args: str) -> list[str]:
+def train_on(n: int, recipe: Path, run: Path, *overrides: str) -> list[str]:
+    """`vipo train` on n processes, context-parallel over pairs of ranks."""
     import sys
 
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"),
+        *("-m", "vipo.engine", "train", str(recipe), f"train.output_dir={run}"),
+        *("parallel.context_parallel.ulysses=2", *overrides),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +143,8 @@ def test_a_group_that_does_not_divide_the_processes_is_refused(recipe):
 def test_ulysses_2_under_ddp_trains_like_one_process_and_resumes(recipe, tmp_path):
     expected = one_process(recipe, tmp_path / "one")
     run = tmp_path / "run"
-    common = [
-        "-m",
-        "vipo.engine",
-        "train",
-        str(recipe),
-        f"train.output_dir={run}",
-        "parallel.strategy=ddp",
-        "parallel.context_parallel.ulysses=2",
-        "-q",
-    ]
-    launch(torchrun(2, *common, "train.max_steps=2"), tmp_path)
-    launch(torchrun(2, *common, "--resume"), tmp_path)
+    launch(train_on(2, recipe, run, "parallel.strategy=ddp", "train.max_steps=2", "-q"), tmp_path)
+    launch(train_on(2, recipe, run, "parallel.strategy=ddp", "--resume", "-q"), tmp_path)
     assert (run / "checkpoints" / "latest").read_text() == "step-000004"
     assert_same_curve(read_metrics(run), expected, "ddp, ulysses 2, resumed at step 2")
 
@@ -159,22 +154,8 @@ def test_ulysses_2_under_fsdp_with_the_adapter_reference_trains_like_one_process
     lora = ["model.lora_rank=4", "reference.mode=adapter", "optim.lr=1.0e-3"]
     expected = one_process(recipe, tmp_path / "one", *lora)
     run = tmp_path / "run"
-    launch(
-        torchrun(
-            2,
-            "-m",
-            "vipo.engine",
-            "train",
-            str(recipe),
-            f"train.output_dir={run}",
-            "parallel.strategy=fsdp",
-            "model.gradient_checkpointing=true",
-            "parallel.context_parallel.ulysses=2",
-            *lora,
-            "-q",
-        ),
-        tmp_path,
-    )
+    overrides = ("parallel.strategy=fsdp", "model.gradient_checkpointing=true", *lora, "-q")
+    launch(train_on(2, recipe, run, *overrides), tmp_path)
     rows = read_metrics(run)
     assert rows[-1]["loss"] != rows[0]["loss"]  # the LoRA weights moved the policy off its reference
     assert_same_curve(rows, expected, "fsdp, ulysses 2, adapter reference")
@@ -185,19 +166,7 @@ def test_two_data_groups_of_two_context_ranks_train_like_one_process(recipe, tmp
     """4 ranks: data 2 x ulysses 2. Each data group draws its half of the batch and its noise."""
     expected = one_process(recipe, tmp_path / "one")
     run = tmp_path / "run"
-    out = launch(
-        torchrun(
-            4,
-            "-m",
-            "vipo.engine",
-            "train",
-            str(recipe),
-            f"train.output_dir={run}",
-            "parallel.strategy=ddp",
-            "parallel.context_parallel.ulysses=2",
-        ),
-        tmp_path,
-    )
+    out = launch(train_on(4, recipe, run, "parallel.strategy=ddp"), tmp_path)
     assert "2 data groups x 2 ranks (ulysses 2 x ring 1)" in out
     assert_same_curve(read_metrics(run), expected, "ddp, data 2 x ulysses 2")
     assert json.loads((run / "config.json").read_text())["parallel"]["context_parallel"]["ulysses"] == 2
