@@ -170,3 +170,41 @@ def test_two_data_groups_of_two_context_ranks_train_like_one_process(recipe, tmp
     assert "2 data groups x 2 ranks (ulysses 2 x ring 1)" in out
     assert_same_curve(read_metrics(run), expected, "ddp, data 2 x ulysses 2")
     assert json.loads((run / "config.json").read_text())["parallel"]["context_parallel"]["ulysses"] == 2
+
+
+@pytest.mark.slow
+def test_ulysses_2_with_the_precomputed_reference_trains_like_one_process(recipe, tmp_path):
+    """The table's errors are whole-sample ones; the policy's come from the two shards."""
+    from vipo.engine.data.cache import run_cache
+    from vipo.engine.reference.precomputed import score_reference
+
+    cached = [f"data.cache={tmp_path / 'cache'}", "reference.mode=precomputed"]
+    cfg = load_config(recipe, [f"train.output_dir={tmp_path / 'one'}", *cached])
+    run_cache(cfg, pairs_per_shard=4, progress=False)
+    score_reference(cfg, 1, progress=False)
+    expected = one_process(recipe, tmp_path / "one", *cached)
+    run = tmp_path / "run"
+    launch(train_on(2, recipe, run, "parallel.strategy=ddp", *cached, "-q"), tmp_path)
+    assert_same_curve(read_metrics(run), expected, "ddp, ulysses 2, precomputed reference")
+
+
+# -- the recipes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vipo-wan-poly", "vipo-wan14b-poly", "vipo-wan14b-lora-poly"])
+def test_video_recipes_split_every_bucket_into_equal_shards(name):
+    """Each bucket's clips (Wan's VAE: 4x fewer frames after the first, 8x smaller frames) give a
+    token count the context group divides, and Ulysses divides the architecture's heads."""
+    from vipo.configs import find_recipe
+    from vipo.engine.models import load_architecture
+
+    cfg = load_config(find_recipe(name))
+    cp = cfg.parallel.context_parallel
+    arch = load_architecture(cfg.model.config if cfg.model.config.startswith("wan") else "wan2.1-t2v-1.3b")
+    pt, ph, pw = arch["transformer"]["patch_size"]
+    assert cp.ulysses > 1 and arch["transformer"]["num_attention_heads"] % cp.ulysses == 0
+    frames = 1 + (cfg.data.num_frames - 1) // 4
+    for width, height in cfg.data.buckets:
+        tokens = (frames // pt) * (height // 8 // ph) * (width // 8 // pw)
+        assert tokens == 75_600 and tokens % (cp.ulysses * cp.ring) == 0, (width, height)
+    assert cfg.train.batch_pairs * cfg.train.grad_accum_steps == 256

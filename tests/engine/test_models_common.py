@@ -118,6 +118,7 @@ PUBLISHED = [
     ("wan2.1-t2v-1.3b", "transformer", "WanTransformer3DModel", (1.3e9, 1.6e9)),
     ("wan2.1-t2v-1.3b", "text_encoder", "UMT5EncoderModel", (5.6e9, 5.8e9)),
     ("wan2.1-t2v-1.3b", "vae", "AutoencoderKLWan", (1.26e8, 1.28e8)),
+    ("wan2.1-t2v-14b", "transformer", "WanTransformer3DModel", (14.2e9, 14.4e9)),
 ]
 
 
