@@ -268,6 +268,11 @@ class ParallelConfig:
         "global: every rank draws noise, t and caption dropout for the whole global micro-batch and keeps "
         "its rows (N processes reproduce 1 process); per_rank: a generator per (seed, rank), O(local) memory",
     )
+    meta_init: bool = option(
+        True,
+        "fsdp with model.path: only rank 0 reads the denoiser's weights; the other ranks make it (and a "
+        "copy reference) on the meta device and receive their shards from rank 0. false: every rank reads them",
+    )
     context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
 

@@ -90,7 +90,7 @@ class ContextParallel:
         )
         # diffusers 0.42 picks the rank's device as rank % torch.accelerator.device_count(), which
         # is 0 on a CPU-only machine (gloo): count the CPU as one device there.
-        on_cpu = next(network.parameters()).device.type == "cpu"
+        on_cpu = self.mesh.device_type == "cpu"
         counted = (
             mock.patch.object(torch.accelerator, "device_count", return_value=1) if on_cpu else nullcontext()
         )

@@ -257,6 +257,55 @@ def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: 
     return network
 
 
+def meta_start(parallel_cfg, model_cfg, world: World) -> bool:
+    """Whether this run starts FSDP from rank 0's weights (parallel.meta_init): the same answer
+    on every rank."""
+    return (
+        parallel_cfg.strategy == "fsdp" and parallel_cfg.meta_init and world.size > 1 and bool(model_cfg.path)
+    )
+
+
+def full_weights(network: nn.Module, world: World) -> dict[str, torch.Tensor] | None:
+    """Rank 0's full state before sharding (references, no copy: they outlive fully_shard's
+    swap of the parameters until `materialise` has sent them)."""
+    return network.state_dict() if world.is_main else None
+
+
+@torch.no_grad()
+def materialise(
+    network: nn.Module,
+    full: dict[str, torch.Tensor] | None,
+    world: World,
+    *,
+    buffers_from: nn.Module | None = None,
+) -> None:
+    """After fully_shard: the meta ranks allocate their shards, and every rank takes its shard of
+    rank 0's `full` weights (DCP's broadcast_from_rank0, one tensor at a time). Buffers, which
+    FSDP does not shard and which need not be in the state dict (Wan's rotary tables), are rank
+    0's too: its network's own, or with `buffers_from` (a copy made on the meta device on every
+    rank, rank 0 included) that module's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if buffers_from is not None or not world.is_main:
+        network.to_empty(device=world.device)
+    set_model_state_dict(  # on a copy of the dict: the call puts its shards into the one it gets
+        network,
+        dict(full) if world.is_main else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
+    sources = dict(buffers_from.named_buffers()) if buffers_from is not None else {}
+    for name, buffer in network.named_buffers():
+        if world.is_main and buffers_from is not None:
+            buffer.copy_(sources[name])
+        dist.broadcast(buffer, src=0)
+    if world.is_main:
+        shard = sum(p.to_local().numel() for p in network.parameters())
+        whole = sum(p.numel() for p in network.parameters())
+        log.info(
+            "sharded rank 0's %.1fM weights over %d ranks (%.1fM each)", whole / 1e6, world.size, shard / 1e6
+        )
+
+
 @torch.no_grad()
 def first_forward(
     adapter, network: nn.Module, latents: torch.Tensor, cond: dict, device: torch.device
@@ -375,13 +424,20 @@ def apply_deepspeed_reference(network: nn.Module, ds_config: dict):
     return engine
 
 
-def parallelize_reference(reference, strategy: str, world: World, parallel_cfg, mixed_precision, ds_config):
-    """Shard a `copy` reference like the policy; the other modes hold no second network."""
+def parallelize_reference(
+    reference, strategy: str, world: World, parallel_cfg, mixed_precision, ds_config, *, initial=None
+):
+    """Shard a `copy` reference like the policy; the other modes hold no second network.
+    `initial` (policy, its weights from `full_weights` or None off rank 0): the reference was made
+    on the meta device on every rank and takes rank 0's initial policy weights (`materialise`)."""
     network = getattr(reference, "network", None)
     if network is None or strategy in ("none", "ddp", "zero2"):
         return  # replicated: no grads and no optimizer state, so there is nothing to shard
     if strategy == "fsdp":
         reference.network = apply_fsdp(network, world, parallel_cfg, mixed_precision)
+        if initial is not None:
+            policy, weights = initial
+            materialise(reference.network, weights, world, buffers_from=policy)
     elif strategy == "zero3":
         reference.network = apply_deepspeed_reference(network, ds_config)
 

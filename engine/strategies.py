@@ -238,11 +238,20 @@ def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy
     policy = network
     if strategy == "ddp":
         policy = parallel.apply_ddp(network, world)
-    elif strategy == "fsdp":
+    from_rank0 = parallel.meta_start(cfg.parallel, cfg.model, world)
+    full = None
+    if strategy == "fsdp":
+        full = parallel.full_weights(network, world) if from_rank0 else None
         parallel.apply_fsdp(network, world, cfg.parallel, mixed)
+        if from_rank0:
+            parallel.materialise(network, full, world)
         parallel.first_forward(adapter, network, *probe(), world.device)
-    if reference is not None:
-        parallel.parallelize_reference(reference, strategy, world, cfg.parallel, mixed, ds_config)
+    if reference is not None:  # a copy reference made on meta takes the policy's initial weights
+        initial = (network, full) if from_rank0 else None
+        parallel.parallelize_reference(
+            reference, strategy, world, cfg.parallel, mixed, ds_config, initial=initial
+        )
+    del full
     params = [p for p in network.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, lr, world.device)
     scheduler = build_schedule(optimizer, cfg.optim, cfg.train.max_steps)

@@ -110,8 +110,15 @@ class Trainer:
         self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
         # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of
         # (seed, pair id, epoch), so the precomputed reference errors match.
+        # Under FSDP with model.path only rank 0 reads the denoiser's weights (parallel.meta_init).
+        from_rank0 = parallel.meta_start(cfg.parallel, cfg.model, world)
         self.adapter = build_adapter(
-            cfg.model, self.device, seed=cfg.train.seed, trainable=True, vocabulary=self.data.vocabulary()
+            cfg.model,
+            self.device,
+            seed=cfg.train.seed,
+            trainable=True,
+            vocabulary=self.data.vocabulary(),
+            meta=from_rank0 and not world.is_main,
         )
         self.cache_batches = None
         if cfg.data.cache:  # cached latents and embeddings: the encoders are never called
@@ -128,7 +135,7 @@ class Trainer:
         elif reference is not None:
             self.reference = reference(self.adapter)
         else:
-            self.reference = build_reference(cfg.reference.mode, self.adapter, cfg)
+            self.reference = build_reference(cfg.reference.mode, self.adapter, cfg, on_meta=from_rank0)
         if self.context is not None:  # after the copy reference is made: each network gets its own hooks
             self.context.check(self.adapter.network, cfg.model.family, cfg.model.attention)
             for network in (self.adapter.network, getattr(self.reference, "network", None)):

@@ -5,7 +5,7 @@ import importlib
 import torch
 
 from ..families import FAMILIES as _FAMILIES
-from .base import DiffusionAdapter, configure_attention, frozen_mode, load_architecture
+from .base import DiffusionAdapter, configure_attention, denoiser_on_meta, frozen_mode, load_architecture
 
 # family -> (module of this package, builder function)
 BUILDERS = {name: (f.module, f.builder) for name, f in _FAMILIES.items()}
@@ -28,7 +28,13 @@ def build_model(model_cfg, device: torch.device, vocabulary: list[str] | None = 
 
 
 def build_adapter(
-    model_cfg, device: torch.device, *, seed: int, trainable: bool, vocabulary: list[str] | None = None
+    model_cfg,
+    device: torch.device,
+    *,
+    seed: int,
+    trainable: bool,
+    vocabulary: list[str] | None = None,
+    meta: bool = False,
 ) -> DiffusionAdapter:
     """The model as every part of vipo builds it, so that the trainer, the latent cache, the
     reference table, export, sampling and the benchmark agree exactly on its weights:
@@ -38,15 +44,19 @@ def build_adapter(
                 checkpointing, train mode; frozen otherwise (no gradients, eval mode)
              -> model.param_dtype
 
-    Random-weight builds on a GPU initialise on the GPU itself (seconds, not minutes, at 12B)."""
+    Random-weight builds on a GPU initialise on the GPU itself (seconds, not minutes, at 12B).
+    `meta` (with model.path): the denoiser is made on the meta device from its config alone, for a
+    rank that receives rank 0's weights after sharding (parallel.materialise); model.init_from is
+    then rank 0's to read."""
     from pathlib import Path
 
     torch.manual_seed(seed)
     on_device = model_cfg.path is None and torch.device(device).type == "cuda"
-    with torch.device(device) if on_device else _no_context():
+    meta = meta and model_cfg.path is not None
+    with torch.device(device) if on_device else _no_context(), denoiser_on_meta(meta):
         adapter = build_model(model_cfg, device, vocabulary=vocabulary)
     network = adapter.network
-    if model_cfg.init_from:
+    if model_cfg.init_from and not meta:
         from ..checkpoint import load_weights
 
         load_weights(Path(model_cfg.init_from), network)

@@ -11,10 +11,12 @@ trainable denoiser (`network`). The trainer only ever calls:
 so the same step serves every family, policy and reference alike.
 """
 
+import contextvars
 import json
 import logging
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,43 @@ def from_folder(cls, root, subfolder: str, **kwargs):
             f"{Path(root) / subfolder}: {cls.__name__} could not load it ({type(err).__name__}: {reason}); "
             "model.path must be a complete diffusers folder"
         ) from err
+
+
+_DENOISER_ON_META = contextvars.ContextVar("vipo_denoiser_on_meta", default=False)
+
+
+@contextmanager
+def denoiser_on_meta(enabled: bool = True):
+    """Inside it, `denoiser_from_folder` reads only the denoiser's config and makes it on the meta
+    device: no weights read, no memory (a rank that receives its FSDP shard from rank 0,
+    parallel.materialise). The frozen encoders and VAE load as usual."""
+    token = _DENOISER_ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _DENOISER_ON_META.reset(token)
+
+
+def denoiser_from_folder(cls, root, subfolder: str):
+    """A family's trainable network from its diffusers folder (see `denoiser_on_meta`)."""
+    if not _DENOISER_ON_META.get():
+        return from_folder(cls, root, subfolder)
+    try:
+        config = cls.load_config(root, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RunError(f"{Path(root) / subfolder}: {cls.__name__} has no readable config ({reason})") from err
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def place(network: nn.Module, device) -> nn.Module:
+    """`network` on `device`; a network on the meta device stays there (it has nothing to move)."""
+    return network if on_meta(network) else network.to(device)
 
 
 def load_architecture(name_or_path: str) -> dict[str, Any]:

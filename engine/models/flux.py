@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FlowMatchingAdapter, from_folder, load_architecture, require_subfolders, rows_for, token_ids
+from .base import (
+    FlowMatchingAdapter,
+    denoiser_from_folder,
+    from_folder,
+    load_architecture,
+    place,
+    require_subfolders,
+    rows_for,
+    token_ids,
+)
 from .tokenizer import WordTokenizer, check_tokenizer
 
 T5_MAX_TOKENS = 512  # FluxPipeline's default max_sequence_length (FLUX.1-dev)
@@ -127,7 +136,7 @@ def build_flux(model_cfg, device: torch.device, vocabulary: list[str] | None = N
             "scheduler",
         )
         require_subfolders(root, parts, "FLUX")
-        network = from_folder(FluxTransformer2DModel, root, "transformer")
+        network = denoiser_from_folder(FluxTransformer2DModel, root, "transformer")
         text_encoders = [
             from_folder(CLIPTextModel, root, "text_encoder"),
             from_folder(T5EncoderModel, root, "text_encoder_2"),
@@ -158,4 +167,4 @@ def build_flux(model_cfg, device: torch.device, vocabulary: list[str] | None = N
         encoder.to(device)
     if vae is not None:
         vae.to(device)
-    return FluxAdapter(network.to(device), text_encoders, tokenizers, vae, device, **options)
+    return FluxAdapter(place(network, device), text_encoders, tokenizers, vae, device, **options)

@@ -22,8 +22,10 @@ from torch import nn
 from .base import (
     FlowMatchingAdapter,
     clip_penultimate,
+    denoiser_from_folder,
     from_folder,
     load_architecture,
+    place,
     require_subfolders,
     rows_for,
     token_ids,
@@ -106,7 +108,7 @@ def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = No
             "scheduler",
         )
         require_subfolders(root, parts, "SD3")
-        network = from_folder(SD3Transformer2DModel, root, "transformer")
+        network = denoiser_from_folder(SD3Transformer2DModel, root, "transformer")
         text_encoders = [
             from_folder(CLIPTextModelWithProjection, root, "text_encoder"),
             from_folder(CLIPTextModelWithProjection, root, "text_encoder_2"),
@@ -142,7 +144,7 @@ def build_sd3(model_cfg, device: torch.device, vocabulary: list[str] | None = No
         encoder.to(device)
     if vae is not None:
         vae.to(device)
-    network = network.to(device)
+    network = place(network, device)
     return SD3Adapter(
         network, text_encoders, tokenizers, vae, device, t5_max_tokens=t5_max_tokens, **sampling
     )

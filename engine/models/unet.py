@@ -18,8 +18,10 @@ from torch import nn
 from .base import (
     DiffusionAdapter,
     clip_penultimate,
+    denoiser_from_folder,
     from_folder,
     load_architecture,
+    place,
     require_subfolders,
     rows_for,
     token_ids,
@@ -71,7 +73,7 @@ def build_sd15(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     if model_cfg.path:
         root = Path(model_cfg.path)
         require_subfolders(root, ("unet", "text_encoder", "tokenizer", "vae", "scheduler"), "SD1.5")
-        network = from_folder(UNet2DConditionModel, root, "unet")
+        network = denoiser_from_folder(UNet2DConditionModel, root, "unet")
         text_encoder = from_folder(CLIPTextModel, root, "text_encoder")
         tokenizer = from_folder(CLIPTokenizer, root, "tokenizer")
         check_tokenizer(tokenizer, text_encoder.config.vocab_size, f"{root}/tokenizer")
@@ -87,7 +89,7 @@ def build_sd15(model_cfg, device: torch.device, vocabulary: list[str] | None = N
     text_encoder.to(device)
     if vae is not None:
         vae.to(device)
-    return SD15Adapter(network.to(device), text_encoder, tokenizer, vae, alphas, device)
+    return SD15Adapter(place(network, device), text_encoder, tokenizer, vae, alphas, device)
 
 
 class SDXLAdapter(SD15Adapter):
@@ -132,7 +134,7 @@ def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = N
         root = Path(model_cfg.path)
         parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
         require_subfolders(root, parts, "SDXL")
-        network = from_folder(UNet2DConditionModel, root, "unet")
+        network = denoiser_from_folder(UNet2DConditionModel, root, "unet")
         text_encoders = [
             from_folder(CLIPTextModel, root, "text_encoder"),
             from_folder(CLIPTextModelWithProjection, root, "text_encoder_2"),
@@ -160,4 +162,4 @@ def build_sdxl(model_cfg, device: torch.device, vocabulary: list[str] | None = N
         encoder.to(device)
     if vae is not None:
         vae.to(device)
-    return SDXLAdapter(network.to(device), text_encoders, tokenizers, vae, alphas, device)
+    return SDXLAdapter(place(network, device), text_encoders, tokenizers, vae, alphas, device)

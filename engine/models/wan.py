@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import FlowMatchingAdapter, from_folder, load_architecture, require_subfolders, rows_for
+from .base import (
+    FlowMatchingAdapter,
+    denoiser_from_folder,
+    from_folder,
+    load_architecture,
+    place,
+    require_subfolders,
+    rows_for,
+)
 from .tokenizer import PAD, WordTokenizer, check_tokenizer
 
 UMT5_MAX_TOKENS = 512  # WanPipeline's default max_sequence_length
@@ -137,7 +145,7 @@ def build_wan(model_cfg, device: torch.device, vocabulary: list[str] | None = No
     if model_cfg.path:
         root = Path(model_cfg.path)
         require_subfolders(root, ("transformer", "text_encoder", "tokenizer", "vae", "scheduler"), "Wan")
-        network = from_folder(WanTransformer3DModel, root, "transformer")
+        network = denoiser_from_folder(WanTransformer3DModel, root, "transformer")
         text_encoder = from_folder(UMT5EncoderModel, root, "text_encoder")
         tokenizer = from_folder(AutoTokenizer, root, "tokenizer")
         check_tokenizer(tokenizer, text_encoder.config.vocab_size, f"{root}/tokenizer")
@@ -154,4 +162,4 @@ def build_wan(model_cfg, device: torch.device, vocabulary: list[str] | None = No
     text_encoder.to(device)
     if vae is not None:
         vae.to(device)
-    return WanAdapter(network.to(device), text_encoder, tokenizer, vae, device, **options)
+    return WanAdapter(place(network, device), text_encoder, tokenizer, vae, device, **options)

@@ -29,12 +29,28 @@ def reference_errors(adapter, network, x_t, t, cond, target) -> torch.Tensor:
     return sample_errors(pred, target, **shard)
 
 
+def meta_copy(network: nn.Module) -> nn.Module:
+    """A copy of `network` with every parameter and buffer on the meta device: the structure
+    (hooks, adapters, modes) without the memory. deepcopy takes tensors from its memo by id."""
+    memo = {}
+    for tensor in [*network.parameters(), *network.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = (
+            nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+        )
+    return copy.deepcopy(network, memo)
+
+
 class CopyReference:
     mode = "copy"
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, *, on_meta: bool = False):
+        """`on_meta`: the copy is made on the meta device on every rank, rank 0 included, and
+        takes its weights from the policy's when FSDP shards it (parallel.materialise): no
+        second full model is ever held, even on rank 0."""
         self.adapter = adapter
-        network = copy.deepcopy(adapter.network).requires_grad_(False)
+        network = meta_copy(adapter.network) if on_meta else copy.deepcopy(adapter.network)
+        network.requires_grad_(False)
         self.network: nn.Module = network.train(frozen_mode(network))
 
     @torch.no_grad()
@@ -62,9 +78,9 @@ class AdapterReference:
             network.train(was_training)
 
 
-def build_reference(mode: str, adapter, cfg=None):
+def build_reference(mode: str, adapter, cfg=None, *, on_meta: bool = False):
     if mode == "copy":
-        return CopyReference(adapter)
+        return CopyReference(adapter, on_meta=on_meta)
     if mode == "adapter":
         return AdapterReference(adapter)
     if mode == "precomputed":  # the table is found through the run config (data.cache, reference.table)
