@@ -1,7 +1,7 @@
 """The one prepared GPU check: every measurement vipo owes to a GPU, in one command.
 
     benchmarks/gpu_check.sh --dry-run            # on a CPU: rehearse every step (imports, arguments)
-    benchmarks/gpu_check.sh [--out DIR]          # on an H100/H200: run them, <= 8 minutes
+    benchmarks/gpu_check.sh [--out DIR]          # on an H100/H200: run them, <= 9.5 minutes
 
 A lent GPU machine has torch and Triton but not diffusers or PyAV (nor DALI, deepspeed): carry
 wheels in .whl/ (`../shared/tools/gpu-wheels.sh diffusers==0.42.1 importlib_metadata==10.2.0
@@ -16,6 +16,7 @@ and a step that fails or runs out of time does not stop the next:
     bench-kernel  benchmarks/bench_kernel.py: fused vs eager vs torch.compile, bandwidth vs a copy
     step-sd15-512, step-sdxl-1024
                   benchmarks/bench_step.py: vipo's training step vs the official-style baseline
+    step-wan-720p vipo's Wan2.1-1.3B step at 1280x720, 21 frames, one GPU (context parallel 1)
     bench-loader  benchmarks/bench_loader.py: JPEG and clip decoding (PyAV and DALI where carried)
 
 Every result lands in one folder (--out, default $OUT where the device tool sets it), at most 8
@@ -48,11 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU_IMAGE = ("deepspeed", "nvidia.dali")
 # Missing there and carried as wheels: module -> (wheel, the steps that need it).
 CARRIED = {
-    "diffusers": ("diffusers==0.42.1", ("step-sd15-512", "step-sdxl-1024")),
-    "importlib_metadata": ("importlib_metadata==10.2.0", ("step-sd15-512", "step-sdxl-1024")),
+    "diffusers": ("diffusers==0.42.1", ("step-sd15-512", "step-sdxl-1024", "step-wan-720p")),
+    "importlib_metadata": (
+        "importlib_metadata==10.2.0",
+        ("step-sd15-512", "step-sdxl-1024", "step-wan-720p"),
+    ),
     "av": ("av==18.1.0", ("bench-loader",)),
 }
-DEFAULT_BUDGET_S = 470
+DEFAULT_BUDGET_S = 570
 
 
 @dataclass
@@ -126,6 +130,24 @@ def steps(out: Path, py: str, scratch: Path) -> list[Step]:
             [py, str(bench / "bench_step.py"), "sdxl-1024", "--out", str(out / "step.json")],
             [py, str(bench / "bench_step.py"), "sdxl-1024", "--smoke", "--out", str(scratch / "step.json")],
             timeout_s=130,
+            needs=("diffusers",),
+            result="step.json",
+        ),
+        Step(
+            "step-wan-720p",
+            "Wan2.1-1.3B 720p training step, one GPU, no context parallelism (21 frames: 21,600 tokens a clip)",
+            [py, str(bench / "bench_step.py"), "wan-720p", "--frames", "21", "--steps", "3", "--no-baseline"]
+            + ["--out", str(out / "step.json")],
+            [
+                py,
+                str(bench / "bench_step.py"),
+                "wan-720p",
+                "--smoke",
+                "--no-baseline",
+                "--out",
+                str(scratch / "step.json"),
+            ],
+            timeout_s=100,
             needs=("diffusers",),
             result="step.json",
         ),

@@ -19,7 +19,14 @@ def test_the_dry_run_rehearses_every_step_without_the_packages_the_gpu_image_lac
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["kernel-tests", "bench-kernel", "step-sd15-512", "step-sdxl-1024", "bench-loader"]
+    assert list(steps) == [
+        "kernel-tests",
+        "bench-kernel",
+        "step-sd15-512",
+        "step-sdxl-1024",
+        "step-wan-720p",
+        "bench-loader",
+    ]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert "collected" in steps["kernel-tests"]["headline"] and "-m gpu" in steps["kernel-tests"]["command"]
     assert (
