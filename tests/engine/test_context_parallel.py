@@ -208,3 +208,21 @@ def test_video_recipes_split_every_bucket_into_equal_shards(name):
         tokens = (frames // pt) * (height // 8 // ph) * (width // 8 // pw)
         assert tokens == 75_600 and tokens % (cp.ulysses * cp.ring) == 0, (width, height)
     assert cfg.train.batch_pairs * cfg.train.grad_accum_steps == 256
+
+
+def test_a_context_group_shares_its_pairs_and_every_group_trains_one_bucket_a_step():
+    """4 ranks as 2 data groups x 2: the ranks of a group take the same pairs; both groups take the
+    same bucket at each step (16:9 and 1:1 clips never meet in one step, where the per-sample mean
+    would weigh them alike anyway)."""
+    from vipo.loaders.buckets import BucketBatchSampler
+
+    buckets = [0] * 12 + [1] * 12  # e.g. 1280x720 and 960x960
+    worlds = [World(rank=r, size=4, context=2) for r in range(4)]
+    samplers = [
+        BucketBatchSampler(buckets, 2, seed=5, rank=w.data_rank, world_size=w.data_size) for w in worlds
+    ]
+    for _ in range(6):
+        batches = [s.next_batch() for s in samplers]
+        assert batches[0] == batches[1] and batches[2] == batches[3]
+        assert not set(batches[0]) & set(batches[2])
+        assert len({s.last_bucket for s in samplers}) == 1
