@@ -65,6 +65,11 @@ class DataConfig:
         None,
         "the data: parquet file/folder/glob, manifest .jsonl, tar shard folder/glob (all but procedural)",
     )
+    validation_path: str | None = option(
+        None,
+        "held-out pairs for train.validate_every_steps, in data.source's format (procedural data: clean "
+        "pairs of another seed when unset)",
+    )
     num_pairs: int = option(512, "pairs in the procedural data set")
     resolution: int = option(16, "image side in pixels (square crops); video: frame height and width")
     buckets: list[tuple[int, int]] = option(
@@ -226,6 +231,17 @@ class TrainConfig:
         [], "metric sinks besides metrics.jsonl: tensorboard, wandb (pip install 'vipo[track]')"
     )
     run_name: str | None = option(None, "run name for the sinks (default: the output folder's name)")
+    validate_every_steps: int = option(
+        0,
+        "steps between validations (0 = off): a sample grid of train.validate_prompts with fixed seeds "
+        "(validation/step-N.png, TensorBoard, wandb) and the held-out implicit accuracy (val_accuracy); "
+        "strategies none and ddp, on rank 0",
+    )
+    validate_prompts: str | None = option(
+        None,
+        "prompt file of the validation grid (.txt, .jsonl, .json); default: prompts of the held-out pairs",
+    )
+    validate_pairs: int = option(32, "held-out pairs the validation accuracy is measured on (0: no accuracy)")
 
 
 @dataclass
@@ -464,7 +480,18 @@ def _check_parallel(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.deepspeed_config needs strategy zero2 or zero3, got {strategy!r}")
     if par.deepspeed_config and not Path(par.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config: no such file {par.deepspeed_config}")
+    if cfg.train.validate_every_steps < 0 or cfg.train.validate_pairs < 0:
+        raise ConfigError(
+            "train.validate_every_steps and train.validate_pairs must be >= 0, got "
+            f"{cfg.train.validate_every_steps} and {cfg.train.validate_pairs}"
+        )
     cp = par.context_parallel
+    if cfg.train.validate_every_steps and (strategy not in ("none", "ddp") or cp.ulysses * cp.ring > 1):
+        raise ConfigError(
+            f"train.validate_every_steps runs on rank 0 with the whole policy: strategies none and ddp without "
+            f"context parallelism, not {strategy}{' with context_parallel' if cp.ulysses * cp.ring > 1 else ''}; "
+            "validate from checkpoints with `vipo sample` / `vipo eval` instead"
+        )
     for key in ("ulysses", "ring"):
         if getattr(cp, key) < 1:
             raise ConfigError(

@@ -92,6 +92,19 @@ class MetricSinks:
         if self._wandb is not None:
             self._wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """An [H, W, 3] uint8 image (a validation grid) to TensorBoard and wandb; metrics.jsonl
+        holds numbers only (the image's file is the caller's)."""
+        if not self.enabled:
+            return
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, image, step, dataformats="HWC")
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(image)}, step=step)
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -14,6 +14,7 @@ One process or many (parallel.py): `train.batch_pairs` is the global micro-batch
 takes an equal share, and with `parallel.noise_draw=global` N ranks reproduce one process.
 """
 
+import importlib
 import json
 import logging
 import math
@@ -156,6 +157,11 @@ class Trainer:
             self.noise = GlobalDrawNoise(self.generator, world.data_rank, shares)
         else:
             self.noise = GeneratorNoise(self.generator)
+        # train.validate_every_steps: rank 0's grid and held-out accuracy, from the eval part,
+        # loaded by name as the CLI loads its commands (the engine imports nothing of eval).
+        self.validator = None
+        if cfg.train.validate_every_steps and world.is_main:
+            self.validator = importlib.import_module("vipo.engine.eval.validation").build_validator(self)
         # Called as each phase of a micro-batch ends; `vipo bench step` times them through it.
         self.mark = _no_mark
         self.step = 0
@@ -467,9 +473,13 @@ class Trainer:
                         f"good checkpoint stays the one --resume takes; this step's state is in {path}"
                     )
                 done = self.step == cfg.max_steps
-                if self.step % cfg.log_every_steps == 0 or done:
+                validation = {}
+                if self.validator is not None and (self.step % cfg.validate_every_steps == 0 or done):
+                    validation = self.validator(self.step, sinks)
+                if self.step % cfg.log_every_steps == 0 or done or validation:
                     elapsed = time.perf_counter() - started
                     last = {key: float(value) for key, value in metrics.items()}
+                    last.update(validation)
                     last.update(
                         step=self.step,
                         pairs_per_s=(self.step - first_step) * step_pairs / max(elapsed, 1e-9),
