@@ -115,6 +115,11 @@ class DataConfig:
     prefetch_batches: int = option(
         2, "batches prepared ahead in a background thread while the step runs; 0 = off"
     )
+    num_workers: int = option(
+        0,
+        "DataLoader worker processes per rank decoding whole batches (each prefetch_batches ahead); 0 = "
+        "the thread above. Same batches and resume position as 0; tar shards always use the thread",
+    )
 
 
 @dataclass
@@ -373,6 +378,7 @@ class RunConfig:
             ("data.frame_stride", self.data.frame_stride, 1),
             ("data.fps", self.data.fps, 0),
             ("data.prefetch_batches", self.data.prefetch_batches, 0),
+            ("data.num_workers", self.data.num_workers, 0),
             ("train.checkpoint_every_steps", self.train.checkpoint_every_steps, 0),
             ("train.checkpoint_every_minutes", self.train.checkpoint_every_minutes, 0),
             ("train.max_nonfinite_steps", self.train.max_nonfinite_steps, 1),

@@ -107,6 +107,7 @@ class Trainer:
             shares,
             max_bad_fraction=cfg.data.max_bad_fraction,
             prefetch_batches=0 if cfg.data.cache else cfg.data.prefetch_batches,  # cached batches are cheap
+            num_workers=0 if cfg.data.cache else cfg.data.num_workers,
         )
         self.sampler = self.batches.sampler  # None for a streaming source (tar shards)
         # Cached pairs: posterior sample, caption dropout, noise and t from the counter RNG of

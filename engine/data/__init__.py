@@ -10,7 +10,7 @@ Map-style sources (procedural, pickapic, manifest, video) are drawn by index wit
 or BucketBatchSampler when buckets are set, and a bad sample is replaced by the next good one
 (counted); tar shards stream and carry their own position. Either way `state_dict()` is the
 whole data position a checkpoint needs for a resume to continue the same order, also while
-batches are prefetched in the background.
+batches are prefetched in the background (a thread, or `data.num_workers` DataLoader workers).
 """
 
 from collections import deque
@@ -123,6 +123,42 @@ def _use_cuda_device(device: int | None) -> None:
         torch.cuda.set_device(device)
 
 
+class _BatchRecords(torch.utils.data.Dataset):
+    """What a DataLoader worker reads: one whole batch a task, given as (epoch, indices), returned
+    with the worker's counters after it (each worker holds its own copy of the source)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getitem__(self, spec: tuple[int, list[int]]):
+        epoch, indices = spec
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+        records = [self.source[i] for i in indices]
+        info = torch.utils.data.get_worker_info()
+        stats = dict(self.source.stats()) if hasattr(self.source, "stats") else {}
+        return records, (info.id if info is not None else 0), stats
+
+
+class _BatchSpecs(torch.utils.data.Sampler):
+    """The stream's sampler as the DataLoader's: iterated in the training process, it records
+    the position after each batch it hands to the workers, in order."""
+
+    def __init__(self, stream: "BatchStream"):
+        self.stream = stream
+
+    def __iter__(self):
+        sampler = self.stream.sampler
+        while True:
+            indices = sampler.next_batch()
+            self.stream._ahead.append(sampler.state_dict())
+            yield sampler.epoch, [int(i) for i in indices]
+
+
+def _as_is(batch):
+    return batch
+
+
 class BatchStream:
     """B records a call, in an order that is a pure function of (seed, position).
 
@@ -132,6 +168,13 @@ class BatchStream:
     and a single producer keeps them consistent and the order exact. Each prepared batch carries
     the position after it, so `state_dict()` is the position after the last batch handed out,
     never after a prefetched one, and a resume continues the same order.
+
+    `num_workers` > 0 (map-style sources): torch DataLoader worker processes decode whole batches
+    instead, `prefetch_batches` per worker (at least 1) ahead. Every per-pair decision is keyed by
+    (seed, epoch, pair id), so the batches are those of 0 workers; the position handed to
+    `state_dict()` is the one after the last batch the caller received (the sampler runs in this
+    process and records it per batch). Skip counters are each worker's own and are summed (a bad
+    file two workers meet counts twice). Streaming sources (tar shards) keep the thread.
 
     `max_bad_fraction`: once at least MIN_ATTEMPTS_FOR_BAD_FRACTION pairs were tried, a share of
     bad files (BAD_KINDS) above it stops the run with a RunError naming the counts: one corrupt
@@ -149,7 +192,10 @@ class BatchStream:
         *,
         max_bad_fraction: float = 0.01,
         prefetch_batches: int = 0,
+        num_workers: int = 0,
     ):
+        if num_workers < 0:
+            raise RunError(f"data.num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise RunError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         if prefetch_batches < 0:
@@ -157,6 +203,11 @@ class BatchStream:
         self.source, self.batch_pairs = source, batch_pairs
         self.max_bad_fraction, self.prefetch_batches = max_bad_fraction, prefetch_batches
         self.streaming = not hasattr(source, "__getitem__")
+        self.num_workers = 0 if self.streaming else num_workers
+        self._loader = None  # the DataLoader's iterator while workers run
+        self._ahead: deque[dict] = deque()  # positions after the batches given to the workers
+        self._worker_stats: dict[int, dict[str, int]] = {}
+        self._start_stats: dict[str, int] = {}
         self._iterator = None
         self._pending: deque[Future] = deque()
         self._executor: ThreadPoolExecutor | None = None
@@ -239,8 +290,48 @@ class BatchStream:
 
     # -- the caller's side ------------------------------------------------------------------------
 
+    def _from_workers(self) -> tuple[list[PairRecord], dict, dict[str, int]]:
+        if self._loader is None:
+            start = self._source_stats()  # what this process found before the workers (a header scan)
+            self._worker_stats = {}
+            self._start_stats = start
+            self._loader = iter(
+                torch.utils.data.DataLoader(
+                    _BatchRecords(self.source),
+                    batch_size=None,
+                    sampler=_BatchSpecs(self),
+                    num_workers=self.num_workers,
+                    collate_fn=_as_is,
+                    prefetch_factor=max(1, self.prefetch_batches),
+                    # Forked workers cannot use a CUDA context the parent made (DALI's NVDEC
+                    # would fail in them): spawn them then.
+                    multiprocessing_context="spawn" if torch.cuda.is_initialized() else None,
+                )
+            )
+        try:
+            records, worker, stats = next(self._loader)
+        except SourceError as err:
+            raise RunError(f"data: {err}; check the data with `vipo data stats`") from None
+        self._worker_stats[worker] = stats
+        merged = dict(self._start_stats)
+        for counters in self._worker_stats.values():
+            for key, value in counters.items():
+                merged[key] = merged.get(key, 0) + value
+        return records, self._ahead.popleft(), merged
+
+    def _stop_workers(self) -> None:
+        self._loader = None  # the iterator's workers shut down as it goes
+        self._ahead.clear()
+
     def next_records(self) -> list[PairRecord]:
-        if self.prefetch_batches == 0:
+        if self.num_workers:
+            try:
+                records, position, stats = self._from_workers()
+            except BaseException:
+                self._stop_workers()  # batches in flight came from positions the caller never saw
+                self._restore(self._position)
+                raise
+        elif self.prefetch_batches == 0:
             records, position, stats = self._produce()
         else:
             if not self._pending:
@@ -265,8 +356,8 @@ class BatchStream:
     def next_indices(self) -> tuple[list[int], int]:
         """The next batch's indices and their epoch, for a map-style source read by the caller
         (the latent cache); the position advances as with next_records, without prefetch."""
-        if self.streaming or self.prefetch_batches:
-            raise RunError("next_indices needs a map-style source without prefetch")
+        if self.streaming or self.prefetch_batches or self.num_workers:
+            raise RunError("next_indices needs a map-style source without prefetch or workers")
         indices = self.sampler.next_batch()
         self._position = self._current_position()
         self._served += len(indices)
@@ -295,6 +386,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self._drain()
+        self._stop_workers()
         self._restore(state)
 
     def _restore(self, state: dict) -> None:
@@ -306,7 +398,8 @@ class BatchStream:
         self._position = self._current_position()
 
     def close(self) -> None:
-        """Stop the prefetch thread (batches prepared but not handed out are dropped)."""
+        """Stop the prefetch thread or the workers (batches prepared but not handed out are dropped)."""
+        self._stop_workers()
         self._drain()
         if self._executor is not None:
             self._executor.shutdown(wait=True)

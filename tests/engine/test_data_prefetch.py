@@ -133,12 +133,15 @@ class FailingPairs:
         return dict(self.counters)
 
 
-def test_an_error_in_the_prefetch_thread_surfaces_in_next_records_and_the_position_stays(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_in_the_prefetch_thread_surfaces_in_next_records_and_the_position_stays(tmp_path, workers):
     order = BatchStream(FailingPairs(12, fail_at=-1), 2, seed=1)
     ids = [[r.id for r in order.next_records()] for _ in range(6)]
     failing_batch = 3
     fail_at = int(ids[failing_batch][1][1:])
-    stream = BatchStream(FailingPairs(12, fail_at=fail_at), 2, seed=1, prefetch_batches=2)
+    stream = BatchStream(
+        FailingPairs(12, fail_at=fail_at), 2, seed=1, prefetch_batches=2, num_workers=workers
+    )
     assert [[r.id for r in stream.next_records()] for _ in range(failing_batch)] == ids[:failing_batch]
     state = stream.state_dict()
     with pytest.raises(ValueError, match=f"decoder exploded on pair {fail_at}"):
@@ -201,3 +204,53 @@ def test_next_indices_moves_the_saved_position_like_next_records():
         assert [r.id for r in records] == [f"procedural-0-{i}" for i in indices]
         assert by_indices.state_dict() == by_records.state_dict()
     assert epoch == 1
+
+
+# -- DataLoader workers (data.num_workers) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_give_the_batches_of_no_workers_and_resume_from_the_handed_out_position(tmp_path, workers):
+    """Random crops and flips are keyed by (seed, epoch, pair id): the same pixels whichever
+    process decodes a batch; 8 batches of 3 an epoch cross two epochs."""
+    path = write_manifest(tmp_path, 6, corrupt={4})
+    expected = batches(BatchStream(manifest_source(path), 2, seed=5), 8)
+    stream = BatchStream(manifest_source(path), 2, seed=5, num_workers=workers, prefetch_batches=2)
+    same_records(batches(stream, 3), expected[:3])
+    state = stream.state_dict()  # the workers prepared more; the position is after batch 3
+    three = BatchStream(manifest_source(path), 2, seed=5)
+    batches(three, 3)
+    assert state == three.state_dict()
+    same_records(batches(stream, 5), expected[3:])
+    assert sorted(stream._worker_stats) == list(range(workers))  # every worker decoded batches
+    assert stream.stats()["skipped_corrupt"] >= 1  # the corrupt winner, counted by a worker
+    resumed = BatchStream(manifest_source(path), 2, seed=5, num_workers=workers)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    same_records(batches(resumed, 5), expected[3:])
+    for s in (stream, resumed):
+        s.close()
+
+
+def test_a_run_with_workers_trains_like_one_without(tmp_path):
+    from vipo.engine.trainer import Trainer
+
+    losses = {}
+    for workers in (0, 2):
+        cfg = load_config(
+            None,
+            [
+                "model.config=sd15-tiny",
+                "data.num_pairs=12",
+                "data.resolution=16",
+                "train.batch_pairs=2",
+                "train.max_steps=3",
+                "train.log_every_steps=1",
+                "loss.beta=500",
+                "optim.lr=1e-3",
+                f"data.num_workers={workers}",
+                f"train.output_dir={tmp_path / str(workers)}",
+            ],
+        )
+        with Trainer(cfg, progress=False) as trainer:
+            losses[workers] = [float(trainer.train_step()["loss"]) for _ in range(3)]
+    assert losses[2] == losses[0] and len(set(losses[0])) > 1
