@@ -308,10 +308,12 @@ class CountedSource:
         return bad
 
 
-def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
+def jsonl_objects(path, known: tuple[str, ...] | None = None) -> Iterator[tuple[str, dict]]:
     """("file:line", object) for each non-blank line of a JSONL manifest; SourceError naming the
     file and line on the first line that is not a JSON object (a manifest is written by a script,
-    and a broken line means the script is broken). A UTF-8 byte order mark is allowed."""
+    and a broken line means the script is broken). A UTF-8 byte order mark is allowed. With
+    `known`, a key outside it is a warning naming the key and its first line, once per key: a
+    "mask" or a "weight" the reader does not read is ignored, and should not be silently."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -321,6 +323,7 @@ def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
         raise SourceError(f"{path}: not UTF-8 text ({err})") from None
     except OSError as err:  # a folder, no permission
         raise SourceError(f"cannot read manifest {path}: {err.strerror or err}") from None
+    warned: set[str] = set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -333,6 +336,16 @@ def jsonl_objects(path) -> Iterator[tuple[str, dict]]:
             raise SourceError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(item, dict):
             raise SourceError(f"{where}: expected a JSON object, got {type(item).__name__}")
+        if known is not None:
+            for key in item.keys() - set(known) - warned:
+                warned.add(key)
+                log.warning(
+                    "%s: key %r is not read and is ignored (this manifest's keys: %s); later lines with it "
+                    "are not reported",
+                    where,
+                    key,
+                    ", ".join(known),
+                )
         yield where, item
 
 

@@ -4,7 +4,8 @@
      "category": "composition", "id": "fox-0001"}
 
 `category`, `id` and `weight` (a finite number >= 0 scaling the pair in a preference loss,
-default 1; it must stay finite as float32) are optional; other keys are ignored. Image paths are
+default 1; it must stay finite as float32) are optional; another key is ignored with a warning
+naming it (once per key). Image paths are
 relative to the manifest's folder, so a data set can be moved or mounted anywhere, and must stay
 inside it ('..', absolute paths elsewhere and symlinks that lead out are refused, naming the
 line, unless `allow_outside_root=True`). Blank lines are allowed. A malformed line is a
@@ -43,6 +44,7 @@ from .records import PairRecord
 log = logging.getLogger(__name__)
 
 SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_not_a_file")
+MANIFEST_KEYS = ("prompt", "winner", "loser", "category", "id", "weight")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # a weight above it is inf in the loss
 
 
@@ -74,7 +76,7 @@ def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) 
     path = Path(path)
     root = ManifestRoot(path, allow_outside_root)
     entries = []
-    for where, item in jsonl_objects(path):
+    for where, item in jsonl_objects(path, known=MANIFEST_KEYS):
         for key in ("prompt", "winner", "loser"):
             if key not in item:
                 raise SourceError(f"{where}: missing key {key!r} (keys found: {', '.join(item) or 'none'})")

@@ -65,7 +65,7 @@ class VideoPairManifest(CountedSource):
     @staticmethod
     def _read(path: Path, allow_outside_root: bool = False) -> list[dict]:
         root, entries = ManifestRoot(path, allow_outside_root), []
-        for where, row in jsonl_objects(path):
+        for where, row in jsonl_objects(path, known=("prompt", "winner", "loser", "category", "id")):
             for key in ("prompt", "winner", "loser"):
                 if key in row and not isinstance(row[key], str):
                     raise SourceError(

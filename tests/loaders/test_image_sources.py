@@ -362,6 +362,23 @@ def test_manifest_resolves_paths_relative_to_its_folder(tmp_path, monkeypatch):
     assert first.id.startswith("manifest-") and ManifestPairs(path, transform)[0].id == first.id
 
 
+def test_a_key_the_manifest_reader_does_not_read_is_a_warning_naming_it_once(tmp_path, caplog):
+    pair = {"prompt": "ok", "winner": "w.png", "loser": "l.png"}
+    lines = [
+        pair,
+        {**pair, "mask": "m1.png"},
+        {**pair, "mask": "m2.png", "score": 0.5},
+        {**pair, "mask": "m3.png"},
+    ]
+    path = write_manifest(tmp_path, lines)
+    with caplog.at_level("WARNING", logger="vipo.loaders.images"):
+        ManifestPairs(path, PairTransform(8))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings  # mask once (line 2), score once (line 3)
+    assert f"{path}:2: key 'mask' is not read and is ignored" in warnings[0]
+    assert "weight" in warnings[0] and f"{path}:3: key 'score'" in warnings[1]
+
+
 @pytest.mark.parametrize(
     "bad_line, complaint",
     [
