@@ -358,19 +358,29 @@ def read_rng(path: Path) -> dict[str, torch.Tensor]:
         return load_file(Path(path) / "rng.safetensors")
 
 
-def load_sharded_checkpoint(path: Path, *, network, optimizer, scheduler, engine) -> tuple[dict, dict]:
-    """Every rank calls this for a dcp or deepspeed checkpoint; returns (state.json, rng tensors)."""
+def load_sharded_checkpoint(
+    path: Path, *, network, optimizer, scheduler, engine, universal: Path | None = None
+) -> tuple[dict, dict]:
+    """Every rank calls this for a dcp or deepspeed checkpoint; returns (state.json, rng tensors).
+    `universal`: the DeepSpeed states converted to DeepSpeed's universal format (another world size)."""
     path = Path(path)
     state = checkpoint_state(path)
     if state["format"] == "deepspeed":
-        with deepspeed_loads(), reading(path / DEEPSPEED_TAG):
-            loaded, _ = engine.load_checkpoint(
-                str(path),
-                tag=DEEPSPEED_TAG,
-                load_module_strict=False,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=False,
-            )
+        where = path if universal is None else universal.parent
+        config = engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal is not None  # read by load_checkpoint
+        try:
+            with deepspeed_loads(), reading(where / DEEPSPEED_TAG):
+                loaded, _ = engine.load_checkpoint(
+                    str(where),
+                    tag=DEEPSPEED_TAG,
+                    load_module_strict=False,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=False,
+                )
+        finally:
+            config.load_universal_checkpoint = before
         if loaded is None:
             raise RunError(f"{path}: DeepSpeed found no checkpoint in {path / DEEPSPEED_TAG}")
     else:

@@ -10,7 +10,9 @@ The trainer calls the same methods whatever the strategy; what differs lives her
     strategy.save(...) / strategy.load(path, state)
 """
 
+import contextlib
 import math
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from . import parallel
 from .checkpoint import (
+    DEEPSPEED_TAG,
     load_checkpoint,
     load_sharded_checkpoint,
     read_rng,
@@ -198,25 +201,71 @@ class DeepSpeedStrategy(ShardedSave, Strategy):
             return value, "loss"
         return value, None if applied else "gradient (DeepSpeed skipped the update)"
 
-    def check_resumable(self, path, state):
-        super().check_resumable(path, state)
-        saved = state.get("world_size", self.world.size)
-        if saved != self.world.size:
-            raise RunError(
-                f"{path}: DeepSpeed checkpoints resume on the world size that wrote them ({saved}, here "
-                f"{self.world.size}); convert it with DeepSpeed's ds_to_universal, or use fsdp"
-            )
-
     def load(self, path, state):
-        _, rng = load_sharded_checkpoint(
-            path, network=self.network, optimizer=self.optimizer, scheduler=self.scheduler, engine=self.engine
-        )
+        saved = state.get("world_size", self.world.size)
+        universal = None
+        if saved != self.world.size:  # ZeRO partitions of another world size: DeepSpeed's universal format
+            universal = universal_checkpoint(path, Path(self.cfg.train.output_dir), self.world)
+        try:
+            _, rng = load_sharded_checkpoint(
+                path,
+                network=self.network,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                engine=self.engine,
+                universal=universal,
+            )
+        finally:
+            if universal is not None:
+                self.world.barrier()  # every rank has read it
+                if self.world.is_main:
+                    shutil.rmtree(universal.parent, ignore_errors=True)
+                    with contextlib.suppress(OSError):  # out_dir/universal, unless it holds others
+                        universal.parent.parent.rmdir()
         return rng
 
     def close(self) -> None:
         for engine in (self.engine, self.reference_engine):
             if engine is not None:
                 engine.destroy()
+
+
+def universal_checkpoint(path: Path, out_dir: Path, world) -> Path:
+    """`path`'s DeepSpeed states converted by DeepSpeed's ds_to_universal (rank 0, every torch.load
+    weights-only as for any DeepSpeed state) into out_dir/universal/<step>/deepspeed, a folder every
+    rank sees, which ZeRO loads on any world size. vipo's checkpoints carry no
+    `universal_checkpoint_info`; the converter's defaults for it (`inject_missing_state`) serve a
+    model without tensor or pipeline parallelism. One extract and one merge worker: the converter
+    then runs in this process, where deepspeed_loads() holds (its worker processes would not)."""
+    import argparse
+    import io
+    import logging
+
+    from .safe_load import deepspeed_loads
+
+    target = Path(out_dir) / "universal" / Path(path).name / DEEPSPEED_TAG
+    if world.is_main:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(target.parent, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(Path(path) / DEEPSPEED_TAG),
+            output_folder=str(target),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+        logging.getLogger(__name__).info(
+            "%s: written by another world size; converting it to DeepSpeed's universal format in %s",
+            path,
+            target,
+        )
+        with deepspeed_loads(), contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            ds_to_universal(args)
+    world.barrier()
+    return target
 
 
 def build_strategy(cfg, world, adapter, reference, lr: float, probe) -> Strategy:

@@ -314,12 +314,12 @@ def test_hybrid_sharding_settings_are_checked(recipe, tmp_path):
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
 def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe, one_process, tmp_path):
     pytest.importorskip("deepspeed")
-    run, export = tmp_path / "run", tmp_path / "export"
+    run, export, single = tmp_path / "run", tmp_path / "export", tmp_path / "single"
     spec = {
         "recipe": str(recipe),
         "overrides": [f"parallel.strategy={strategy}", "model.gradient_checkpointing=true"],
         "phases": [
-            {"out": str(run), "overrides": ["train.max_steps=2"]},
+            {"out": str(run), "overrides": ["train.max_steps=2"], "copy_to": str(single)},
             {"out": str(run), "resume": True, "export": str(export)},
         ],
     }
@@ -328,6 +328,14 @@ def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe
     assert_same_curve(read_metrics(run), one_process["metrics"], f"{strategy}, resumed at step 2")
     assert (run / "checkpoints" / "step-000002" / "deepspeed").is_dir()
     assert_exported_like(export, one_process)
+    # The 2-rank step-2 checkpoint on 1 rank, through DeepSpeed's universal format.
+    command = [sys.executable, "-m", "vipo.engine", "train", str(recipe), f"train.output_dir={single}"]
+    out = launch([*command, f"parallel.strategy={strategy}", "--resume"], tmp_path)
+    assert "converting it to DeepSpeed's universal format" in out
+    assert_same_curve(
+        read_metrics(single)[-2:], one_process["metrics"][2:], f"{strategy} 2 -> 1 rank at step 2"
+    )
+    assert not (single / "universal").exists()  # the converted copy is removed once read
     from vipo.engine.export import export_run
 
     assert_same_export(export_run(run, tmp_path / "offline"), export)
