@@ -17,7 +17,8 @@ the last. What this module adds is the DPO part:
   data-parallel mean over all ranks (DDP, FSDP) divides by k x r once too often: the backward
   scales the loss by the group size (`grad_scale`).
 
-Families: Wan (its transformer's `_cp_plan`); FLUX and SD3.5 are refused for now.
+Families: Wan and FLUX (their transformers' `_cp_plan`); SD3.5's transformer declares none and is
+refused. FLUX splits its text tokens too: their count must divide as well.
 """
 
 import logging
@@ -35,7 +36,7 @@ from .errors import RunError
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("wan",)
+FAMILIES = ("wan", "flux")  # the families whose diffusers transformer declares a _cp_plan
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ContextParallel:
     group: object  # the context group: the ring x ulysses ranks that share a sample
     rank: int  # this rank's place in it: which token shard it holds
     patch: tuple[int, int, int] = (1, 1, 1)  # the transformer's patch (frames, rows, columns)
+    family: str = "wan"
 
     @property
     def size(self) -> int:
@@ -72,7 +74,9 @@ class ContextParallel:
                 f"parallel.context_parallel.ring={self.ring} needs model.attention=flash_attn (a backend "
                 f"that returns the log-sum-exp); model.attention is {attention!r}. Ulysses alone runs on SDPA"
             )
-        self.patch = tuple(network.config.patch_size)
+        self.family = family
+        # Wan patches [N, C, F, H, W] by its patch_size; FLUX's adapter packs 2x2 latent patches.
+        self.patch = tuple(network.config.patch_size) if family == "wan" else (1, 2, 2)
         heads = getattr(network.config, "num_attention_heads", None)
         if heads is not None and heads % self.ulysses:
             divisors = [k for k in range(1, heads + 1) if heads % k == 0]
@@ -104,8 +108,11 @@ class ContextParallel:
     # -- the loss --
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's tokens of latents [N, C, F, H, W] as [N, S / size, C * pt * ph * pw]: the
-        transformer's patch order (frame, row, column) and diffusers' equal split of the sequence."""
+        """This rank's tokens of latents [N, C, F, H, W] (FLUX: [N, C, H, W]) as
+        [N, S / size, C * pt * ph * pw]: the transformer's token order (frame, row, column) and
+        diffusers' equal split of the sequence."""
+        if x.dim() == 4:  # an image family: one frame
+            x = x.unsqueeze(2)
         n, c, f, h, w = x.shape
         pt, ph, pw = self.patch
         grid = (f // pt, h // ph, w // pw)

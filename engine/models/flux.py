@@ -98,7 +98,8 @@ class FluxAdapter(FlowMatchingAdapter):
         hidden = cond["encoder_hidden_states"]
         h, w = x_t.shape[-2:]
         guidance = None
-        if network.config.guidance_embeds:  # FLUX.1-dev is guidance-distilled; schnell is not
+        # FLUX.1-dev is guidance-distilled; schnell is not. Under DDP the config is the module's.
+        if getattr(network, "module", network).config.guidance_embeds:
             guidance = torch.full((x_t.shape[0],), self.guidance, device=x_t.device, dtype=torch.float32)
         tokens = network(
             hidden_states=pack_latents(x_t),
@@ -108,7 +109,8 @@ class FluxAdapter(FlowMatchingAdapter):
             encoder_hidden_states=hidden,
             txt_ids=torch.zeros(hidden.shape[1], 3, device=x_t.device),
             img_ids=image_ids(h, w, x_t.device),
-        ).sample
+            return_dict=False,  # diffusers' context-parallel hooks take tensors, not output classes
+        )[0]
         return unpack_latents(tokens, h, w)
 
 

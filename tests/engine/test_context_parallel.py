@@ -90,6 +90,28 @@ def test_each_ranks_shard_is_the_tokens_its_transformer_holds(size):
         assert torch.equal(shard, expected.view(1, -1, 1).expand_as(shard)), rank
 
 
+def test_flux_shards_are_the_packed_tokens_its_transformer_holds():
+    """FLUX's adapter packs 2x2 latent patches into tokens and unpacks the output: each rank's
+    shard of the unpacked prediction must be its own run of image tokens."""
+    flux = tiny_adapter("flux")
+    network = flux.network.eval()
+    tokens = 4 * 4  # 8 x 8 latents
+    marker = torch.arange(tokens, dtype=torch.float32).view(1, tokens, 1)
+    hook = network.proj_out.register_forward_hook(lambda m, i, out: marker.expand_as(out).contiguous())
+    cond = flux.encode_prompts(["a red circle", "a blue square"])
+    try:
+        with torch.no_grad():
+            pred = flux.predict(network, torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.7]), cond)
+    finally:
+        hook.remove()
+    for rank in range(2):
+        context = ContextParallel(2, 1, None, None, rank)
+        context.check(network, "flux", "sdpa")
+        shard = context.shard(pred)
+        expected = torch.arange(rank * 8, (rank + 1) * 8, dtype=torch.float32).view(1, -1, 1)
+        assert shard.shape == (2, 8, 64) and torch.equal(shard, expected.expand_as(shard))
+
+
 def test_a_token_count_the_group_does_not_divide_is_one_error():
     context = ContextParallel(4, 1, None, None, 0, patch=(1, 2, 2))
     with pytest.raises(RunError, match=r"18 tokens \(1x3x6 patches\) into 4 equal shards"):
@@ -121,7 +143,7 @@ def test_config_refuses(recipe, overrides, message):
     [
         (4, 1, "wan", "sdpa", r"ulysses=4 must divide the model's 2 attention heads \(one of \[1, 2\]\)"),
         (1, 2, "wan", "sdpa", "ring=2 needs model.attention=flash_attn"),
-        (2, 1, "flux", "sdpa", "works for wan; model.family is 'flux'"),
+        (2, 1, "sd3", "sdpa", "works for wan, flux; model.family is 'sd3'"),
     ],
 )
 def test_the_model_check_refuses(ulysses, ring, family, attention, message):
@@ -148,6 +170,15 @@ def test_ulysses_2_under_ddp_trains_like_one_process_and_resumes(recipe, tmp_pat
     launch(train_on(2, recipe, run, "parallel.strategy=ddp", "--resume", "-q"), tmp_path)
     assert (run / "checkpoints" / "latest").read_text() == "step-000004"
     assert_same_curve(read_metrics(run), expected, "ddp, ulysses 2, resumed at step 2")
+
+
+@pytest.mark.slow
+def test_flux_with_ulysses_2_trains_like_one_process(recipe, tmp_path):
+    flux = ["model.family=flux", "model.config=flux-tiny", "train.max_steps=2"]
+    expected = one_process(recipe, tmp_path / "one", *flux)
+    run = tmp_path / "run"
+    launch(train_on(2, recipe, run, "parallel.strategy=ddp", *flux, "-q"), tmp_path)
+    assert_same_curve(read_metrics(run), expected, "flux, ddp, ulysses 2")
 
 
 @pytest.mark.slow
