@@ -209,15 +209,19 @@ def tiny_sampler(cfg, adapter, steps: int):
     return run
 
 
-def run_pipeline(cfg, adapter, dtype: torch.dtype, device: torch.device):
+def run_pipeline(cfg, adapter, dtype: torch.dtype | None, device: torch.device | None):
     """The family's pipeline on `model.path` with the run's denoiser and the adapter's encoders
-    and VAE (named as the pipelines name them), so nothing is loaded twice."""
+    and VAE (named as the pipelines name them), so nothing is loaded twice. `dtype` / `device`
+    None: the parts stay as they are (validation during training samples the live modules, which
+    a cast would change for the rest of the run)."""
     components = {
         name: getattr(adapter, name) for name in PIPELINE_PARTS if getattr(adapter, name, None) is not None
     }
     components[FAMILIES[cfg.model.family].denoiser] = adapter.network
     pipe = pipeline_class(cfg.model.family).from_pretrained(cfg.model.path, **components)
-    return pipe.to(dtype).to(device)
+    if dtype is not None:
+        pipe = pipe.to(dtype)
+    return pipe.to(device) if device is not None else pipe
 
 
 def pipeline_sampler(pipe, family: str, steps: int, options: dict):

@@ -2,7 +2,7 @@
 fixed prompt list with fixed seeds, and the held-out implicit accuracy (evaluate.py).
 
     grid      train.validate_prompts (a prompt file; default: the first prompts of the held-out
-              pairs), one image a prompt, seed = train.seed + its index: the same noise at every
+              pairs), one image a prompt (SAMPLING_STEPS steps), seed = train.seed + its index: the same noise at every
               validation, so the grids of a run differ by the weights alone. Written to
               <output_dir>/validation/step-NNNNNN.png and to TensorBoard / wandb.
     accuracy  the share of held-out pairs whose winner the policy's implicit reward ranks above
@@ -12,7 +12,10 @@ fixed prompt list with fixed seeds, and the held-out implicit accuracy (evaluate
 Held-out pairs: data.validation_path (read as data.source reads data.path), or for procedural
 data clean pairs of another seed. Rank 0 validates, on the unwrapped policy (strategies none and
 ddp); nothing here draws from the training generators, so a run validates without changing
-its training curve. The trainer loads this module by name (the engine imports nothing of eval).
+its training curve. A run on model.path samples through its family's diffusers pipeline built
+around the live modules (nothing is cast or moved); a run from the latent cache has no encoders
+and logs the accuracy alone. The trainer loads this module by name (the engine imports nothing
+of eval).
 """
 
 import dataclasses
@@ -24,7 +27,7 @@ import numpy as np
 from ..errors import RunError
 from .evaluate import held_out_accuracy
 from .report import image_grid
-from .sample import read_prompts, tiny_sampler
+from .sample import pipeline_sampler, read_prompts, run_pipeline, tiny_sampler
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,16 @@ class Validator:
                 "train.validate_every_steps: set train.validate_prompts (a prompt file) or "
                 "data.validation_path (held-out pairs whose prompts the grid then uses)"
             )
-        if cfg.model.path is not None:
+        if cfg.model.path is None:  # random weights: the tiny models' own samplers
+            self.sampler = tiny_sampler(cfg, trainer.adapter, SAMPLING_STEPS)
+        elif cfg.data.cache:
             log.warning(
-                "train.validate_every_steps: the sample grid runs the tiny models' sampler only; a run on "
-                "model.path logs the held-out accuracy alone (sample with `vipo sample` from a checkpoint)"
+                "train.validate_every_steps: a run from the latent cache has freed its text encoders and "
+                "VAE, so it logs the held-out accuracy without a sample grid"
             )
             self.sampler = None
-        else:
-            self.sampler = tiny_sampler(cfg, trainer.adapter, SAMPLING_STEPS)
+        else:  # the family's pipeline around the live policy, encoders and VAE (nothing cast)
+            self.sampler = _LivePipeline(cfg, trainer.adapter)
 
     @staticmethod
     def _held_out(cfg):
@@ -86,6 +91,7 @@ class Validator:
             seed = trainer.cfg.train.seed
             jobs = [_Job(p, seed + i) for i, p in enumerate(self.prompts)]
             was_training = adapter.network.training
+            adapter.network.eval()
             try:
                 images = self.sampler(jobs)
             finally:
@@ -103,6 +109,27 @@ class Validator:
                 val_loser_change=result["loser_change"],
             )
         return row
+
+
+class _LivePipeline:
+    """eval.sample's pipeline sampler on the running model, built at the first validation: the
+    data's resolution, one frame for video families (the grid shows first frames)."""
+
+    def __init__(self, cfg, adapter):
+        self.cfg, self.adapter, self.run = cfg, adapter, None
+
+    def __call__(self, jobs):
+        if self.run is None:
+            from ..families import FAMILIES
+
+            pipe = run_pipeline(self.cfg, self.adapter, None, None)
+            pipe.set_progress_bar_config(disable=True)
+            side = self.cfg.data.resolution
+            options = {"height": side, "width": side}
+            if FAMILIES[self.cfg.model.family].video:
+                options["num_frames"] = 1
+            self.run = pipeline_sampler(pipe, self.cfg.model.family, SAMPLING_STEPS, options)
+        return self.run(jobs)
 
 
 class _Subset:

@@ -49,6 +49,24 @@ def test_validation_logs_a_grid_and_the_held_out_accuracy_and_leaves_training_al
     assert not np.array_equal(grids[0], grids[1])
 
 
+def test_a_run_on_a_diffusers_folder_samples_its_grid_through_the_pipeline_on_the_live_model(tmp_path):
+    from vipo_testing import make_sd15_folder
+
+    folder = make_sd15_folder(tmp_path / "sd15")
+    path = [f"model.path={folder}", "train.max_steps=2", "train.log_every_steps=2"]
+    validated = config(tmp_path, "validated", *path, "train.validate_every_steps=1", "train.validate_pairs=4")
+    with Trainer(validated, progress=False) as trainer:
+        dtypes = {p.dtype for p in trainer.adapter.text_encoder.parameters()}
+        trainer.train()
+        assert {p.dtype for p in trainer.adapter.text_encoder.parameters()} == dtypes  # nothing cast
+    with Trainer(config(tmp_path, "plain", *path), progress=False) as trainer:
+        trainer.train()
+    assert rows(tmp_path / "validated")[-1]["loss"] == rows(tmp_path / "plain")[-1]["loss"]
+    grids = sorted((tmp_path / "validated" / "validation").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    assert np.asarray(Image.open(grids[0])).std() > 0  # an image, not a blank
+
+
 def test_validation_without_a_prompt_file_uses_the_held_out_pairs_prompts(tmp_path):
     cfg = config(tmp_path, "run", "train.validate_every_steps=1", "train.validate_pairs=4")
     with Trainer(cfg, progress=False) as trainer:
