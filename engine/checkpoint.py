@@ -141,10 +141,12 @@ def save_sharded_checkpoint(
     cfg,
     latest: bool = True,
     suffix: str = "",
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Every rank calls this. FSDP writes with torch.distributed.checkpoint (each rank its
     shards, keyed by parameter name so any world size can read them); ZeRO with DeepSpeed's
-    save_checkpoint. Rank 0 adds the trainer's state and publishes after a barrier."""
+    save_checkpoint. Rank 0 adds the trainer's state and `extra` (more safetensors files, whole
+    tensors: e.g. ema.safetensors) and publishes after a barrier."""
     root, final, tmp = _paths(out_dir, step, suffix)
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
@@ -164,6 +166,8 @@ def save_sharded_checkpoint(
     if world.is_main:
         torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
         save_file(rng, tmp / "rng.safetensors")
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, tmp / name)
         _write_trainer_state(tmp, step, {"format": fmt, "world_size": world.size, **state}, cfg)
     world.barrier()
     write_manifest(tmp, world)  # every rank hashes a share of the files

@@ -1,5 +1,6 @@
-"""An exponential moving average of the trained weights (train.ema_decay), for strategies whose
-every rank holds every weight (none, ddp).
+"""An exponential moving average of the trained weights (train.ema_decay): strategies none and
+ddp (every rank holds every weight) and fsdp (the shadow is sharded like the weights: a DTensor
+per parameter, updated on each rank's shard; whole tensors are gathered to save it).
 
     ema = PolicyEMA(network, decay)     float32 shadow of each trainable parameter
     ema.update()                        after each applied optimizer step (a skipped one is not)
@@ -20,7 +21,7 @@ from .errors import RunError
 
 log = logging.getLogger(__name__)
 EMA_FILE = "ema.safetensors"
-EMA_STRATEGIES = ("none", "ddp")
+EMA_STRATEGIES = ("none", "ddp", "fsdp")
 
 
 class PolicyEMA:
@@ -35,7 +36,11 @@ class PolicyEMA:
         torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: s.detach().cpu().contiguous() for name, s in zip(self.names, self.shadow, strict=True)}
+        """Whole float32 tensors by parameter name; under fsdp every rank calls it (a gather)."""
+        return {
+            name: _whole(s).detach().cpu().contiguous()
+            for name, s in zip(self.names, self.shadow, strict=True)
+        }
 
     def load(self, checkpoint: Path) -> None:
         """The shadow of `checkpoint`; a checkpoint written without EMA starts it from its weights."""
@@ -51,9 +56,23 @@ class PolicyEMA:
         missing = [name for name in self.names if name not in saved]
         if missing:
             raise RunError(f"{file}: lacks the EMA of {len(missing)} trained tensors, e.g. {missing[0]}")
-        self.shadow = [
-            saved[name].to(p.device, torch.float32) for name, p in zip(self.names, self.params, strict=True)
-        ]
+        self.shadow = [_like(saved[name], p) for name, p in zip(self.names, self.params, strict=True)]
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _like(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved whole float32 tensor laid out as `param`: this rank's shard of it for a DTensor
+    (every rank read the file, so each slices its own: no communication)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(
+            whole.to(param.device, torch.float32), param.device_mesh, param.placements, src_data_rank=None
+        )
+    return whole.to(param.device, torch.float32)
 
 
 def load_ema_weights(checkpoint: Path, network: torch.nn.Module) -> None:

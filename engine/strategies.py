@@ -138,7 +138,7 @@ class ShardedSave:
 
     engine = None
 
-    def save(self, out_dir, step, state, rng, *, latest, suffix):
+    def save(self, out_dir, step, state, rng, *, latest, suffix, extra=None):
         return save_sharded_checkpoint(
             out_dir,
             step,
@@ -152,6 +152,7 @@ class ShardedSave:
             cfg=self.cfg,
             latest=latest,
             suffix=suffix,
+            extra=extra,
         )
 
 
