@@ -30,6 +30,7 @@ optim: {lr: 1.0e-4, eps: 1.0e-6}
 train: {batch_pairs: 4, grad_accum_steps: 2, max_steps: 4, log_every_steps: 1, checkpoint_every_steps: 2}
 """
 LAUNCH_TIMEOUT_S = 240
+EMA_DECAY = 0.7
 
 
 def free_port() -> int:
@@ -147,11 +148,14 @@ def one_process(recipe, tmp_path_factory) -> dict:
     from vipo.engine.trainer import Trainer
 
     out = tmp_path_factory.mktemp("one")
-    with one_thread(), Trainer(load_config(recipe, [f"train.output_dir={out}"]), progress=False) as trainer:
+    # With an EMA (it changes no step): the fsdp test compares its sharded EMA with this one.
+    cfg = load_config(recipe, [f"train.output_dir={out}", f"train.ema_decay={EMA_DECAY}"])
+    with one_thread(), Trainer(cfg, progress=False) as trainer:
         initial = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
         trainer.train()
         weights = {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
-    return {"metrics": read_metrics(out), "initial": initial, "weights": weights}
+        ema = trainer.ema.state_dict()
+    return {"metrics": read_metrics(out), "initial": initial, "weights": weights, "ema": ema}
 
 
 def assert_same_export(folder: Path, other: Path) -> None:
@@ -207,7 +211,12 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(
     recipe, one_process, tmp_path, monkeypatch
 ):
     first, resumed, export = tmp_path / "first", tmp_path / "resumed", tmp_path / "export"
-    overrides = ["parallel.strategy=fsdp", "model.gradient_checkpointing=true"]
+    # With an EMA: sharded like the weights, saved whole, resumed as shards (engine/ema.py).
+    overrides = [
+        "parallel.strategy=fsdp",
+        "model.gradient_checkpointing=true",
+        f"train.ema_decay={EMA_DECAY}",
+    ]
     spec = {
         "recipe": str(recipe),
         "overrides": overrides,
@@ -222,6 +231,7 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(
     assert sorted(p.name for p in (first / "checkpoints" / "step-000002").iterdir()) == [
         "config.yaml",
         "dcp",
+        "ema.safetensors",
         "manifest.json",
         "rng.safetensors",
         "scheduler.pt",
@@ -232,6 +242,18 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(
     from vipo.engine.export import export_run
 
     assert_same_export(export_run(resumed, tmp_path / "offline"), export)
+    # The 2-rank EMA, across the resume, is the one-process EMA (within the rounding noise two
+    # ranks leave, against how far the EMA moved), and `vipo export --ema` writes it.
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    ema, expected = load_file(resumed / "checkpoints" / "step-000004" / "ema.safetensors"), one_process["ema"]
+    assert set(ema) == set(expected)
+    flat = lambda state: torch.cat([state[k].flatten().double() for k in sorted(expected)])  # noqa: E731
+    moved = (flat(expected) - flat(one_process["initial"])).norm()
+    assert moved > 0 and (flat(ema) - flat(expected)).norm() / moved < 0.02
+    unet = UNet2DConditionModel.from_pretrained(export_run(resumed, tmp_path / "ema", ema=True) / "unet")
+    assert all(torch.equal(p.float(), ema[name]) for name, p in unet.named_parameters())
 
     # The 2-rank checkpoint of step 2, continued by one plain process (no launcher, no FSDP).
     from vipo.engine.trainer import Trainer
@@ -328,17 +350,17 @@ def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe
     assert_same_curve(read_metrics(run), one_process["metrics"], f"{strategy}, resumed at step 2")
     assert (run / "checkpoints" / "step-000002" / "deepspeed").is_dir()
     assert_exported_like(export, one_process)
-    # The 2-rank step-2 checkpoint on 1 rank, through DeepSpeed's universal format.
-    command = [sys.executable, "-m", "vipo.engine", "train", str(recipe), f"train.output_dir={single}"]
-    out = launch([*command, f"parallel.strategy={strategy}", "--resume"], tmp_path)
-    assert "converting it to DeepSpeed's universal format" in out
-    assert_same_curve(
-        read_metrics(single)[-2:], one_process["metrics"][2:], f"{strategy} 2 -> 1 rank at step 2"
-    )
-    assert not (single / "universal").exists()  # the converted copy is removed once read
     from vipo.engine.export import export_run
 
     assert_same_export(export_run(run, tmp_path / "offline"), export)
+    if strategy == "zero3":
+        return  # the same conversion as zero2's below; one of them for CI time (zero3 was matched by hand)
+    # The 2-rank step-2 checkpoint on 1 rank, through DeepSpeed's universal format.
+    command = [sys.executable, "-m", "vipo.engine", "train", str(recipe), f"train.output_dir={single}"]
+    out = launch([*command, "parallel.strategy=zero2", "--resume"], tmp_path)
+    assert "converting it to DeepSpeed's universal format" in out
+    assert_same_curve(read_metrics(single)[-2:], one_process["metrics"][2:], "zero2 2 -> 1 rank at step 2")
+    assert not (single / "universal").exists()  # the converted copy is removed once read
 
 
 # ---------------------------------------------------------------------------------------------
