@@ -92,13 +92,7 @@ class ContextParallel:
         config = ContextParallelConfig(
             ring_degree=self.ring, ulysses_degree=self.ulysses, mesh=self.mesh["ring", "ulysses"]
         )
-        # diffusers 0.42 picks the rank's device as rank % torch.accelerator.device_count(), which
-        # is 0 on a CPU-only machine (gloo): count the CPU as one device there.
-        on_cpu = self.mesh.device_type == "cpu"
-        counted = (
-            mock.patch.object(torch.accelerator, "device_count", return_value=1) if on_cpu else nullcontext()
-        )
-        with counted:
+        with device_count_for(self.mesh.device_type):
             network.enable_parallelism(config=config)
         # diffusers 0.42's gather calls a torch collective that torch 2.13 deprecates, once a forward.
         warnings.filterwarnings(
@@ -125,6 +119,15 @@ class ContextParallel:
             )
         x = x.reshape(n, c, grid[0], pt, grid[1], ph, grid[2], pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         return x.reshape(n, tokens, -1).chunk(self.size, dim=1)[self.rank]
+
+
+def device_count_for(device_type: str):
+    """Around enable_parallelism: diffusers 0.42 picks the rank's device as
+    rank % torch.accelerator.device_count(), which is 0 on a CPU-only machine (gloo), so the CPU
+    counts as one device there; on CUDA nothing is changed."""
+    if device_type == "cpu":
+        return mock.patch.object(torch.accelerator, "device_count", return_value=1)
+    return nullcontext()
 
 
 def setup(parallel_cfg, world) -> ContextParallel | None:

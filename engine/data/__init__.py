@@ -159,6 +159,12 @@ def _as_is(batch):
     return batch
 
 
+def worker_start(cuda_initialized: bool) -> str | None:
+    """How DataLoader workers start: forked (torch's default on Linux), or spawned once this
+    process holds a CUDA context, which forked children cannot use (DALI's NVDEC in a worker)."""
+    return "spawn" if cuda_initialized else None
+
+
 class BatchStream:
     """B records a call, in an order that is a pure function of (seed, position).
 
@@ -303,9 +309,7 @@ class BatchStream:
                     num_workers=self.num_workers,
                     collate_fn=_as_is,
                     prefetch_factor=max(1, self.prefetch_batches),
-                    # Forked workers cannot use a CUDA context the parent made (DALI's NVDEC
-                    # would fail in them): spawn them then.
-                    multiprocessing_context="spawn" if torch.cuda.is_initialized() else None,
+                    multiprocessing_context=worker_start(torch.cuda.is_initialized()),
                 )
             )
         try:

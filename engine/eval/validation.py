@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Subset
 
 from ..errors import RunError
 from .evaluate import held_out_accuracy
@@ -101,7 +102,7 @@ class Validator:
             sinks.image("validation/samples", np.asarray(_read(path)), step)
         if self.pairs is not None and trainer.reference is not None:
             count = min(trainer.cfg.train.validate_pairs, len(self.pairs))
-            held = _Subset(self.pairs, count)
+            held = Subset(self.pairs, range(count))
             result = held_out_accuracy(adapter, trainer.reference, held, draws=2, seed=trainer.cfg.train.seed)
             row.update(
                 val_accuracy=result["accuracy"],
@@ -130,19 +131,6 @@ class _LivePipeline:
                 options["num_frames"] = 1
             self.run = pipeline_sampler(pipe, self.cfg.model.family, SAMPLING_STEPS, options)
         return self.run(jobs)
-
-
-class _Subset:
-    """The first `count` pairs of a source."""
-
-    def __init__(self, source, count: int):
-        self.source, self.count = source, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        return self.source[index]
 
 
 def _read(path: Path) -> np.ndarray:

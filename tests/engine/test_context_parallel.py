@@ -258,3 +258,14 @@ def test_a_context_group_shares_its_pairs_and_every_group_trains_one_bucket_a_st
         assert batches[0] == batches[1] and batches[2] == batches[3]
         assert not set(batches[0]) & set(batches[2])
         assert len({s.last_bucket for s in samplers}) == 1
+
+
+def test_only_a_cpu_mesh_counts_the_cpu_as_a_device_for_diffusers():
+    from vipo.engine.context_parallel import device_count_for
+
+    real = torch.accelerator.device_count
+    with device_count_for("cuda"):
+        assert torch.accelerator.device_count is real  # a GPU rank's count is left alone
+    with device_count_for("cpu"):
+        assert torch.accelerator.device_count() == 1
+    assert torch.accelerator.device_count is real

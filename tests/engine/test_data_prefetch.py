@@ -254,3 +254,9 @@ def test_a_run_with_workers_trains_like_one_without(tmp_path):
         with Trainer(cfg, progress=False) as trainer:
             losses[workers] = [float(trainer.train_step()["loss"]) for _ in range(3)]
     assert losses[2] == losses[0] and len(set(losses[0])) > 1
+
+
+def test_workers_are_spawned_only_next_to_a_cuda_context():
+    from vipo.engine.data import worker_start
+
+    assert worker_start(True) == "spawn" and worker_start(False) is None
