@@ -165,10 +165,16 @@ def setup(parallel_cfg, world) -> ContextParallel | None:
     return ContextParallel(cp.ulysses, cp.ring, mesh, group, world.rank % size)
 
 
-def loss_inputs(adapter, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(pred, target, kwargs) for vipo.kernels: the whole tensors, or under context parallelism
-    this rank's token shard of each and the group to reduce the errors over."""
+def loss_inputs(
+    adapter, pred: torch.Tensor, target: torch.Tensor, elem_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(pred, target, kwargs) for vipo.kernels: the whole tensors (and `elem_weight`, which
+    broadcasts to them), or under context parallelism this rank's token shard of each, the
+    weights expanded to the prediction's shape and sharded alike, and the group to reduce over."""
     context = getattr(adapter, "context", None)
+    extra = {} if elem_weight is None else {"elem_weight": elem_weight}
     if context is None:
-        return pred, target, {}
-    return context.shard(pred), context.shard(target), {"reduce_group": context.group}
+        return pred, target, extra
+    if elem_weight is not None:
+        extra["elem_weight"] = context.shard(elem_weight.expand_as(pred))
+    return context.shard(pred), context.shard(target), {**extra, "reduce_group": context.group}

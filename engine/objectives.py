@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vipo.kernels import beta_from, poly_dpo_loss, sample_errors
+from vipo.loaders.weight_maps import latent_weights
 
 from .context_parallel import loss_inputs
 
@@ -30,6 +31,8 @@ class PairBatch:
     pixels: torch.Tensor
     weights: torch.Tensor | None = None  # [B] per-pair weights (None: all 1)
     epoch: int | None = None
+    # Per pair: float32 [H, W] pixel weights or [F] frame weights, None for none (loaders/weight_maps.py)
+    weight_maps: list | None = None
 
     @property
     def pairs(self) -> int:
@@ -45,6 +48,7 @@ class LatentPairBatch:
     latents: torch.Tensor
     cond: dict[str, torch.Tensor]
     weights: torch.Tensor | None = None
+    elem_weight: torch.Tensor | None = None  # [B, 1, h, w] or [B, 1, f, 1, 1] from the weight maps
 
     @property
     def pairs(self) -> int:
@@ -69,6 +73,20 @@ def model_inputs(adapter, batch, winners_only: bool = False) -> tuple[torch.Tens
     return adapter.encode_pixels(pixels), adapter.encode_prompts(batch.prompts)
 
 
+def element_weights(batch, latents: torch.Tensor, winners_only: bool = False) -> torch.Tensor | None:
+    """The kernel's elem_weight for `latents` ([2B, ...], or [B, ...] of winners alone): each
+    pair's weight map at the latent grid, for its winner and its loser; None without maps."""
+    if isinstance(batch, LatentPairBatch):
+        weights = batch.elem_weight
+    else:
+        weights = (
+            latent_weights(batch.weight_maps, latents.shape, latents.device) if batch.weight_maps else None
+        )
+    if weights is None:
+        return None
+    return weights if winners_only else torch.cat([weights, weights])
+
+
 def forward_loss(
     objective: str,
     adapter,
@@ -87,23 +105,27 @@ def forward_loss(
         latents, cond = model_inputs(adapter, batch, winners_only)
         if not winners_only:  # both images: the prompt of each pair twice
             cond = {key: torch.cat([value, value]) for key, value in cond.items()}
+        weights = element_weights(batch, latents, winners_only)
         x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=False)
         mark("encode")
-        pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target)
+        pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target, weights)
         err = sample_errors(pred, target, **shard).float()  # float64 not needed
         mark("policy_forward")
         loss = err.mean()
         mark("loss")
         return loss, {"loss": loss.detach(), "e_pol": err.detach().mean()}
     latents, cond = model_inputs(adapter, batch)
+    weights = element_weights(batch, latents)
     x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=True)
     mark("encode")
-    ref_err = reference.errors(x_t, t, cond, target, ids=batch.ids, epoch=batch.epoch)  # output freed here
+    ref_err = reference.errors(  # the reference output is freed in here
+        x_t, t, cond, target, ids=batch.ids, epoch=batch.epoch, elem_weight=weights
+    )
     mark("reference")
     pred = adapter.predict(network, x_t, t, cond)
     mark("policy_forward")
     beta = resolve_beta(loss_cfg, pred[0].numel())  # of the whole sample, also when its tokens are split
-    pred, target, shard = loss_inputs(adapter, pred, target)
+    pred, target, shard = loss_inputs(adapter, pred, target, weights)
     out = poly_dpo_loss(
         pred,
         target,

@@ -214,7 +214,9 @@ class Trainer:
         weights = None
         if any(r.weight != 1.0 for r in records):  # per-pair weights from the source (e.g. a manifest)
             weights = torch.tensor([r.weight for r in records], device=self.device)
-        return PairBatch(ids, prompts, to_pixels(records, self.device), weights)
+        maps = [r.weight_map for r in records]  # per-pair weight maps (loaders/weight_maps.py)
+        maps = maps if any(m is not None for m in maps) else None
+        return PairBatch(ids, prompts, to_pixels(records, self.device), weights, weight_maps=maps)
 
     def _probe(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(latents, cond) of one sample, of the shape training will see (FSDP's first forward)."""

@@ -8,10 +8,11 @@ safetensors files, read back map-style by training and by the offline reference 
       shard-00000.safetensors     pairs [0, N); shard-00001.safetensors pairs [N, 2N); ...
 
 A shard holds, for its pair in row r, `r/winner_mean`, `r/loser_mean` and, for posteriors,
-`r/winner_logvar`, `r/loser_logvar`; for each distinct prompt q of the shard, `prompt/q/KEY` for
+`r/winner_logvar`, `r/loser_logvar`, and `r/weight_map` (float32, at the latent grid) for a pair
+with a weight map (loaders/weight_maps.py); for each distinct prompt q of the shard, `prompt/q/KEY` for
 every tensor of the adapter's `encode_prompts` (pairs of one prompt share it). Its metadata
-names the ids, each row's prompt slot, the prompts and the fingerprint digest: a shard
-describes itself.
+names the ids, each row's prompt slot and pair weight, the rows with a weight map, the prompts
+and the fingerprint digest: a shard describes itself.
 
 Posteriors, not samples: the official Diffusion-DPO code draws a fresh latent from the VAE
 posterior at every step. Keeping mean and log-variance lets training do the same (mean +
@@ -58,6 +59,7 @@ from .atomic import (
     whole_shard,
     write_json_atomic,
 )
+from .weight_maps import latent_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,6 @@ def _same_shape_runs(records: list) -> list[list]:
                 f"pair {record.id}: winner {record.winner.shape} and loser {record.loser.shape} "
                 "differ in shape"
             )
-        if getattr(record, "weight", 1.0) != 1.0:
-            raise CacheError(
-                f"pair {record.id} has weight {record.weight}: the latent cache does not store per-pair "
-                "weights yet; train from the source itself (no data.cache) to use them"
-            )
         if runs and runs[-1][0].winner.shape == record.winner.shape:
             runs[-1].append(record)
         else:
@@ -138,6 +135,8 @@ def _encode_shard(
     ids: list[str] = []
     slots: list[int] = []
     prompts: dict[str, int] = {}  # prompt -> slot: pairs of one prompt share its embeddings
+    weights: list[float] = []  # each row's pair weight
+    mapped: list[int] = []  # rows with a weight map
     posterior = None
     for start in range(first, first + count, batch_pairs):
         records = [source[i] for i in range(start, min(start + batch_pairs, first + count))]
@@ -156,8 +155,15 @@ def _encode_shard(
             )
             posterior = logvar is not None
             n = len(run)
+            maps = latent_weights([getattr(r, "weight_map", None) for r in run], mean.shape)
             for j, record in enumerate(run):
                 row = len(ids)
+                weights.append(float(getattr(record, "weight", 1.0)))
+                if getattr(record, "weight_map", None) is not None:
+                    tensors[f"{row}/weight_map"] = _stored(
+                        maps[j], torch.float32, f"pair {record.id}: weight map"
+                    )
+                    mapped.append(row)
                 for side, offset in (("winner", 0), ("loser", n)):
                     tensors[f"{row}/{side}_mean"] = _stored(
                         mean[offset + j], dtype, f"pair {record.id}: {side}"
@@ -174,6 +180,8 @@ def _encode_shard(
         "prompt_slots": json.dumps(slots),
         "prompts": json.dumps(list(prompts)),
         "posterior": "1" if posterior else "0",
+        "weights": json.dumps(weights),
+        "weight_map_rows": json.dumps(mapped),
     }
     return tensors, metadata
 
@@ -348,6 +356,8 @@ class CachedPair:
     winner_logvar: torch.Tensor | None  # None: the means are exact latents (pixel-space models)
     loser_logvar: torch.Tensor | None
     cond: dict[str, torch.Tensor]  # one prompt's tensors, without a batch dim
+    weight: float = 1.0  # the pair's loss weight
+    weight_map: torch.Tensor | None = None  # float32 [1, h, w] or [1, f, 1, 1] at the latent grid
 
 
 class LatentCache:
@@ -412,14 +422,22 @@ class LatentCache:
                 raise CacheError(
                     f"{path} belongs to another cache (digest {meta.get('digest')}, index {self.digest})"
                 )
-            self._handles[shard] = (handle, json.loads(meta["prompt_slots"]), json.loads(meta["prompts"]))
+            weights = json.loads(meta.get("weights", "null"))  # caches written before weights: none
+            mapped = set(json.loads(meta.get("weight_map_rows", "[]")))
+            self._handles[shard] = (
+                handle,
+                json.loads(meta["prompt_slots"]),
+                json.loads(meta["prompts"]),
+                weights,
+                mapped,
+            )
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> CachedPair:
         if not 0 <= i < len(self.ids):
             raise IndexError(f"pair {i} out of range [0, {len(self.ids)})")
         shard, row = divmod(i, self.index["pairs_per_shard"])
-        handle, slots, prompts = self._shard(shard)
+        handle, slots, prompts, weights, mapped = self._shard(shard)
         slot = slots[row]
         cond = {key: handle.get_tensor(f"prompt/{slot}/{key}") for key in self.index["shapes"]["cond"]}
 
@@ -434,6 +452,8 @@ class LatentCache:
             get("winner_logvar"),
             get("loser_logvar"),
             cond,
+            weights[row] if weights is not None else 1.0,
+            handle.get_tensor(f"{row}/weight_map") if row in mapped else None,
         )
 
     def empty_cond(self) -> dict[str, torch.Tensor]:

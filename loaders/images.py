@@ -225,18 +225,49 @@ class PairTransform:
             fx = fy = 0.5
         return float(fx), float(fy), bool(flip < self.flip_prob)
 
-    def _apply(
-        self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool
-    ) -> np.ndarray:
-        width, height = image.size
+    @staticmethod
+    def _box(size: tuple[int, int], target: tuple[int, int], fx: float, fy: float) -> tuple[float, ...]:
+        """The crop box (left, top, right, bottom) of an image of `size` (width, height)."""
+        width, height = size
         tw, th = target
         scale = max(tw / width, th / height)
         crop_w, crop_h = min(width, tw / scale), min(height, th / scale)
         left, top = fx * (width - crop_w), fy * (height - crop_h)
-        out = image.resize(target, _RESAMPLE[self.resample], box=(left, top, left + crop_w, top + crop_h))
+        return left, top, left + crop_w, top + crop_h
+
+    def _apply(
+        self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool
+    ) -> np.ndarray:
+        out = image.resize(target, _RESAMPLE[self.resample], box=self._box(image.size, target, fx, fy))
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8).copy()
+
+    def weight_map(
+        self,
+        weights: np.ndarray,
+        image_size: tuple[int, int],
+        *,
+        key: str,
+        epoch: int = 0,
+        target: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """A pair's weight map (float32 [h, w], covering the whole winner of `image_size`
+        (width, height) at any resolution) cropped, resized and flipped as the pair's images are:
+        float32 [H, W] of the output images. The box is the images' box scaled to the map;
+        bilinear resampling keeps the weights' range (no Lanczos overshoot below 0)."""
+        target = target or self.target_for(*image_size)
+        fx, fy, flip = self.decisions(key, epoch)
+        width, height = image_size
+        left, top, right, bottom = self._box(image_size, target, fx, fy)
+        sx, sy = weights.shape[1] / width, weights.shape[0] / height
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        out = Image.fromarray(np.ascontiguousarray(weights, dtype=np.float32), "F").resize(
+            target, Image.Resampling.BILINEAR, box=box
+        )
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out, dtype=np.float32).copy()
 
     def __call__(
         self,

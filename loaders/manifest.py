@@ -3,9 +3,10 @@
     {"prompt": "a red fox in snow", "winner": "img/0001_a.jpg", "loser": "img/0001_b.png",
      "category": "composition", "id": "fox-0001"}
 
-`category`, `id` and `weight` (a finite number >= 0 scaling the pair in a preference loss,
-default 1; it must stay finite as float32) are optional; another key is ignored with a warning
-naming it (once per key). Image paths are
+`category`, `id`, `weight` (a finite number >= 0 scaling the pair in a preference loss,
+default 1; it must stay finite as float32) and `weight_map` (a grayscale image or .npy file of
+per-pixel weights for both images, loaders/weight_maps.py) are optional; another key is ignored
+with a warning naming it (once per key). Image paths are
 relative to the manifest's folder, so a data set can be moved or mounted anywhere, and must stay
 inside it ('..', absolute paths elsewhere and symlinks that lead out are refused, naming the
 line, unless `allow_outside_root=True`). Blank lines are allowed. A malformed line is a
@@ -15,7 +16,8 @@ line means the script is broken.
 Without an `id` the pair's id is "manifest-" + a hash of (prompt, winner, loser) as written:
 stable across runs and insensitive to line order. A missing image file is a counted skip when
 the pair is read (`BadSample`, kind skipped_missing), or, with `check_files=True`, dropped and
-counted while the manifest is loaded. A path that is a folder, FIFO or device is a counted skip
+counted while the manifest is loaded. A weight map that is missing or unreadable makes its
+pair a counted skip of the same kinds. A path that is a folder, FIFO or device is a counted skip
 of its own kind (skipped_not_a_file), never opened.
 """
 
@@ -40,11 +42,12 @@ from .images import (
     shown,
 )
 from .records import PairRecord
+from .weight_maps import decode_weight_map
 
 log = logging.getLogger(__name__)
 
 SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_not_a_file")
-MANIFEST_KEYS = ("prompt", "winner", "loser", "category", "id", "weight")
+MANIFEST_KEYS = ("prompt", "winner", "loser", "category", "id", "weight", "weight_map")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # a weight above it is inf in the loss
 
 
@@ -56,6 +59,7 @@ class ManifestEntry:
     loser: Path
     category: str
     weight: float = 1.0
+    weight_map: Path | None = None
 
 
 def pair_weight(value, where: str) -> float:
@@ -80,7 +84,9 @@ def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) 
         for key in ("prompt", "winner", "loser"):
             if key not in item:
                 raise SourceError(f"{where}: missing key {key!r} (keys found: {', '.join(item) or 'none'})")
-        for key in ("prompt", "winner", "loser", "category", "id"):
+        if item.get("weight_map", "") is None:  # null: no map
+            del item["weight_map"]
+        for key in ("prompt", "winner", "loser", "category", "id", "weight_map"):
             if key in item and not isinstance(item[key], str):
                 raise SourceError(
                     f"{where}: {key!r} must be a string, got {type(item[key]).__name__} {shown(item[key])}"
@@ -89,6 +95,7 @@ def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) 
             raise SourceError(f"{where}: empty image path")
         weight = pair_weight(item.get("weight", 1.0), where)
         winner, loser = (root.path(item[key], where, key) for key in ("winner", "loser"))
+        weight_map = root.path(item["weight_map"], where, "weight_map") if item.get("weight_map") else None
         digest = hashlib.sha1("\0".join((item["prompt"], item["winner"], item["loser"])).encode()).hexdigest()
         entries.append(
             ManifestEntry(
@@ -98,6 +105,7 @@ def read_manifest(path: str | os.PathLike, *, allow_outside_root: bool = False) 
                 loser=loser,
                 category=item.get("category", ""),
                 weight=weight,
+                weight_map=weight_map,
             )
         )
     return entries
@@ -123,8 +131,9 @@ class ManifestPairs(CountedSource):
             kept = []
             for entry in entries:
                 try:
-                    for image in (entry.winner, entry.loser):
-                        regular_file(image, entry.id)
+                    for image in (entry.winner, entry.loser, entry.weight_map):
+                        if image is not None:
+                            regular_file(image, entry.id)
                 except BadSample as bad:
                     self.skips.skip(bad.kind, bad.ref, bad.reason)
                 else:
@@ -147,9 +156,20 @@ class ManifestPairs(CountedSource):
             winner = decode_image(entry.winner, ref=f"{entry.id}:{entry.winner}")
             loser = decode_image(entry.loser, ref=f"{entry.id}:{entry.loser}")
             winner_pixels, loser_pixels = self.transform(winner, loser, key=entry.id, epoch=self.epoch)
+            weights = None
+            if entry.weight_map is not None:
+                weights = self.transform.weight_map(
+                    decode_weight_map(entry.weight_map, ref=f"{entry.id}:{entry.weight_map}"),
+                    winner.size,
+                    key=entry.id,
+                    epoch=self.epoch,
+                    target=winner_pixels.shape[1::-1],
+                )
         except BadSample as bad:
             raise self._bad(index, bad) from None
-        return PairRecord(entry.id, entry.prompt, winner_pixels, loser_pixels, entry.category, entry.weight)
+        return PairRecord(
+            entry.id, entry.prompt, winner_pixels, loser_pixels, entry.category, entry.weight, weights
+        )
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """(width, height) of each pair's winner from its header, for bucket assignment; None

@@ -18,6 +18,10 @@ prompt, uid and image columns of that one row group and keeps the last few row g
 so neighbouring rows are cheap. Under a random sampler each pair costs one row group read: keep
 row groups small (Pick-a-Pic's are) or give the cache more room.
 
+An optional binary column `weight_map` holds a pair's per-pixel weights (a grayscale PNG or
+.npy file's bytes, covering the winner image; null: none; loaders/weight_maps.py). Files with
+and without it can be mixed.
+
 `id` is "pickapic-{image_0_uid}-{image_1_uid}" in file order: the same in every run and rank,
 and independent of keep_ties.
 """
@@ -35,12 +39,14 @@ import pyarrow.parquet as pq
 
 from .images import BadSample, CountedSource, PairTransform, SourceError, decode_image, image_size
 from .records import PairRecord
+from .weight_maps import decode_weight_map
 
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("label_0", "label_1", "has_label", "are_different")
 FETCH_COLUMNS = ("caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid")
 REQUIRED_COLUMNS = FETCH_COLUMNS + INDEX_COLUMNS
+MAP_COLUMN = "weight_map"
 SKIP_KINDS = (
     "skipped_ties",
     "skipped_unlabeled",
@@ -106,6 +112,14 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             or (name.startswith("jpg") and pa.types.is_large_binary(kind))
         ):
             raise SourceError(f"{path}: column {name} has type {kind}, expected {ok.__name__[3:]}")
+    if MAP_COLUMN in names and not (
+        pa.types.is_binary(schema.field(MAP_COLUMN).type)
+        or pa.types.is_large_binary(schema.field(MAP_COLUMN).type)
+    ):
+        raise SourceError(
+            f"{path}: column {MAP_COLUMN} has type {schema.field(MAP_COLUMN).type}, expected binary (the bytes "
+            "of a grayscale PNG or .npy file per row)"
+        )
     if not _is_text(schema.field("caption").type):
         raise SourceError(
             f"{path}: column caption has type {schema.field('caption').type}, expected string (the prompt "
@@ -135,9 +149,11 @@ class PickapicPairs(CountedSource):
 
     def _build_index(self) -> None:
         parts = []
+        self.has_map = []
         for file_index, path in enumerate(self.files):
             parquet = pq.ParquetFile(path)
             _check_schema(path, parquet.schema_arrow)
+            self.has_map.append(MAP_COLUMN in parquet.schema_arrow.names)
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group, columns=list(INDEX_COLUMNS))
                 parts.append(self._classify(table, file_index, group))
@@ -185,13 +201,14 @@ class PickapicPairs(CountedSource):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        table = pq.ParquetFile(self.files[file_index]).read_row_group(group, columns=list(FETCH_COLUMNS))
+        columns = list(FETCH_COLUMNS) + ([MAP_COLUMN] if self.has_map[file_index] else [])
+        table = pq.ParquetFile(self.files[file_index]).read_row_group(group, columns=columns)
         self._cache[key] = table
         while len(self._cache) > self.cache_row_groups:
             self._cache.popitem(last=False)
         return table
 
-    def _row(self, index: int) -> tuple[str, str | None, list, int]:
+    def _row(self, index: int) -> tuple[str, str | None, list, int, bytes | None]:
         if not 0 <= index < len(self):
             raise IndexError(f"pair {index} out of range [0, {len(self)})")
         file_index, group, row, winner = (
@@ -201,10 +218,11 @@ class PickapicPairs(CountedSource):
         uids = [table[f"image_{k}_uid"][row].as_py() for k in (0, 1)]
         caption = table["caption"][row].as_py()
         images = [table[f"jpg_{k}"][row].as_py() for k in (0, 1)]
-        return f"pickapic-{uids[0]}-{uids[1]}", caption, images, winner
+        weights = table[MAP_COLUMN][row].as_py() if self.has_map[file_index] else None
+        return f"pickapic-{uids[0]}-{uids[1]}", caption, images, winner, weights
 
     def __getitem__(self, index: int) -> PairRecord:
-        pair_id, caption, images, winner = self._row(index)
+        pair_id, caption, images, winner, map_bytes = self._row(index)
         first = 1 if winner == _WIN_1 else 0
         try:
             if caption is None:
@@ -215,9 +233,19 @@ class PickapicPairs(CountedSource):
                     raise BadSample(f"{pair_id}:jpg_{k}", "image bytes are null", "skipped_missing")
                 decoded.append(decode_image(images[k], ref=f"{pair_id}:jpg_{k}"))
             winner_pixels, loser_pixels = self.transform(*decoded, key=pair_id, epoch=self.epoch)
+            weights = None
+            if map_bytes is not None:
+                weights = self.transform.weight_map(
+                    decode_weight_map(map_bytes, ref=f"{pair_id}:{MAP_COLUMN}"),
+                    decoded[0].size,
+                    key=pair_id,
+                    epoch=self.epoch,
+                    target=winner_pixels.shape[1::-1],
+                )
         except BadSample as bad:
             raise self._bad(index, bad) from None
-        return PairRecord(pair_id, caption, winner_pixels, loser_pixels, "tie" if winner == _TIE else "")
+        category = "tie" if winner == _TIE else ""
+        return PairRecord(pair_id, caption, winner_pixels, loser_pixels, category, weight_map=weights)
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """(width, height) of each pair's winner, for bucket assignment; None where it cannot be

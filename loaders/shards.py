@@ -8,9 +8,12 @@ first dot of its file name, as in WebDataset):
         000001.json          {"prompt": ..., "category"?: ..., "id"?: ...}  } (json wins)
         000001.winner.jpg    the preferred image (any format PIL reads: jpg, png, webp, ...)
         000001.loser.png     the other image
+        000001.weight_map.png  optional: per-pixel weights of both images (grayscale PNG or .npy)
         000002.txt
         ...
 
+The json may carry "weight" (a finite number >= 0 scaling the pair's loss, as a manifest's).
+The weight map covers the winner image and follows its crop and flip (loaders/weight_maps.py).
 Other members (scores, metadata) are ignored. A pair's id is the json "id", else
 "{shard name without .tar}/{key}". Shards are read with the standard library's tarfile in
 stream mode, so .tar, .tar.gz and pipes all work and nothing is loaded whole.
@@ -42,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from .images import BadSample, PairTransform, SkipLog, SourceError, decode_image
+from .manifest import pair_weight
 from .records import PairRecord
+from .weight_maps import decode_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -217,19 +222,32 @@ class ShardPairs:
             if not isinstance(prompt, str):
                 raise BadSample(ref, f"prompt is not a string: {prompt!r}")
             pair_id = str(meta.get("id") or f"{_shard_name(path)}/{key}")
+            try:
+                weight = pair_weight(meta.get("weight", 1.0), ref)
+            except SourceError as err:
+                raise BadSample(ref, str(err).removeprefix(f"{ref}: ")) from None
+            winner_image = decode_image(winner, ref=f"{ref}.winner")
             winner_pixels, loser_pixels = self.transform(
-                decode_image(winner, ref=f"{ref}.winner"),
-                decode_image(loser, ref=f"{ref}.loser"),
-                key=pair_id,
-                epoch=self.epoch,
+                winner_image, decode_image(loser, ref=f"{ref}.loser"), key=pair_id, epoch=self.epoch
             )
+            map_bytes = next((v for k, v in parts.items() if k.startswith("weight_map.")), None)
+            weights = None
+            if map_bytes is not None:
+                weights = self.transform.weight_map(
+                    decode_weight_map(map_bytes, ref=f"{ref}.weight_map"),
+                    winner_image.size,
+                    key=pair_id,
+                    epoch=self.epoch,
+                    target=winner_pixels.shape[1::-1],
+                )
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.skips.skip("skipped_corrupt", ref, f"bad prompt/json ({err})")
             return None
         except BadSample as bad:
             self.skips.skip(bad.kind, bad.ref, bad.reason)
             return None
-        return PairRecord(pair_id, prompt, winner_pixels, loser_pixels, str(meta.get("category", "")))
+        category = str(meta.get("category", ""))
+        return PairRecord(pair_id, prompt, winner_pixels, loser_pixels, category, weight, weights)
 
     def state_dict(self) -> dict:
         return {

@@ -5,8 +5,9 @@
 
 Paths are relative to the manifest's folder and must stay inside it ('..', absolute paths
 elsewhere and symlinks that lead out are refused, naming the line, unless
-`allow_outside_root=True`); clips are mp4, webm or mkv in any codec ffmpeg decodes. `category`
-and `id` are optional; without an id a pair is named by a hash of its prompt and paths, so it
+`allow_outside_root=True`); clips are mp4, webm or mkv in any codec ffmpeg decodes. `category`,
+`id` and `frame_weights` (one weight >= 0 per frame of the winner clip as stored; the sampled
+frames take theirs, for winner and loser alike; loaders/weight_maps.py) are optional; without an id a pair is named by a hash of its prompt and paths, so it
 keeps its id when lines are added or reordered (the latent cache keys on it). A clip path that
 is a folder or FIFO is a counted skip (skipped_not_a_file), never opened.
 
@@ -27,6 +28,7 @@ from . import dali
 from .images import BadSample, CountedSource, ManifestRoot, SourceError, jsonl_objects, shown, stable_hash
 from .records import PairRecord
 from .video import FrameSampling, plan_pair, probe
+from .weight_maps import frame_weights, sampled_frames
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
 SKIP_KINDS = ("skipped_missing", "skipped_corrupt", "skipped_short", "skipped_not_a_file")
@@ -65,7 +67,9 @@ class VideoPairManifest(CountedSource):
     @staticmethod
     def _read(path: Path, allow_outside_root: bool = False) -> list[dict]:
         root, entries = ManifestRoot(path, allow_outside_root), []
-        for where, row in jsonl_objects(path, known=("prompt", "winner", "loser", "category", "id")):
+        for where, row in jsonl_objects(
+            path, known=("prompt", "winner", "loser", "category", "id", "frame_weights")
+        ):
             for key in ("prompt", "winner", "loser"):
                 if key in row and not isinstance(row[key], str):
                     raise SourceError(
@@ -91,6 +95,11 @@ class VideoPairManifest(CountedSource):
                     "category": str(row.get("category") or ""),
                     "winner": str(root.path(row["winner"], where, "winner")),
                     "loser": str(root.path(row["loser"], where, "loser")),
+                    "frame_weights": (
+                        frame_weights(row["frame_weights"], where)
+                        if row.get("frame_weights") is not None
+                        else None
+                    ),
                 }
             )
         if not entries:
@@ -112,6 +121,11 @@ class VideoPairManifest(CountedSource):
                 width, height = self.buckets[self.buckets.bucket_of(winner.width, winner.height)]
                 size = (height, width)
             plans = plan_pair(winner, loser, self.sampling, size, rng)
+            weights = entry["frame_weights"]
+            if weights is not None:
+                weights = sampled_frames(
+                    weights, plans[0].frame_indices, f"pair {entry['id']}: {entry['winner']}"
+                )
             clips = dali.decode_clips([(winner, plans[0]), (loser, plans[1])], self.backend, self.device)
         except BadSample as error:
             self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
@@ -120,7 +134,14 @@ class VideoPairManifest(CountedSource):
             self.decoded[f"clips_{clip.backend}"] += 1
             self.decoded["fallbacks"] += bool(clip.reason)
         self.decoded["pairs"] += 1
-        return PairRecord(entry["id"], entry["prompt"], clips[0].frames, clips[1].frames, entry["category"])
+        return PairRecord(
+            entry["id"],
+            entry["prompt"],
+            clips[0].frames,
+            clips[1].frames,
+            entry["category"],
+            weight_map=weights,
+        )
 
     def image_sizes(self) -> list[tuple[int, int] | None]:
         """(width, height) of every pair's winner clip, None where it cannot be probed (the

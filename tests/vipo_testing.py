@@ -108,3 +108,29 @@ def write_clip_tokenizer(folder, words, max_length=16):
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in dict.fromkeys(merges))
     )
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def write_clips(root, count, *, frame_weights=None):
+    """`count` pairs of 6-frame 32x24 VP9 clips (winner bright, loser dark) and their video
+    manifest clips.jsonl; `frame_weights` (a list) goes on every line."""
+    import json
+
+    import av
+    import numpy as np
+
+    lines = []
+    for i in range(count):
+        for name, level in ((f"w{i}.webm", 180), (f"l{i}.webm", 60)):
+            with av.open(str(root / name), "w") as container:
+                stream = container.add_stream("libvpx-vp9", rate=10)
+                stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+                for _ in range(6):
+                    frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), level, np.uint8), format="rgb24")
+                    container.mux(stream.encode(frame))
+                container.mux(stream.encode())
+        line = {"prompt": f"clip {i}", "winner": f"w{i}.webm", "loser": f"l{i}.webm"}
+        if frame_weights is not None:
+            line["frame_weights"] = frame_weights
+        lines.append(json.dumps(line))
+    (root / "clips.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "clips.jsonl"

@@ -110,7 +110,23 @@ class CacheBatchSource:
         sources = [self.empty if dropped else p.cond for p, dropped in zip(pairs, drop, strict=True)]
         cond = {key: torch.stack([s[key] for s in sources]) for key in pairs[0].cond}
         move = {"device": self.device, "dtype": self.dtype, "non_blocking": True}
-        return LatentPairBatch(ids, epoch, latents.to(**move), {k: v.to(**move) for k, v in cond.items()})
+        weights = None
+        if any(p.weight != 1.0 for p in pairs):
+            weights = torch.tensor([p.weight for p in pairs], device=self.device)
+        elem_weight = None
+        maps = [p.weight_map for p in pairs]
+        if any(m is not None for m in maps):
+            like = next(m for m in maps if m is not None)
+            elem_weight = torch.stack([torch.ones_like(like) if m is None else m for m in maps])
+            elem_weight = elem_weight.to(self.device, non_blocking=True)
+        return LatentPairBatch(
+            ids,
+            epoch,
+            latents.to(**move),
+            {k: v.to(**move) for k, v in cond.items()},
+            weights=weights,
+            elem_weight=elem_weight,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
 
     precomputed  e_ref read from `vipo score-reference`'s table by pair id and epoch
 
-Each has one method, `errors(x_t, t, cond, target, ids=, epoch=)` -> e_ref [2B]; the first two
+Each has one method, `errors(x_t, t, cond, target, ids=, epoch=, elem_weight=)` -> e_ref [2B]
+(`elem_weight`: the batch's weight maps, which the policy's errors use too); the first two
 reduce the reference prediction with `sample_errors` at once, so its output is freed before the
 policy forward.
 """
@@ -22,10 +23,10 @@ from ..context_parallel import loss_inputs
 from ..models.base import frozen_mode
 
 
-def reference_errors(adapter, network, x_t, t, cond, target) -> torch.Tensor:
+def reference_errors(adapter, network, x_t, t, cond, target, elem_weight=None) -> torch.Tensor:
     """e_ref [2B] of `network`'s prediction (under context parallelism: of the whole samples,
     from this rank's tokens and one all-reduce)."""
-    pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target)
+    pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target, elem_weight)
     return sample_errors(pred, target, **shard)
 
 
@@ -54,8 +55,8 @@ class CopyReference:
         self.network: nn.Module = network.train(frozen_mode(network))
 
     @torch.no_grad()
-    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
-        return reference_errors(self.adapter, self.network, x_t, t, cond, target)
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None, elem_weight=None) -> torch.Tensor:
+        return reference_errors(self.adapter, self.network, x_t, t, cond, target, elem_weight)
 
 
 class AdapterReference:
@@ -66,13 +67,13 @@ class AdapterReference:
         self.same_mode = frozen_mode(adapter.network)  # run in the policy's mode (see frozen_mode)
 
     @torch.no_grad()
-    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None, elem_weight=None) -> torch.Tensor:
         network = self.adapter.network
         was_training = network.training
         network.train(was_training and self.same_mode)
         network.disable_adapters()
         try:
-            return reference_errors(self.adapter, network, x_t, t, cond, target)
+            return reference_errors(self.adapter, network, x_t, t, cond, target, elem_weight)
         finally:
             network.enable_adapters()
             network.train(was_training)

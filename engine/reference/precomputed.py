@@ -40,6 +40,7 @@ from ..config import ConfigError
 from ..data.cache import CacheBatchSource, model_identity, open_cache
 from ..errors import RunError
 from ..noise import NOISE_VERSION, batch_noise, noise_probe, probe_matches
+from ..objectives import element_weights
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,10 @@ def score_reference(
                 for run in _same_shape_runs(pairs):
                     batch = source.from_pairs(run, epoch)
                     x_t, t, target = batch_noise(adapter, batch.latents, batch.ids, seed, epoch)
+                    weights = element_weights(batch, batch.latents)
                     with torch.no_grad(), autocast:
-                        err = sample_errors(adapter.predict(adapter.network, x_t, t, batch.cond), target)
+                        pred = adapter.predict(adapter.network, x_t, t, batch.cond)
+                        err = sample_errors(pred, target, weights)
                     # float64 as sample_errors gives them: the step subtracts a nearly equal policy error.
                     errors.append(torch.stack([err[: batch.pairs], err[batch.pairs :]], dim=1).double().cpu())
                     timesteps.append(t[: batch.pairs].float().cpu())
@@ -313,8 +316,9 @@ class PrecomputedReference:
             )
         return cls(adapter, table)
 
-    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None) -> torch.Tensor:
-        """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`."""
+    def errors(self, x_t, t, cond, target, *, ids=None, epoch=None, elem_weight=None) -> torch.Tensor:
+        """e_ref [2B] (winners, then losers) of the B pairs `ids` in `epoch`. `elem_weight` is the
+        cached weight maps', which the scoring pass read from the same cache."""
         if ids is None or epoch is None:
             raise RunError(
                 "reference.mode=precomputed looks e_ref up by pair id and epoch: train from a latent "

@@ -14,6 +14,8 @@ from vipo.engine.data import BatchStream, build_source, to_pixels
 from vipo.engine.errors import ConfigError, RunError
 from vipo.loaders.records import PairRecord
 
+from vipo_testing import write_clips
+
 CPU = torch.device("cpu")
 
 
@@ -141,22 +143,6 @@ def test_a_batch_of_mixed_shapes_is_refused():
         to_pixels(records, CPU)
 
 
-def write_clips(root, count):
-    lines = []
-    for i in range(count):
-        for name, level in ((f"w{i}.webm", 180), (f"l{i}.webm", 60)):
-            with av.open(str(root / name), "w") as container:
-                stream = container.add_stream("libvpx-vp9", rate=10)
-                stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
-                for _ in range(6):
-                    frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), level, np.uint8), format="rgb24")
-                    container.mux(stream.encode(frame))
-                container.mux(stream.encode())
-        lines.append(json.dumps({"prompt": f"clip {i}", "winner": f"w{i}.webm", "loser": f"l{i}.webm"}))
-    (root / "clips.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "clips.jsonl"
-
-
 def tiny_run(tmp_path, *overrides):
     from vipo.engine.trainer import Trainer
 
@@ -188,7 +174,7 @@ def test_the_trainer_trains_on_a_bucketed_manifest_and_counts_skips(tmp_path):
 
 
 def test_wan_trains_on_video_pairs(tmp_path):
-    path = write_clips(tmp_path, 2)
+    path = write_clips(tmp_path, 2)  # vipo_testing
     summary, trainer = tiny_run(
         tmp_path,
         "model.family=wan",
@@ -275,7 +261,6 @@ def test_the_pickapic_recipe_runs_on_local_copies(tmp_path):
 def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path):
     from vipo.engine.trainer import Trainer
     from vipo.kernels import poly_dpo_loss
-    from vipo.loaders.cache import CacheError, write_cache
 
     path = write_manifest(tmp_path, [(16, 16)] * 4)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -311,8 +296,6 @@ def test_manifest_pair_weights_reach_the_loss_and_bad_ones_are_refused(tmp_path)
     finally:
         objectives.poly_dpo_loss = saved
     assert calls and sorted(calls[0].tolist()) == [0.0, 1.0, 2.0, 3.5]
-    with pytest.raises(CacheError, match="does not store per-pair weights"):
-        write_cache(trainer.data, trainer.adapter, tmp_path / "cache", {}, progress=False)
     lines[0]["weight"] = -1
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(RunError, match=r"pairs.jsonl:1: 'weight' must be a finite number >= 0, got -1"):
