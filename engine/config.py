@@ -208,7 +208,7 @@ class TrainConfig:
     ema_decay: float = option(
         0.0,
         "EMA of the trained weights, e.g. 0.9999 (0: off): float32, saved in each checkpoint "
-        "(ema.safetensors), written by `vipo export --ema`; strategies none, ddp and fsdp",
+        "(ema.safetensors), written by `vipo export --ema`; every strategy (sharded like its master weights)",
     )
     seed: int = option(0, "seed for weights, data order, noise and timesteps")
     log_every_steps: int = option(20, "steps between metric logs")
@@ -470,11 +470,6 @@ def _check_parallel(cfg: RunConfig) -> None:
     strategy = par.strategy
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no EMA), got {cfg.train.ema_decay}")
-    if cfg.train.ema_decay and strategy not in ("none", "ddp", "fsdp"):
-        raise ConfigError(
-            f"train.ema_decay is built for parallel.strategy none, ddp and fsdp, not {strategy} (DeepSpeed "
-            "keeps the weights in its own partitions); set train.ema_decay=0"
-        )
     if par.cpu_offload and strategy != "fsdp":
         raise ConfigError(
             f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "

@@ -77,7 +77,6 @@ def test_export_ema_of_a_run_without_it_is_one_clear_error(tmp_path):
     [
         (["train.ema_decay=1.0"], "train.ema_decay must be in"),
         (["train.ema_decay=-0.1"], "train.ema_decay must be in"),
-        (["train.ema_decay=0.99", "parallel.strategy=zero2"], "train.ema_decay is built for"),
     ],
 )
 def test_bad_ema_settings_are_refused_by_name(tmp_path, overrides, words):

@@ -181,6 +181,20 @@ def assert_exported_like(folder: Path, one_process: dict) -> None:
     assert update > 0 and off < 0.02, f"exported weights are off the one-process update by {off:.1%}"
 
 
+def assert_same_ema(checkpoint: Path, one_process: dict, what: str) -> dict:
+    """The checkpoint's EMA is the one-process run's, within the rounding noise two ranks leave,
+    against how far the EMA moved (a shard or fragment in the wrong place is off by ~100%)."""
+    from safetensors.torch import load_file
+
+    ema, expected = load_file(checkpoint / "ema.safetensors"), one_process["ema"]
+    assert set(ema) == set(expected), what
+    flat = lambda state: torch.cat([state[k].flatten().double() for k in sorted(expected)])  # noqa: E731
+    moved = (flat(expected) - flat(one_process["initial"])).norm()
+    off = (flat(ema) - flat(expected)).norm() / moved
+    assert moved > 0 and off < 0.02, f"{what}: the EMA is off the one-process EMA by {off:.1%}"
+    return ema
+
+
 # ---------------------------------------------------------------------------------------------
 # Two processes against one
 
@@ -245,13 +259,8 @@ def test_fsdp_matches_one_process_resumes_and_reshards_to_one_process(
     # The 2-rank EMA, across the resume, is the one-process EMA (within the rounding noise two
     # ranks leave, against how far the EMA moved), and `vipo export --ema` writes it.
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
-    ema, expected = load_file(resumed / "checkpoints" / "step-000004" / "ema.safetensors"), one_process["ema"]
-    assert set(ema) == set(expected)
-    flat = lambda state: torch.cat([state[k].flatten().double() for k in sorted(expected)])  # noqa: E731
-    moved = (flat(expected) - flat(one_process["initial"])).norm()
-    assert moved > 0 and (flat(ema) - flat(expected)).norm() / moved < 0.02
+    ema = assert_same_ema(resumed / "checkpoints" / "step-000004", one_process, "fsdp, resumed at step 2")
     unet = UNet2DConditionModel.from_pretrained(export_run(resumed, tmp_path / "ema", ema=True) / "unet")
     assert all(torch.equal(p.float(), ema[name]) for name, p in unet.named_parameters())
 
@@ -339,7 +348,12 @@ def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe
     run, export, single = tmp_path / "run", tmp_path / "export", tmp_path / "single"
     spec = {
         "recipe": str(recipe),
-        "overrides": [f"parallel.strategy={strategy}", "model.gradient_checkpointing=true"],
+        # With an EMA of DeepSpeed's fp32 master pieces (engine/ema.py), saved whole.
+        "overrides": [
+            f"parallel.strategy={strategy}",
+            "model.gradient_checkpointing=true",
+            f"train.ema_decay={EMA_DECAY}",
+        ],
         "phases": [
             {"out": str(run), "overrides": ["train.max_steps=2"], "copy_to": str(single)},
             {"out": str(run), "resume": True, "export": str(export)},
@@ -353,13 +367,16 @@ def test_deepspeed_zero_matches_one_process_and_resumes_exactly(strategy, recipe
     from vipo.engine.export import export_run
 
     assert_same_export(export_run(run, tmp_path / "offline"), export)
+    assert_same_ema(run / "checkpoints" / "step-000004", one_process, f"{strategy}, resumed at step 2")
     if strategy == "zero3":
         return  # the same conversion as zero2's below; one of them for CI time (zero3 was matched by hand)
     # The 2-rank step-2 checkpoint on 1 rank, through DeepSpeed's universal format.
     command = [sys.executable, "-m", "vipo.engine", "train", str(recipe), f"train.output_dir={single}"]
-    out = launch([*command, "parallel.strategy=zero2", "--resume"], tmp_path)
+    out = launch([*command, "parallel.strategy=zero2", f"train.ema_decay={EMA_DECAY}", "--resume"], tmp_path)
     assert "converting it to DeepSpeed's universal format" in out
     assert_same_curve(read_metrics(single)[-2:], one_process["metrics"][2:], "zero2 2 -> 1 rank at step 2")
+    # The 2-rank EMA fragments, saved whole, split again for one rank.
+    assert_same_ema(single / "checkpoints" / "step-000004", one_process, "zero2 2 -> 1 rank at step 2")
     assert not (single / "universal").exists()  # the converted copy is removed once read
 
 
