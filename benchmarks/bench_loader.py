@@ -19,6 +19,19 @@ epoch, each timed alone: mean and median).
 The `regenerate` row is the sampler as it was before the per-epoch cache, the whole permutation
 drawn again for every call, timed at the first size only, for the ratio in the same run.
 
+Pipeline (`--pipeline`, `--pipeline-only`): the training data path itself, per recipe (default
+sd15-pickapic-poly, vipo-sdxl-poly, vipo-wan-poly): the recipe's data settings (size, buckets,
+crops, flips, frames) on generated files (`--pipeline-pairs` 1024px JPEG q90 pairs in a manifest; an
+eighth as many pairs of 1280x720 H.264 clips, the recipe's frames plus 16, in a video manifest), read through `BatchStream` with each of
+`--workers` (0: the one prefetch thread; k: k DataLoader workers), a micro-batch of the pairs one
+GPU decodes per step. Each row: wall-clock pairs/s after a warm-up batch, and, for 0 workers, the
+process CPU time per pair over the same batches (decoders may thread: PyAV does), whose inverse is
+pairs/s per CPU core. With `--step-time RECIPE=SECONDS` (a GPU step's time, from `vipo bench step`
+or stated), `cores_per_gpu` is the cores whose decode of one step's pairs takes no longer than the
+step (prefetch then hides it: data wait 0, against the 2% target), plus one for the training process.
+CPU per pair is CPU work wherever it runs, so the CPU pipeline JSON is committed
+(`--pipeline-only --out benchmarks/results/loader-pipeline-cpu.json`), with the CPU model.
+
 Each decoder figure is the median of `--repeats` timed passes after one warm-up pass (DALI builds its
 pipeline then). The decoders are synchronous and return host arrays (DALI "mixed" outputs are
 copied back to the host, as loaders/dali.py does), so wall-clock time around a call is the cost a
@@ -28,15 +41,18 @@ clips encoded with PyAV) in a temporary folder.
 Results: benchmarks/results/loader-<device>-<date>.json on a GPU machine (or `--out`), with device,
 CPU count, versions, commit, date and shapes. CPU decode timings on shared machines are noise: a
 CPU run needs `--out` outside results/ and is never committed. The sampler's cost is CPU work on
-every machine: `--sampler-only --out benchmarks/results/loader-sampler-cpu.json` is committed.
+every machine: `--sampler-only --out benchmarks/results/loader-sampler-cpu.json` is committed, as is
+the pipeline's (below).
 """
 
 import argparse
 import datetime
 import io
 import json
+import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -196,6 +212,119 @@ def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
     return rows
 
 
+PIPELINE_RECIPES = ("sd15-pickapic-poly", "vipo-sdxl-poly", "vipo-wan-poly")
+
+
+def make_image_manifest(folder: Path, pairs: int, size: int) -> Path:
+    lines = []
+    for i, (winner, loser) in enumerate(make_jpeg_pairs(pairs, size)):
+        for name, data in ((f"w{i}.jpg", winner), (f"l{i}.jpg", loser)):
+            (folder / name).write_bytes(data)
+        lines.append(json.dumps({"prompt": f"pair {i}", "winner": f"w{i}.jpg", "loser": f"l{i}.jpg"}))
+    (folder / "images.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "images.jsonl"
+
+
+def make_clip_manifest(folder: Path, pairs: int, width: int, height: int, frames: int) -> Path:
+    lines = []
+    for i in range(pairs):
+        for side in ("w", "l"):
+            make_clip(folder / f"{side}{i}.mp4", "h264", width, height, frames, seed=2 * i + (side == "l"))
+        lines.append(json.dumps({"prompt": f"clip {i}", "winner": f"w{i}.mp4", "loser": f"l{i}.mp4"}))
+    (folder / "clips.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "clips.jsonl"
+
+
+def pairs_per_gpu(cfg, gpus: int) -> int:
+    """Pairs one GPU decodes a micro-batch: the global micro-batch over the data groups (a context
+    group's ranks share a pair, and each of them reads it)."""
+    cp = cfg.parallel.context_parallel
+    groups = gpus // (cp.ulysses * cp.ring)
+    return max(1, cfg.train.batch_pairs // groups)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_pipeline(cfg, batch: int, workers: list[int], batches: int) -> list[dict]:
+    """pairs/s of the recipe's data path through BatchStream for each worker count."""
+    from vipo.engine.data import BatchStream, build_source
+
+    rows = []
+    for count in workers:
+        source = build_source(cfg.data, cfg.model, cfg.train.seed)
+        stream = BatchStream(source, batch, cfg.train.seed, num_workers=count, prefetch_batches=2)
+        try:
+            stream.next_records()  # warm-up: workers start, files reach the page cache
+            cpu, start = _cpu_seconds(), time.perf_counter()
+            for _ in range(batches):
+                records = stream.next_records()
+            wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        finally:
+            stream.close()
+        pairs = batches * batch
+        row = {
+            "kind": "pipeline",
+            "workers": count,
+            "pairs": pairs,
+            "batch_pairs": batch,
+            "output": list(records[0].winner.shape),
+            "wall_s": wall,
+            "pairs_per_s": pairs / wall,
+        }
+        if count == 0:  # every decode ran in this process: its CPU time is the decode's
+            row.update(cpu_s_per_pair=cpu / pairs, pairs_per_s_per_core=pairs / cpu)
+        stats = stream.stats()
+        if "clips_pyav" in stats or "clips_dali" in stats:
+            row["clips_by"] = {k: v for k, v in stats.items() if k.startswith("clips_")}
+        rows.append(row)
+    return rows
+
+
+def cores_per_gpu(per_pair_cpu_s: float, batch: int, step_s: float) -> dict:
+    """Decode cores so that one step's pairs are decoded within the step, plus the trainer's own."""
+    decode = batch * per_pair_cpu_s / step_s
+    return {"step_s": step_s, "decode_cores": decode, "cores_per_gpu": math.ceil(decode) + 1}
+
+
+def run_pipelines(args) -> tuple[list[dict], dict]:
+    from vipo.configs import find_recipe
+    from vipo.engine.config import load_config
+
+    rows, summary = [], {}
+    with tempfile.TemporaryDirectory(prefix="vipo-bench-pipeline-") as tmp:
+        folder = Path(tmp)
+        images = clips = None
+        for recipe in args.recipes:
+            base = load_config(find_recipe(recipe), args.pipeline_overrides)
+            video = base.data.source == "video"
+            if video and clips is None:
+                frames = base.data.num_frames + 16
+                clips = make_clip_manifest(
+                    folder, args.pipeline_pairs // 8 or 1, args.width, args.height, frames
+                )
+            if not video and images is None:
+                images = make_image_manifest(folder, args.pipeline_pairs, args.size)
+            overrides = [f"data.path={clips}"] if video else ["data.source=manifest", f"data.path={images}"]
+            cfg = load_config(find_recipe(recipe), overrides + args.pipeline_overrides)
+            batch = pairs_per_gpu(cfg, args.gpus)
+            batches = max(2, args.pipeline_batches // 2) if video else args.pipeline_batches
+            found = bench_pipeline(cfg, batch, args.workers, batches)
+            for row in found:
+                row["recipe"] = recipe
+            rows += found
+            entry = {"pairs_per_gpu_step": batch, "source": "video" if video else "images"}
+            single = next((r for r in found if r["workers"] == 0), None)
+            if single is not None:
+                entry["cpu_s_per_pair"] = single["cpu_s_per_pair"]
+                if recipe in args.step_time:
+                    entry.update(cores_per_gpu(single["cpu_s_per_pair"], batch, args.step_time[recipe]))
+            summary[recipe] = entry
+    return rows, summary
+
+
 def _regenerating_call(sampler: PairSampler) -> list[int]:
     """`next_batch` before the per-epoch cache: the epoch's whole permutation drawn for every call."""
     if sampler.batch_in_epoch >= sampler.batches_per_epoch:
@@ -303,6 +432,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sampler-old-calls", type=int, default=20, help="calls of the regenerating sampler timed"
     )
     parser.add_argument("--sampler-only", action="store_true", help="time the sampler alone, no decoders")
+    parser.add_argument("--pipeline", action="store_true", help="also time the recipes' data paths")
+    parser.add_argument(
+        "--pipeline-only", action="store_true", help="time the recipes' data paths alone (and the sampler)"
+    )
+    parser.add_argument("--recipes", default=",".join(PIPELINE_RECIPES), help="comma-separated recipes")
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the recipes' micro-batch is split over")
+    parser.add_argument("--pipeline-pairs", type=int, default=16, help="image pairs generated (clips: 1/8)")
+    parser.add_argument("--pipeline-batches", type=int, default=8, help="timed micro-batches (clips: half)")
+    parser.add_argument(
+        "--step-time",
+        action="append",
+        default=[],
+        metavar="RECIPE=SECONDS",
+        help="a GPU micro-batch step's time, for cores per GPU (repeatable)",
+    )
+    parser.add_argument(
+        "--pipeline-override",
+        dest="pipeline_overrides",
+        action="append",
+        default=[],
+        help="a recipe override",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: checks the harness, times nothing useful"
     )
@@ -313,6 +465,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.size, args.pairs, args.clip_size, args.frames, args.clips, args.repeats = 64, 2, "64x48", 5, 1, 1
         args.sampler_pairs, args.sampler_calls, args.sampler_old_calls = "10000,100000", 50, 3
+        args.pipeline_pairs, args.pipeline_batches, args.gpus = 8, 8, 64
+        args.pipeline_overrides = [*args.pipeline_overrides, "data.num_frames=5"]
+    args.width, args.height = (int(v) for v in args.clip_size.split("x"))
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    args.workers = [int(v) for v in args.workers.split(",")]
+    step_times = {}
+    for item in args.step_time:
+        recipe, _, value = item.partition("=")
+        try:
+            step_times[recipe] = float(value)
+        except ValueError:
+            parser.error(f"--step-time {item!r}: expected RECIPE=SECONDS")
+        if recipe not in args.recipes or step_times[recipe] <= 0:
+            parser.error(f"--step-time {item!r}: the recipe must be one of --recipes and the time > 0")
+    args.step_time = step_times
     args.sampler_pairs = [int(v) for v in args.sampler_pairs.split(",")]
     unknown = set(args.codecs.split(",")) - set(CODECS)
     if unknown:
@@ -323,20 +490,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
-    # Decode rates on a shared CPU are noise; the sampler's cost is CPU work wherever it runs.
+    # Decoder rates on a shared CPU are noise; the sampler's cost and the pipeline's CPU time per
+    # pair are CPU work wherever they run.
     if (
         not cuda
-        and not args.sampler_only
+        and not (args.sampler_only or args.pipeline_only)
         and args.out is not None
         and args.out.resolve().parent == RESULTS.resolve()
     ):
         sys.exit(
-            f"--out {args.out}: CPU decode timings are never committed (only --sampler-only runs); "
-            f"write them outside {RESULTS}"
+            f"--out {args.out}: CPU decoder timings are never committed (only --sampler-only and "
+            f"--pipeline-only runs); write them outside {RESULTS}"
         )
-    width, height = (int(v) for v in args.clip_size.split("x"))
+    width, height = args.width, args.height
     rows, shapes = [], {}
-    if not args.sampler_only:
+    if not (args.sampler_only or args.pipeline_only):
         with tempfile.TemporaryDirectory(prefix="vipo-bench-loader-") as folder:
             pairs = make_jpeg_pairs(args.pairs, args.size)
             clips = {
@@ -361,6 +529,17 @@ def main(argv=None) -> dict:
             "clip": [args.frames, height, width, 3],
             "clips_per_codec": args.clips,
             "codecs": args.codecs,
+        }
+    pipelines = {}
+    if args.pipeline or args.pipeline_only:
+        found, pipelines = run_pipelines(args)
+        rows += found
+        shapes["pipeline"] = {
+            "jpeg": [args.size, args.size, 3],
+            "clip": [width, height, "recipe frames + 16", "h264"],
+            "gpus": args.gpus,
+            "workers": args.workers,
+            "overrides": args.pipeline_overrides,
         }
     rows += bench_sampler(
         args.sampler_pairs, args.sampler_batch, args.sampler_ranks, args.sampler_calls, args.sampler_old_calls
@@ -387,8 +566,17 @@ def main(argv=None) -> dict:
         "shapes": shapes,
         "rows": rows,
         "ratios": {**_ratios(rows), **_sampler_ratios(rows)},
+        "pipelines": pipelines,
+        "step_times_s": args.step_time,
     }
     for row in rows:
+        if row["kind"] == "pipeline":
+            per_core = row.get("pairs_per_s_per_core")
+            print(
+                f"pipeline {row['recipe']:20} {row['workers']} workers {row['pairs_per_s']:8.2f} pairs/s"
+                + (f", {per_core:.2f} pairs/s per core" if per_core else "")
+            )
+            continue
         if row["kind"] == "sampler":
             print(
                 f"sampler {row['pairs']:>9} pairs {row['backend']:10} "
@@ -408,6 +596,12 @@ def main(argv=None) -> dict:
         print(f"{row['kind']:5} {row.get('codec') or '':5} {row['backend']:10} {figure}")
     for name, ratio in report["ratios"].items():
         print(f"{name}: {ratio:.2f}x")
+    for recipe, entry in pipelines.items():
+        if "cores_per_gpu" in entry:
+            print(
+                f"{recipe}: {entry['pairs_per_gpu_step']} pairs a GPU in {entry['step_s']} s a step need "
+                f"{entry['decode_cores']:.2f} decode cores: {entry['cores_per_gpu']} cores per GPU"
+            )
     out = args.out or (
         RESULTS / f"loader-{device.replace(' ', '_')}-{report['date'][:10]}.json" if cuda else None
     )
