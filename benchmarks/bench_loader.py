@@ -325,6 +325,17 @@ def run_pipelines(args) -> tuple[list[dict], dict]:
     return rows, summary
 
 
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _regenerating_call(sampler: PairSampler) -> list[int]:
     """`next_batch` before the per-epoch cache: the epoch's whole permutation drawn for every call."""
     if sampler.batch_in_epoch >= sampler.batches_per_epoch:
@@ -448,6 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="RECIPE=SECONDS",
         help="a GPU micro-batch step's time, for cores per GPU (repeatable)",
     )
+    parser.add_argument("--step-time-note", default="", help="where the step times come from (recorded)")
     parser.add_argument(
         "--pipeline-override",
         dest="pipeline_overrides",
@@ -551,13 +563,14 @@ def main(argv=None) -> dict:
         "steady_calls": args.sampler_calls,
         "regenerate_calls": args.sampler_old_calls,
     }
-    device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if cuda else cpu_model()
     report = {
         "kind": "loader",
         "smoke": args.smoke,
         "device": device,
         "device_type": "cuda" if cuda else "cpu",
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
         "nvdec": dali.nvdec_available(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": provenance.commit(),
@@ -568,6 +581,7 @@ def main(argv=None) -> dict:
         "ratios": {**_ratios(rows), **_sampler_ratios(rows)},
         "pipelines": pipelines,
         "step_times_s": args.step_time,
+        "step_time_note": args.step_time_note,
     }
     for row in rows:
         if row["kind"] == "pipeline":
