@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import RunConfig
-from .tracking import CPU_FLASH_FLOPS, PHASES, StepMemTracker, _merged, cuda_autocast_policy
+from .tracking import PHASES, StepMemTracker, TotalFlopCounter, _merged, cuda_autocast_policy
 
 # ---------------------------------------------------------------------------------------------
 # One step
@@ -158,7 +157,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         tracker = StepMemTracker()
         tracker.track_external(trainer.network, ref_network, *[e for e in encoders if _bytes(e)])
         tracker.track_external(trainer.optimizer)
-        counter = FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS)
+        counter = TotalFlopCounter()
         flops: dict[str, int] = {}
 
         def mark(phase: str) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
-from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
 PHASES = ("data", "encode", "reference", "policy_forward", "loss", "backward", "optimizer")
@@ -52,6 +52,30 @@ CPU_FLASH_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
 }
+
+
+class _NoModules:
+    """FlopCounterMode's module tracker, tracking no module: the plan needs each phase's total
+    only, and torch's ModuleTracker registers gradient hooks on every tensor a module makes, also
+    on a checkpointed block's recomputation in backward, keeping those tensors alive until the
+    hooks fire (for Wan, whose blocks share inputs: after the last block), so the trace would
+    count every recomputed block's activations at once."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class TotalFlopCounter(FlopCounterMode):
+    """FlopCounterMode counting totals alone (`get_total_flops`), with the CPU flash formulas."""
+
+    def __init__(self):
+        super().__init__(display=False, custom_mapping=CPU_FLASH_FLOPS)
+        self.mod_tracker = _NoModules()
 
 
 class StepMemTracker(MemTracker):
