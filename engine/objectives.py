@@ -73,6 +73,20 @@ def model_inputs(adapter, batch, winners_only: bool = False) -> tuple[torch.Tens
     return adapter.encode_pixels(pixels), adapter.encode_prompts(batch.prompts)
 
 
+def any_count_errors(pred, target, elem_weight=None, **shard) -> torch.Tensor:
+    """`sample_errors` of any number of samples: the kernel reduces pairs (an even row count),
+    and SFT on winners has one row a pair, so an odd count is given twice and the copies' errors
+    dropped (their gradient is zero: the samples' gradient is unchanged)."""
+    rows = pred.shape[0]
+    if rows % 2 == 0:
+        return sample_errors(pred, target, elem_weight, **shard)
+    twice = [
+        torch.cat([x, x]) if x is not None and x.dim() and x.shape[0] == rows else x
+        for x in (pred, target, elem_weight)
+    ]
+    return sample_errors(*twice, **shard)[:rows]
+
+
 def element_weights(batch, latents: torch.Tensor, winners_only: bool = False) -> torch.Tensor | None:
     """The kernel's elem_weight for `latents` ([2B, ...], or [B, ...] of winners alone): each
     pair's weight map at the latent grid, for its winner and its loser; None without maps."""
@@ -109,7 +123,7 @@ def forward_loss(
         x_t, t, target = noise.draw(adapter, latents, ids=batch.ids, epoch=batch.epoch, paired=False)
         mark("encode")
         pred, target, shard = loss_inputs(adapter, adapter.predict(network, x_t, t, cond), target, weights)
-        err = sample_errors(pred, target, **shard).float()  # float64 not needed
+        err = any_count_errors(pred, target, **shard).float()  # float64 not needed
         mark("policy_forward")
         loss = err.mean()
         mark("loss")

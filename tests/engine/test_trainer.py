@@ -151,6 +151,23 @@ def test_sft_on_winners_trains_without_a_reference(tmp_path):
     assert summary["loss_is_finite"] and changed(before, trainer.adapter.network)
 
 
+def test_sft_on_one_winner_a_step_has_the_errors_and_gradient_of_that_winner(tmp_path):
+    """One pair a GPU: SFT on winners reduces one sample, an odd count for the pair kernel."""
+    from vipo.engine.objectives import any_count_errors
+
+    summary = Trainer(
+        tiny_config(tmp_path, "loss.objective=sft", "train.batch_pairs=1"), progress=False
+    ).train()
+    assert summary["steps"] == 2 and summary["loss_is_finite"]
+    pred, target = torch.randn(3, 4, 5, 5, requires_grad=True), torch.randn(3, 4, 5, 5)
+    weights = torch.rand(3, 1, 5, 5)
+    errors = any_count_errors(pred, target, weights)
+    expected = (weights * (pred.detach().double() - target.double()) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(errors, expected, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(errors.sum(), pred)  # each sample's own, once: 2 w (p - t) / N
+    torch.testing.assert_close(grad, 2 * weights * (pred.detach() - target) / 100)
+
+
 def test_a_checkpoint_is_complete_and_named_by_latest(tmp_path):
     Trainer(tiny_config(tmp_path, "train.checkpoint_every_steps=1"), progress=False).train()
     root = tmp_path / "checkpoints"
