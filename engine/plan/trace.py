@@ -11,7 +11,14 @@ import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
 
 from ..config import RunConfig
-from .tracking import PHASES, StepMemTracker, TotalFlopCounter, _merged, cuda_autocast_policy
+from .tracking import (
+    PHASES,
+    StepMemTracker,
+    TotalFlopCounter,
+    _merged,
+    collections_at_marks,
+    cuda_autocast_policy,
+)
 
 # ---------------------------------------------------------------------------------------------
 # One step
@@ -167,14 +174,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             tracker.phase = later[0] if later else phase
 
         trainer.mark = mark
-        # The collector runs only at phase marks and after recomputed blocks (engine/plan/__init__.py,
-        # "Cyclic garbage"): the same plan every time.
-        # Everything older is frozen, so that a collection scans only what the step made.
-        gc.collect()
-        stack.callback(gc.enable if gc.isenabled() else gc.disable)
-        stack.callback(gc.unfreeze)
-        gc.freeze()
-        gc.disable()
+        stack.enter_context(collections_at_marks())
         with tracker, counter:
             if accum == 1:
                 trainer.strategy.zero_grad()

@@ -54,6 +54,23 @@ CPU_FLASH_FLOPS = {
 }
 
 
+@contextmanager
+def collections_at_marks():
+    """The garbage collector off, everything older frozen: cyclic garbage goes only where the trace
+    collects it (phase marks, recomputed blocks), so a plan is the same every time, and a
+    collection scans only what the step made (engine/plan/__init__.py, "Cyclic garbage")."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
 class _NoModules:
     """FlopCounterMode's module tracker, tracking no module: the plan needs each phase's total
     only, and torch's ModuleTracker registers gradient hooks on every tensor a module makes, also

@@ -1,0 +1,35 @@
+"""benchmarks/plan_baseline.py: vipo's step and the official-style baseline traced the same way in
+one run, at tiny size (what the trace sees and how the ratios are formed, not the full-size result)."""
+
+import json
+
+from vipo.benchmarks import plan_baseline
+
+TINY = "configs/train/tiny-sd15-poly.yaml"
+
+
+def test_both_steps_are_traced_alike_and_the_ratios_are_formed_from_one_run(tmp_path):
+    out = tmp_path / "baseline.json"
+    report = plan_baseline.main(
+        [TINY, "train.batch_pairs=2", f"train.output_dir={tmp_path}/run", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["ratios"] == report["ratios"]
+    vipo, baseline = report["vipo"], report["baseline"]
+    # The same model and passes (encoders, reference, policy forward and backward, no
+    # checkpointing): the FLOPs of every phase agree, though the official loop orders them otherwise.
+    assert baseline["flops_per_phase"] == {
+        phase: vipo["flops_per_phase"][phase] for phase in baseline["flops_per_phase"]
+    }
+    assert list(baseline["flops_per_phase"]) == list(plan_baseline.BASELINE_PHASES)
+    assert report["ratios"]["flops_per_pair vipo / baseline"] == 1.0
+    # The GPU run's settings: fp16 autocast, traced as bf16; the frozen reference in 16 bits.
+    assert baseline["settings"]["precision_of_the_gpu_run"] == "fp16_autocast"
+    assert baseline["settings"]["precision"] == "bf16_autocast"
+    assert (
+        baseline["split_bytes"]["Parameter"] < 2 * vipo["exact_bytes"]["policy"]
+    )  # fp32 policy + 16-bit copy
+    ratio = vipo["peak_bytes_per_gpu"] / baseline["peak_bytes_per_gpu"]
+    assert report["ratios"]["peak_memory vipo / baseline"] == ratio and baseline["peak_bytes_per_gpu"] > 0
+    assert (
+        baseline["phase_peak_bytes"]["backward"] > baseline["phase_peak_bytes"]["data"]
+    )  # activations were seen
