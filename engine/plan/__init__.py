@@ -22,8 +22,12 @@ How it traces (one step of the engine's own code, nothing copied; trace.py):
                         scan every module at every op (the SDXL UNet's forward + backward alone took
                         9.3 minutes with them, 13 s without) and refuse a module that runs twice in
                         a step (the adapter reference). It keeps the peak of each phase instead.
-    FlopCounterMode     on the same trace, read at every phase mark; FLOPs as executed (the encoders,
-                        and under checkpointing the recomputation, are in).
+    TotalFlopCounter    torch's FlopCounterMode on the same trace, read at every phase mark; FLOPs as
+                        executed (the encoders, and under checkpointing the recomputation, are in).
+                        Without its module tracker: that one sets gradient hooks on every module's
+                        tensors, also in a checkpointed block's recomputation, holding them until
+                        the hooks fire (for Wan, whose blocks share inputs, after the last block),
+                        which made every recomputed block count at once (tracking.py).
 
 Attention: fake CPU tensors dispatch SDPA to `aten._scaled_dot_product_flash_attention_for_cpu`
 (every attention op the trace sees is counted per phase and reported). Like the CUDA flash and
@@ -220,7 +224,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         "overflow_bytes": max(0, total - gpu_memory),
         "trace_seconds": round(trace.seconds, 2),
         "method": "FakeTensorMode CPU trace of Trainer.forward_backward + clip + AdamW step; MemTracker; "
-        "FlopCounterMode (see engine/plan.py)",
+        "FlopCounterMode without module tracking (see engine/plan/__init__.py)",
         "not_counted": "the CUDA context and the allocator's fragmentation",
     }
     if batch_search:
