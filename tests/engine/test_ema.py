@@ -82,3 +82,80 @@ def test_export_ema_of_a_run_without_it_is_one_clear_error(tmp_path):
 def test_bad_ema_settings_are_refused_by_name(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words):
         tiny(tmp_path, *overrides)
+
+
+ZERO2_BF16 = r"""
+import json, os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+from vipo.engine import ema as ema_module
+from vipo.engine.config import load_config
+from vipo.engine.trainer import Trainer
+
+masters, modules = [], []
+update = ema_module.PolicyEMA.update
+
+
+def recording(self):
+    masters.append([safe_get_full_fp32_param(p).clone() for p in self.params])
+    modules.append([p.detach().float().clone() for p in self.params])
+    update(self)
+
+
+ema_module.PolicyEMA.update = recording
+overrides = ["model.config=sd15-tiny", "data.num_pairs=16", "data.resolution=16", "train.batch_pairs=2",
+             "train.max_steps=3", "train.checkpoint_every_steps=0", "loss.beta=500", "optim.lr=1e-4",
+             "train.ema_decay=0.7", "parallel.strategy=zero2", "train.mixed_precision=bf16",
+             f"train.output_dir={sys.argv[1]}"]
+with Trainer(load_config(None, overrides), progress=False) as trainer:
+    first = [safe_get_full_fp32_param(p).clone() for p in trainer.ema.params]
+    trainer.train()
+    saved = trainer.ema.state_dict()
+    dtypes = sorted({str(p.dtype) for p in trainer.ema.params})
+    names = trainer.ema.names
+
+
+def ema(trajectory):
+    shadow = [t.clone() for t in first]
+    for step in trajectory:
+        torch._foreach_lerp_(shadow, step, 1 - 0.7)
+    return shadow
+
+
+def off(expected):
+    return max((saved[n] - e.view_as(saved[n])).abs().max().item() for n, e in zip(names, expected))
+
+
+print(json.dumps({"dtypes": dtypes, "steps": len(masters), "off_master": off(ema(masters)),
+                  "off_module": off(ema(modules))}))
+"""
+
+
+def test_under_bf16_zero2_the_ema_follows_the_fp32_master_not_the_bf16_weights(tmp_path):
+    """DeepSpeed's bf16 mode trains bf16 module weights from an fp32 master copy: the shadow is
+    the running lerp of the master (DeepSpeed's own safe_get_full_fp32_param), not of the bf16
+    copies, whose rounding an lr-sized update falls under."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", ZERO2_BF16, str(tmp_path / "run"), port],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["dtypes"] == ["torch.bfloat16"] and found["steps"] == 3
+    assert found["off_master"] < 1e-6  # the lerp of the fp32 master, exactly up to float32 rounding
+    assert found["off_module"] > 100 * max(found["off_master"], 1e-7)  # not that of the bf16 weights
