@@ -42,7 +42,7 @@ from .images import (
     shown,
 )
 from .records import PairRecord
-from .weight_maps import decode_weight_map
+from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,15 @@ class ManifestPairs(CountedSource):
             winner = decode_image(entry.winner, ref=f"{entry.id}:{entry.winner}")
             loser = decode_image(entry.loser, ref=f"{entry.id}:{entry.loser}")
             winner_pixels, loser_pixels = self.transform(winner, loser, key=entry.id, epoch=self.epoch)
-            weights = None
-            if entry.weight_map is not None:
-                weights = self.transform.weight_map(
-                    decode_weight_map(entry.weight_map, ref=f"{entry.id}:{entry.weight_map}"),
-                    winner.size,
-                    key=entry.id,
-                    epoch=self.epoch,
-                    target=winner_pixels.shape[1::-1],
-                )
+            weights = pair_weight_map(
+                self.transform,
+                entry.weight_map,
+                f"{entry.id}:{entry.weight_map}",
+                winner,
+                winner_pixels,
+                key=entry.id,
+                epoch=self.epoch,
+            )
         except BadSample as bad:
             raise self._bad(index, bad) from None
         return PairRecord(

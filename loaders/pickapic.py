@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from .images import BadSample, CountedSource, PairTransform, SourceError, decode_image, image_size
 from .records import PairRecord
-from .weight_maps import decode_weight_map
+from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -233,15 +233,15 @@ class PickapicPairs(CountedSource):
                     raise BadSample(f"{pair_id}:jpg_{k}", "image bytes are null", "skipped_missing")
                 decoded.append(decode_image(images[k], ref=f"{pair_id}:jpg_{k}"))
             winner_pixels, loser_pixels = self.transform(*decoded, key=pair_id, epoch=self.epoch)
-            weights = None
-            if map_bytes is not None:
-                weights = self.transform.weight_map(
-                    decode_weight_map(map_bytes, ref=f"{pair_id}:{MAP_COLUMN}"),
-                    decoded[0].size,
-                    key=pair_id,
-                    epoch=self.epoch,
-                    target=winner_pixels.shape[1::-1],
-                )
+            weights = pair_weight_map(
+                self.transform,
+                map_bytes,
+                f"{pair_id}:{MAP_COLUMN}",
+                decoded[0],
+                winner_pixels,
+                key=pair_id,
+                epoch=self.epoch,
+            )
         except BadSample as bad:
             raise self._bad(index, bad) from None
         category = "tie" if winner == _TIE else ""

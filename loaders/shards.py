@@ -47,7 +47,7 @@ import numpy as np
 from .images import BadSample, PairTransform, SkipLog, SourceError, decode_image
 from .manifest import pair_weight
 from .records import PairRecord
-from .weight_maps import decode_weight_map
+from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +231,15 @@ class ShardPairs:
                 winner_image, decode_image(loser, ref=f"{ref}.loser"), key=pair_id, epoch=self.epoch
             )
             map_bytes = next((v for k, v in parts.items() if k.startswith("weight_map.")), None)
-            weights = None
-            if map_bytes is not None:
-                weights = self.transform.weight_map(
-                    decode_weight_map(map_bytes, ref=f"{ref}.weight_map"),
-                    winner_image.size,
-                    key=pair_id,
-                    epoch=self.epoch,
-                    target=winner_pixels.shape[1::-1],
-                )
+            weights = pair_weight_map(
+                self.transform,
+                map_bytes,
+                f"{ref}.weight_map",
+                winner_image,
+                winner_pixels,
+                key=pair_id,
+                epoch=self.epoch,
+            )
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.skips.skip("skipped_corrupt", ref, f"bad prompt/json ({err})")
             return None
