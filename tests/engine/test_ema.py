@@ -134,7 +134,10 @@ print(json.dumps({"dtypes": dtypes, "steps": len(masters), "off_master": off(ema
 """
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+# zero3 in bf16 (its fp32 partitions, get_local_fp32_param) passed the same check when run by hand
+# (strategy="zero3"); left out of CI for time: ZeRO-3's EMA layout is checked by the 2-rank test.
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2"])
 def test_under_bf16_zero_the_ema_follows_the_fp32_master_not_the_bf16_weights(tmp_path, strategy):
     """DeepSpeed's bf16 mode trains bf16 module weights from an fp32 master copy: the shadow is
     the running lerp of the master (DeepSpeed's own safe_get_full_fp32_param), not of the bf16
