@@ -92,7 +92,10 @@ class ContextParallel:
         config = ContextParallelConfig(
             ring_degree=self.ring, ulysses_degree=self.ulysses, mesh=self.mesh["ring", "ulysses"]
         )
-        with device_count_for(self.mesh.device_type):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        # Its submeshes are host tables of ranks, real also under `vipo plan`'s fake tensor mode.
+        with device_count_for(self.mesh.device_type), unset_fake_temporarily():
             network.enable_parallelism(config=config)
         # diffusers 0.42's gather calls a torch collective that torch 2.13 deprecates, once a forward.
         warnings.filterwarnings(
@@ -141,12 +144,10 @@ def setup(parallel_cfg, world) -> ContextParallel | None:
         raise RunError(
             f"parallel.context_parallel: ulysses x ring = {size} must divide the {world.size} processes"
         )
-    from torch.distributed.device_mesh import init_device_mesh
+    from .parallel import device_mesh
 
-    mesh = init_device_mesh(
-        world.device.type,
-        (world.size // size, cp.ring, cp.ulysses),
-        mesh_dim_names=("data", "ring", "ulysses"),
+    mesh = device_mesh(
+        world.device.type, (world.size // size, cp.ring, cp.ulysses), ("data", "ring", "ulysses")
     )
     group = None
     for first in range(0, world.size, size):  # every rank creates every group, in the same order

@@ -220,24 +220,31 @@ def apply_ddp(network: nn.Module, world: World) -> nn.Module:
     return DistributedDataParallel(network, device_ids=device_ids)
 
 
+def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...] | None = None):
+    """init_device_mesh, its table of ranks made of real host integers also when the caller runs
+    under a fake tensor mode (`vipo plan` shards a fake-tensor model over a fake process group)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with unset_fake_temporarily():
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
 def apply_fsdp(network: nn.Module, world: World, parallel_cfg, mixed_precision: str) -> nn.Module:
     """FSDP2 in place: each block, then the root (which holds what no block owns). bf16 weights
     in forward/backward with fp32 gradient reduction under mixed_precision=bf16; the sharded
     fp32 weights stay the optimizer's. With parallel.shard_size < world size the mesh is 2-D
     (replicate x shard) and FSDP2 runs hybrid sharding: gathers stay inside a shard group
     (NVLink), only the gradient all-reduce crosses groups (InfiniBand)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     shard = min(parallel_cfg.shard_size or world.size, world.size)  # one node or less: plain FSDP
     if world.size % shard:
         raise RunError(f"parallel.shard_size={shard} must divide the {world.size} processes")
     if shard == world.size:
-        mesh = init_device_mesh(world.device.type, (world.size,))
+        mesh = device_mesh(world.device.type, (world.size,))
     else:  # HSDP: shard inside groups of `shard` ranks (a node), replicate across the groups
-        mesh = init_device_mesh(
-            world.device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard")
-        )
+        mesh = device_mesh(world.device.type, (world.size // shard, shard), ("replicate", "shard"))
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision == "bf16"

@@ -51,10 +51,25 @@ SDXL 1024px). So the collector is off during the trace and runs after each recom
 backward and at every phase mark: the artefact is gone and a plan is the same every time.
 
 AdamW runs fused, as the strategy builds it on a GPU (one kernel, no temporaries). Not counted: the
-CUDA context and the caching allocator's fragmentation (leave a few GiB). ddp: one replica with
-train.batch_pairs / --gpus pairs is traced; DDP's gradient buckets (one copy of every gradient,
-allocated when DDP wraps the model) are added as a stated line, not traced. fsdp, zero2 and zero3
-are not built yet and are refused, as is optim.optimizer=adamw8bit (AdamW's plan bounds it).
+CUDA context and the caching allocator's fragmentation (leave a few GiB).
+
+Strategies:
+    ddp     one replica with train.batch_pairs / --gpus pairs is traced, no process group; DDP's
+            gradient buckets (one copy of every gradient, allocated when DDP wraps the model) are
+            added as a stated line, not traced.
+    fsdp    rank 0 of --gpus ranks in this one process: torch's fake process group (fake_world;
+            its collectives move no data and return outputs of the right shape), the launcher's
+            variables set, so the Trainer's own init_world, fully_shard (every block, the root,
+            the copy reference), mixed-precision policy and hybrid mesh run as on --gpus GPUs.
+            All-gathered weights, reduce-scatter buffers and the sharded gradients and AdamW state
+            are allocations of the trace like any other (MemTracker sees them at dispatch), so
+            torch's FSDPMemTracker, which relabels the same bytes by FSDP state, is not needed for
+            the peak. The device meshes are built outside the fake mode (their rank tables are
+            host integers: parallel.device_mesh). Context parallelism (Ulysses / ring) is traced
+            here too: each rank's token shard, the all-to-alls' outputs.
+    zero2, zero3, optim.optimizer=adamw8bit, parallel.cpu_offload: not built, refused in one line
+            (DeepSpeed's engine has not been run on fake tensors; fsdp shards what zero3 shards,
+            and AdamW's plan bounds AdamW8bit's).
 """
 
 import argparse
@@ -67,7 +82,7 @@ from collections import Counter
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
 from ..families import FAMILIES
-from .trace import StepTrace, pixel_shape, trace_step
+from .trace import StepTrace, fake_world, pixel_shape, trace_step
 from .tracking import CUDA_FP32_OPS, PHASES, cuda_autocast_policy
 
 __all__ = [
@@ -78,6 +93,7 @@ __all__ = [
     "StepTrace",
     "cmd_plan",
     "cuda_autocast_policy",
+    "fake_world",
     "largest_batch",
     "largest_fitting",
     "make_plan",
@@ -90,7 +106,7 @@ __all__ = [
 GIB = 2**30
 # The real architecture of each family, built when a recipe names a weights folder (model.path).
 FULL_CONFIGS = {name: family.full_config for name, family in FAMILIES.items()}
-TRACED_STRATEGIES = ("none", "ddp")
+TRACED_STRATEGIES = ("none", "ddp", "fsdp")
 PLACEHOLDER_CACHE = "latent-cache-of-vipo-plan"  # data.cache is read by no one: the batch is made here
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +120,8 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     if strategy not in TRACED_STRATEGIES:
         raise RunError(
             f"vipo plan: parallel.strategy={strategy} is not built yet (traced: {', '.join(TRACED_STRATEGIES)}); "
-            "parallel.strategy=ddp gives the numbers of one full replica"
+            "parallel.strategy=fsdp shards weights, gradients and AdamW state as zero3 does, "
+            "parallel.strategy=ddp gives one full replica"
         )
     if cfg.optim.optimizer != "adamw":
         raise RunError(
@@ -115,12 +132,30 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if gpus > 1 and strategy == "none":
         raise ConfigError(f"--gpus {gpus} with parallel.strategy=none: add parallel.strategy=ddp")
+    if strategy == "fsdp" and cfg.parallel.cpu_offload:
+        raise RunError(
+            "vipo plan: parallel.cpu_offload=true is not built yet (a CPU trace cannot tell host from "
+            "device memory); without it the plan bounds the offloaded run from above"
+        )
+    cp = cfg.parallel.context_parallel
+    context = cp.ulysses * cp.ring  # ranks that share each pair (engine/context_parallel.py)
+    if context > 1 and strategy != "fsdp":
+        raise RunError(
+            f"vipo plan: context parallelism is traced under parallel.strategy=fsdp only, not {strategy}; "
+            "parallel.context_parallel.ulysses=1 gives one replica's numbers"
+        )
+    if gpus % context:
+        raise ConfigError(
+            f"--gpus {gpus}: parallel.context_parallel ulysses x ring = {context} must divide it"
+        )
+    groups = gpus // context  # data-parallel groups: the global micro-batch splits over these
     if pairs is None:
-        pairs, rest = divmod(cfg.train.batch_pairs, gpus)
+        pairs, rest = divmod(cfg.train.batch_pairs, groups)
         if rest or not pairs:
+            over = f"{groups} data groups of {context} GPUs" if context > 1 else f"--gpus {gpus}"
             raise ConfigError(
                 f"train.batch_pairs={cfg.train.batch_pairs} is the global micro-batch and must split evenly "
-                f"over --gpus {gpus}: use a multiple of {gpus}"
+                f"over {over}: use a multiple of {groups}"
             )
     model = dataclasses.replace(
         cfg.model,
@@ -132,15 +167,25 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     data = dataclasses.replace(cfg.data, prefetch_batches=0)
     if data.cache or cfg.reference.mode == "precomputed":  # precomputed trains from the latent cache only
         data = dataclasses.replace(data, cache=PLACEHOLDER_CACHE)
-    train = dataclasses.replace(cfg.train, batch_pairs=pairs, device="cpu", compile="off")
-    parallel = dataclasses.replace(cfg.parallel, strategy="none")
+    if strategy == "fsdp":  # the real sharding, on rank 0 of a fake group of `gpus` (fake_world)
+        train = dataclasses.replace(cfg.train, batch_pairs=pairs * groups, device="cpu", compile="off")
+        parallel = cfg.parallel
+    else:  # one replica: its own share, no process group
+        train = dataclasses.replace(cfg.train, batch_pairs=pairs, device="cpu", compile="off")
+        parallel = dataclasses.replace(cfg.parallel, strategy="none")
     return dataclasses.replace(cfg, model=model, data=data, train=train, parallel=parallel)
 
 
 def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
-    """One rank's step; under ddp with DDP's gradient buckets added (not traced: DDP allocates
-    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient)."""
-    trace = trace_step(plan_config(cfg, gpus, **kwargs))
+    """One rank's step. ddp: one replica, DDP's gradient buckets added (not traced: DDP allocates
+    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient).
+    fsdp: rank 0 of `gpus`, the engine's own fully_shard over a fake process group."""
+    traced = plan_config(cfg, gpus, **kwargs)
+    if cfg.parallel.strategy == "fsdp":
+        with fake_world(gpus):
+            trace = trace_step(traced)
+    else:
+        trace = trace_step(traced)
     if cfg.parallel.strategy == "ddp":
         trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]
     return trace

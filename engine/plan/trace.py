@@ -2,15 +2,17 @@
 
 import gc
 import math
+import os
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
 
 from ..config import RunConfig
+from ..parallel import LAUNCH_ENV
 from .tracking import (
     PHASES,
     StepMemTracker,
@@ -56,11 +58,44 @@ class _ZeroTable:
         return torch.zeros(2 * len(ids))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a tensor: an FSDP parameter's shard, or the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _bytes(module) -> int:
     if not isinstance(module, torch.nn.Module):
         return 0
-    tensors = [*module.parameters(), *module.buffers()]
+    tensors = [_local(t) for t in (*module.parameters(), *module.buffers())]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextmanager
+def fake_world(size: int):
+    """Rank 0 of `size` processes in this one: torch's fake process group (its collectives move no
+    data and give outputs of the right shapes), with the launcher's variables set, so the engine's
+    init_world joins it and its strategy shards as on `size` GPUs. Both are undone on exit."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("vipo plan traces a sharded step in a process with no process group")
+    saved = {key: os.environ.get(key) for key in LAUNCH_ENV}
+    os.environ.update(
+        RANK="0", WORLD_SIZE=str(size), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"
+    )
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
@@ -80,9 +115,10 @@ def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
 
 
 def _batch(trainer, cfg: RunConfig, shapes, fake: bool):
+    """This rank's share of the global micro-batch."""
     from ..objectives import LatentPairBatch, PairBatch
 
-    pairs = cfg.train.batch_pairs
+    pairs = cfg.train.batch_pairs // trainer.world.data_size
     ids = [f"plan-{i}" for i in range(pairs)]
     make = torch.empty if fake else torch.randn
     if cfg.data.cache:
@@ -185,7 +221,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             trainer.optimizer.step()
             mark("optimizer")
         after = _merged(tracker.get_tracker_snapshot("current"))
-        trainable = sum(p.numel() * p.element_size() for p in trainer.params)
+        world_shares = trainer.world.data_size
+        trainable = sum(_local(p).numel() * p.element_size() for p in trainer.params)
         exact = {
             "policy": _bytes(trainer.network),
             "trainable": trainable,
@@ -206,7 +243,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         "other": held - exact["policy"] - exact["reference"] - exact["encoders"],
     }
     return StepTrace(
-        pairs=cfg.train.batch_pairs,
+        pairs=cfg.train.batch_pairs // world_shares,
         peak_bytes=peak.get(_TOTAL_KEY, 0),
         peak_phase=tracker.peak_phase,
         split=split,

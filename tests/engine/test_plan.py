@@ -1,7 +1,9 @@
 """`vipo plan`: the fake-tensor trace of one step against the same step on real CPU tensors, exact
 byte counts from the model, the verdict, the batch search and the command line."""
 
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vipo.engine import plan
 from vipo.engine.cli import main
-from vipo.engine.config import load_config
+from vipo.engine.config import ConfigError, load_config
 from vipo.engine.errors import RunError
 from vipo.engine.models import build_adapter
 
@@ -191,14 +193,93 @@ def test_the_search_returns_the_largest_size_that_fits_and_asks_few_sizes(larges
     assert len(asked) == len(set(asked))  # no size traced twice
 
 
-def test_ddp_traces_one_replica_with_its_share_and_buckets_and_fsdp_is_refused(tmp_path):
+def test_ddp_traces_one_replica_with_its_share_and_buckets_and_zero_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, "parallel.strategy=ddp", "train.batch_pairs=4")
     trace = plan.trace_rank(cfg, 2)
     assert trace.pairs == 2
     assert trace.extra["ddp_gradient_buckets"] == trace.exact["trainable"]
     assert trace.total_bytes == trace.peak_bytes + trace.exact["trainable"]
-    with pytest.raises(plan.RunError, match="fsdp is not built yet"):
-        plan.plan_config(tiny_config(tmp_path, "parallel.strategy=fsdp"), 2)
+    for strategy in ("zero2", "zero3"):
+        with pytest.raises(plan.RunError, match=f"{strategy} is not built yet"):
+            plan.plan_config(tiny_config(tmp_path, f"parallel.strategy={strategy}"), 2)
+    with pytest.raises(
+        plan.RunError, match="context parallelism is traced under parallel.strategy=fsdp only"
+    ):
+        plan.plan_config(
+            tiny_config(tmp_path, "parallel.strategy=ddp", "parallel.context_parallel.ulysses=2"), 2
+        )
+
+
+def rank0_shard_bytes(params, ranks: int) -> int:
+    """FSDP2's dim-0 shard of rank 0: the first of torch.chunk's pieces, padded to ceil(d0 / N) rows."""
+    return sum(-(-p.shape[0] // ranks) * (p.numel() // p.shape[0]) * p.element_size() for p in params)
+
+
+@pytest.fixture(scope="module")
+def fsdp_traces(tmp_path_factory):
+    """The tiny recipe under fsdp on 4 fake ranks (2 pairs each), fake and real tensors."""
+    out = tmp_path_factory.mktemp("fsdp")
+    cfg = load_config(TINY, [f"train.output_dir={out}/run", "train.batch_pairs=8", "parallel.strategy=fsdp"])
+    fake = plan.trace_rank(cfg, 4)
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cfg, 4), fake=False)
+    return cfg, fake, real
+
+
+def test_fsdp_traces_rank_0_of_a_fake_group_and_matches_real_tensors(fsdp_traces):
+    _, fake, real = fsdp_traces
+    assert fake.pairs == real.pairs == 2  # 8 pairs over 4 ranks
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    assert fake.peak_phase == real.peak_phase
+    assert not torch.distributed.is_initialized()  # the fake group is gone after the trace
+
+
+def test_a_fake_world_restores_the_launcher_variables_and_refuses_a_live_group(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with plan.fake_world(2):
+        assert torch.distributed.get_world_size() == 2 and os.environ["WORLD_SIZE"] == "2"
+        with pytest.raises(RuntimeError, match="no process group"), plan.fake_world(2):
+            pass
+    assert os.environ["RANK"] == "3" and "WORLD_SIZE" not in os.environ
+    assert not torch.distributed.is_initialized()
+
+
+def test_fsdp_holds_rank_0_shards_of_weights_gradients_and_adamw_state(fsdp_traces):
+    cfg, fake, real = fsdp_traces
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    params = [p for p in adapter.network.parameters() if p.requires_grad]
+    whole = sum(p.numel() * p.element_size() for p in params)
+    shard = rank0_shard_bytes(params, 4)
+    assert whole / 4 <= shard < whole / 3  # the padding of small tensors is all that exceeds 1/4
+    for trace in (fake, real):
+        assert trace.exact["trainable"] == trace.exact["policy"] == shard
+        assert trace.after_step["Gradient"] == shard  # sharded gradients (reduce-scattered)
+        assert trace.after_step["Optstate"] == 2 * shard + 4 * len(params)  # AdamW on the shards only
+        assert trace.exact["reference"] >= shard  # the copy reference is sharded like the policy
+        assert "ddp_gradient_buckets" not in trace.extra
+
+
+def test_context_parallel_under_fsdp_traces_a_shard_of_each_sample(tmp_path):
+    recipe = tmp_path / "wan.yaml"
+    recipe.write_text(
+        "model: {family: wan, config: wan-tiny}\ndata: {num_pairs: 16, resolution: 16}\n"
+        "train: {batch_pairs: 2, max_steps: 4}\n"
+    )
+    args = [f"train.output_dir={tmp_path}/run", "parallel.strategy=fsdp"]
+    cp = load_config(recipe, [*args, "parallel.context_parallel.ulysses=2"])
+    with pytest.raises(ConfigError, match="must split evenly over 2 data groups of 2 GPUs"):
+        plan.plan_config(dataclasses.replace(cp, train=dataclasses.replace(cp.train, batch_pairs=3)), 4)
+    with pytest.raises(ConfigError, match="ulysses x ring = 2 must divide it"):
+        plan.plan_config(cp, 3)
+    fake = plan.trace_rank(cp, 4)  # 4 GPUs: 2 data groups of 2, one pair each
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cp, 4), fake=False)
+    assert fake.pairs == real.pairs == 1
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    whole = plan.trace_rank(load_config(recipe, args), 4, pairs=1)  # the same pair a rank, all its tokens
+    assert fake.split["activations"] < whole.split["activations"]  # half the tokens a rank
+    assert sum(fake.attention_ops["policy_forward"].values()) > 0
 
 
 def test_gpu_memory_sizes_parse():
