@@ -7,6 +7,7 @@ import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
@@ -131,6 +132,13 @@ def _batch(trainer, cfg: RunConfig, shapes, fake: bool):
     return PairBatch(ids, ["a red cube on the table"] * pairs, pixels if fake else pixels.clamp(-1, 1))
 
 
+def _probe(trainer, cfg: RunConfig, fake: bool):
+    """Trainer._probe's (latents, cond) of one sample at the recipe's pixel size."""
+    make = torch.empty if fake else torch.zeros
+    pixels = make((1, *pixel_shape(cfg)), device=trainer.device)
+    return trainer.adapter.encode_pixels(pixels), trainer.adapter.encode_prompts([""])
+
+
 def _cache_shapes(cfg: RunConfig):
     """(one latent's shape, one prompt's conditioning shapes) from a frozen build's encoders: what
     `vipo cache` stored. Built and freed before the traced trainer."""
@@ -183,6 +191,10 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         shapes = _cache_shapes(cfg) if cfg.data.cache else None
         # The pair source only sizes the sampler and gives the vocabulary; its records are never drawn.
         source = ProceduralPairs(max(8, cfg.train.batch_pairs), resolution=16, seed=cfg.train.seed)
+        if (
+            not cfg.data.cache
+        ):  # FSDP's first forward: one sample at the recipe's size, not the source's 16 px
+            stack.enter_context(mock.patch.object(Trainer, "_probe", lambda self: _probe(self, cfg, fake)))
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
         for group in trainer.optimizer.param_groups:  # the AdamW a GPU run builds (strategies: fused on cuda)
             group.update(fused=True, foreach=False)
