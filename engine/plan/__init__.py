@@ -78,6 +78,7 @@ import json
 import re
 import sys
 from collections import Counter
+from contextlib import nullcontext
 
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
@@ -181,10 +182,7 @@ def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
     them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient).
     fsdp: rank 0 of `gpus`, the engine's own fully_shard over a fake process group."""
     traced = plan_config(cfg, gpus, **kwargs)
-    if cfg.parallel.strategy == "fsdp":
-        with fake_world(gpus):
-            trace = trace_step(traced)
-    else:
+    with fake_world(gpus) if cfg.parallel.strategy == "fsdp" else nullcontext():
         trace = trace_step(traced)
     if cfg.parallel.strategy == "ddp":
         trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]
