@@ -231,6 +231,11 @@ def test_fsdp_traces_rank_0_of_a_fake_group_and_matches_real_tensors(fsdp_traces
     assert fake.pairs == real.pairs == 2  # 8 pairs over 4 ranks
     assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
     assert fake.peak_phase == real.peak_phase
+    # Every phase, not only the peak's: DTensor's sharding propagation runs ops on fake tensors of
+    # the global shapes, which the tracker once counted in the optimizer phase (clip, fused AdamW).
+    assert fake.phase_peaks.keys() == real.phase_peaks.keys()
+    for phase, real_bytes in real.phase_peaks.items():
+        assert abs(fake.phase_peaks[phase] / real_bytes - 1) < 0.02, phase
     assert not torch.distributed.is_initialized()  # the fake group is gone after the trace
 
 
