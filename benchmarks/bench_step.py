@@ -41,7 +41,7 @@ from vipo.benchmarks.step_workload import Workload
 from vipo.configs import find_recipe
 from vipo.engine.config import ConfigError, RunConfig, describe, load_config, to_dict
 from vipo.engine.errors import RunError
-from vipo.engine.families import FAMILIES
+from vipo.engine.families import FAMILIES, sized_architecture
 from vipo.engine.models import load_architecture
 
 FULL_CONFIGS = {name: family.full_config for name, family in FAMILIES.items()}
@@ -156,7 +156,7 @@ def resolve_target(name: str) -> Target:
     return Target(
         name,
         family,
-        FULL_CONFIGS[family] if cfg.model.path else cfg.model.config,
+        sized_architecture(cfg.model),
         resolution,
         data.num_frames if FAMILIES[family].video else None,
         recipe_file=str(path),

@@ -3,6 +3,7 @@ its diffusers pipeline and denoiser folder, and whether it is a video family who
 1 + k * frame_chunk frames. The adapters (engine/models/) hold everything that needs the model.
 """
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ def family(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model.family {name!r} (known: {', '.join(FAMILIES)})") from None
+
+
+def sized_architecture(model) -> str:
+    """The architecture (configs/models/) that `vipo plan`, `--dry-run` and `vipo bench step` build
+    for a recipe's `model` section, with random weights and no file of model.path read: model.config
+    when the recipe names one (the 14B Wan recipes do), else, when model.path names a weights
+    folder, the family's released architecture (Family.full_config)."""
+    default = next(f.default for f in dataclasses.fields(model) if f.name == "config")
+    if model.path and model.config == default:
+        return family(model.family).full_config
+    return model.config
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ How it traces (one step of the engine's own code, nothing copied; trace.py):
                         The engine's Trainer is built inside it from the recipe (random weights of
                         the real architecture, configs/models/; compile off; the configured
                         reference mode, param_dtype, autocast and activation checkpointing); a recipe
-                        naming a weights folder (model.path) builds FULL_CONFIGS[family] instead.
+                        naming a weights folder (model.path) builds the model.config it names, else
+                        FULL_CONFIGS[family] (families.sized_architecture).
     the step            strategy.zero_grad, Trainer.forward_backward (encode, reference, policy
                         forward, loss, backward through the trainer's phase marks), then the update's
                         clip + AdamW step (Strategy._clip, optimizer.step: update() without its host
@@ -82,7 +83,7 @@ from contextlib import nullcontext
 
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
-from ..families import FAMILIES
+from ..families import FAMILIES, sized_architecture
 from .trace import StepTrace, fake_world, pixel_shape, trace_step
 from .tracking import CUDA_FP32_OPS, PHASES, cuda_autocast_policy
 
@@ -161,7 +162,7 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     model = dataclasses.replace(
         cfg.model,
         path=None,
-        config=FULL_CONFIGS[cfg.model.family] if cfg.model.path else cfg.model.config,
+        config=sized_architecture(cfg.model),
         init_from=None,  # weights do not change memory or FLOPs
         gradient_checkpointing=cfg.model.gradient_checkpointing if checkpointing is None else checkpointing,
     )

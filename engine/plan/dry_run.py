@@ -54,14 +54,14 @@ def _data(cfg) -> dict:
 
 
 def _model(cfg) -> dict:
+    from ..families import sized_architecture
     from ..models import build_adapter
-    from . import FULL_CONFIGS
 
     model_cfg = dataclasses.replace(
         cfg.model,
         path=None,
         init_from=None,  # the weights are not read; their shapes are the config's
-        config=FULL_CONFIGS[cfg.model.family] if cfg.model.path else cfg.model.config,
+        config=sized_architecture(cfg.model),
     )
     meta = torch.device("meta")
     with torch.device(meta):

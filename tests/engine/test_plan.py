@@ -331,3 +331,23 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
         f"{(3 * trainable - 1) / GIB:.1f} GiB free" in message
         and "vipo plan RECIPE --batch-search" in message
     )
+
+
+@pytest.mark.parametrize(
+    ("recipe", "architecture"),
+    [
+        ("vipo-wan14b-poly", "wan2.1-t2v-14b"),  # names its architecture next to model.path
+        ("vipo-wan-poly", "wan2.1-t2v-1.3b"),  # model.path alone: the family's released one
+        ("vipo-sdxl-poly", "sdxl"),
+        (TINY, "sd15-tiny"),  # no weights folder: the config it builds
+    ],
+)
+def test_plans_and_dry_runs_size_the_architecture_a_recipe_names(recipe, architecture):
+    from vipo.engine.cli import load_recipe
+    from vipo.engine.plan.dry_run import _model
+
+    cfg = load_recipe(recipe, [])
+    gpus = 1 if cfg.parallel.strategy == "none" else 8
+    assert plan.plan_config(cfg, gpus, pairs=1).model.config == architecture
+    if recipe == "vipo-wan14b-poly":  # the dry run's parameter count is the 14B model's, not 1.3B's
+        assert _model(cfg)["parameters"] > 13e9
