@@ -132,9 +132,15 @@ def _batch(trainer, cfg: RunConfig, shapes, fake: bool):
     return PairBatch(ids, ["a red cube on the table"] * pairs, pixels if fake else pixels.clamp(-1, 1))
 
 
-def _probe(trainer, cfg: RunConfig, fake: bool):
-    """Trainer._probe's (latents, cond) of one sample at the recipe's pixel size."""
+def _probe(trainer, cfg: RunConfig, fake: bool, shapes):
+    """Trainer._probe's (latents, cond) of one sample at the recipe's size: encoded from pixels, or,
+    from a latent cache (`shapes`: the encoders are freed), of the cache's shapes."""
     make = torch.empty if fake else torch.zeros
+    if shapes is not None:
+        latent_shape, cond_shapes = shapes
+        dtype = trainer.adapter.dtype
+        cond = {key: make((1, *shape), dtype=dtype) for key, shape in cond_shapes.items()}
+        return make((1, *latent_shape), dtype=dtype), cond
     pixels = make((1, *pixel_shape(cfg)), device=trainer.device)
     return trainer.adapter.encode_pixels(pixels), trainer.adapter.encode_prompts([""])
 
@@ -191,10 +197,9 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         shapes = _cache_shapes(cfg) if cfg.data.cache else None
         # The pair source only sizes the sampler and gives the vocabulary; its records are never drawn.
         source = ProceduralPairs(max(8, cfg.train.batch_pairs), resolution=16, seed=cfg.train.seed)
-        if (
-            not cfg.data.cache
-        ):  # FSDP's first forward: one sample at the recipe's size, not the source's 16 px
-            stack.enter_context(mock.patch.object(Trainer, "_probe", lambda self: _probe(self, cfg, fake)))
+        # FSDP's first forward: one sample at the recipe's size, not the stand-in source's 16 px
+        probe = mock.patch.object(Trainer, "_probe", lambda self: _probe(self, cfg, fake, shapes))
+        stack.enter_context(probe)
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
         for group in trainer.optimizer.param_groups:  # the AdamW a GPU run builds (strategies: fused on cuda)
             group.update(fused=True, foreach=False)

@@ -351,3 +351,17 @@ def test_plans_and_dry_runs_size_the_architecture_a_recipe_names(recipe, archite
     assert plan.plan_config(cfg, gpus, pairs=1).model.config == architecture
     if recipe == "vipo-wan14b-poly":  # the dry run's parameter count is the 14B model's, not 1.3B's
         assert _model(cfg)["parameters"] > 13e9
+
+
+def test_fsdp_from_a_latent_cache_probes_with_the_caches_shapes(tmp_path):
+    """FSDP's first forward takes one cached sample (the encoders are freed), fake and real alike."""
+    args = [f"train.output_dir={tmp_path}/run", "train.batch_pairs=8", "parallel.strategy=fsdp"]
+    cfg = load_config(TINY, [*args, "data.cache=/nowhere/latent-cache"])
+    fake = plan.trace_rank(cfg, 4)
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cfg, 4), fake=False)
+    assert fake.exact["encoders"] == real.exact["encoders"] == 0
+    assert fake.flops.get("encode", 0) == 0
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    uncached = plan.trace_rank(load_config(TINY, args), 4)
+    assert fake.peak_bytes < uncached.peak_bytes
