@@ -146,9 +146,13 @@ class Trainer:
             self.adapter.context = self.context
         step_pairs = cfg.train.batch_pairs * cfg.train.grad_accum_steps  # global: the paper's LR convention
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
-        if self.device.type == "cuda":  # gradients and optimizer state against what the device has left
+        # Gradients and optimizer state against what the device has left: whole ones before the
+        # strategy wraps the model, fsdp's shards once it has (engine/plan/budget.py).
+        if self.device.type == "cuda" and cfg.parallel.strategy != "fsdp":
             self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
+        if self.device.type == "cuda" and cfg.parallel.strategy == "fsdp" and not cfg.parallel.cpu_offload:
+            self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.ema = PolicyEMA(self.strategy.network, cfg.train.ema_decay) if cfg.train.ema_decay else None
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"
         self.generator = parallel.rank_generator(cfg.train.seed, world, self.device, per_rank_noise)
@@ -171,11 +175,11 @@ class Trainer:
 
     def check_memory(self, free_bytes: int) -> None:
         """Stop in one line when the first step's gradients and optimizer state cannot fit in
-        `free_bytes` (engine/plan/budget.py); called on a GPU before the strategy wraps the model."""
+        `free_bytes` (engine/plan/budget.py); called on a GPU at start-up."""
         from .plan.budget import check_fits
 
         check_fits(
-            self.adapter.network.parameters(),
+            self.adapter.network.parameters(),  # fsdp: the DTensor shards, once sharded
             self.cfg.parallel.strategy,
             free_bytes,
             str(self.device),

@@ -1,14 +1,17 @@
 """The cheap part of a plan, checked before a run's first step on a GPU: the gradients, optimizer
 state and DDP buckets still to come, against the memory the device has free once the weights are
 on it. A run that cannot fit them stops in one line at start-up instead of running out of memory
-at its first optimizer step. Activations are not in it (`vipo plan` traces those)."""
+at its first optimizer step. Activations are not in it (`vipo plan` traces those).
+
+none / ddp: every rank holds every gradient and AdamW state; checked before the strategy wraps the
+model. fsdp: each rank holds its shard of them, checked once fully_shard has run, from the local
+shard of each parameter (DTensor.to_local: ceil(d0 / N) rows on rank 0). zero2 / zero3 are not
+checked: DeepSpeed allocates its partitions when it builds the engine."""
 
 from ..errors import RunError
 
 GIB = 2**30
-# Strategies whose every rank holds every gradient and optimizer state; a sharded strategy's
-# share per rank is left to `vipo plan`.
-UNSHARDED = ("none", "ddp")
+UNSHARDED = ("none", "ddp")  # every rank holds every gradient and optimizer state
 # bitsandbytes' AdamW8bit: two uint8 states per element, with one fp32 scale per block of 256 for
 # each; tensors under 4096 elements keep two fp32 states (its min_8bit_size).
 BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
@@ -22,12 +25,23 @@ def _adamw8bit_state(params) -> int:
     return total
 
 
+def _local(param):
+    from torch.distributed.tensor import DTensor
+
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
 def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, int] | None:
-    """What the first step adds per GPU for the trainable `params` (optim.optimizer `optimizer`);
-    None for sharded strategies."""
-    if strategy not in UNSHARDED:
-        return None
+    """What the first step adds per GPU for the trainable `params` (optim.optimizer `optimizer`):
+    whole tensors for none / ddp, this rank's shards for fsdp once they are sharded; None where
+    this is not known here (zero2 / zero3, fsdp before fully_shard)."""
     params = [p for p in params if p.requires_grad]
+    if strategy == "fsdp":
+        params = [_local(p) for p in params if _local(p) is not p]
+        if not params:  # not sharded yet
+            return None
+    elif strategy not in UNSHARDED:
+        return None
     trainable = sum(p.numel() * p.element_size() for p in params)
     if optimizer == "adamw8bit":
         parts = {"gradients": trainable, "AdamW8bit state": _adamw8bit_state(params)}
@@ -46,9 +60,12 @@ def check_fits(params, strategy: str, free_bytes: int, device: str, *, optimizer
     if need <= free_bytes:
         return
     shown = ", ".join(f"{name} {value / GIB:.1f}" for name, value in parts.items())
+    if strategy == "fsdp":
+        fix = "shard over more GPUs, offload (parallel.cpu_offload=true)"
+    else:
+        fix = "shard it (parallel.strategy=fsdp or zero2)"
     raise RunError(
         f"{device}: the first step needs {need / GIB:.1f} GiB more ({shown}) than the "
-        f"{free_bytes / GIB:.1f} GiB free after the weights, before any activation: shard it "
-        "(parallel.strategy=fsdp or zero2), train a LoRA (model.lora_rank), or size it with "
-        "`vipo plan RECIPE --batch-search`"
+        f"{free_bytes / GIB:.1f} GiB free after the weights, before any activation: {fix}, "
+        "train a LoRA (model.lora_rank), or size it with `vipo plan RECIPE --batch-search`"
     )

@@ -317,7 +317,8 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
         "AdamW state": 2 * trainable,
     }
     assert sum(bytes_to_come(trainer.network.parameters(), "ddp").values()) == 4 * trainable
-    assert bytes_to_come(trainer.network.parameters(), "fsdp") is None  # per-rank shares: vipo plan
+    assert bytes_to_come(trainer.network.parameters(), "fsdp") is None  # not sharded yet
+    assert bytes_to_come(trainer.network.parameters(), "zero3") is None  # DeepSpeed's own
     trainer.check_memory(3 * trainable)  # exactly enough
     with pytest.raises(RunError) as err:
         trainer.check_memory(3 * trainable - 1)
@@ -331,6 +332,22 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
         f"{(3 * trainable - 1) / GIB:.1f} GiB free" in message
         and "vipo plan RECIPE --batch-search" in message
     )
+
+
+def test_the_start_up_check_counts_this_ranks_fsdp_shards(tmp_path):
+    from vipo.engine.plan.budget import bytes_to_come
+    from vipo.engine.trainer import Trainer
+
+    args = [f"train.output_dir={tmp_path}", "train.batch_pairs=8", "parallel.strategy=fsdp"]
+    cfg = load_config(TINY, args)
+    whole = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    shard = rank0_shard_bytes([p for p in whole.network.parameters() if p.requires_grad], 4)
+    with plan.fake_world(4), Trainer(cfg, progress=False) as trainer:
+        parts = bytes_to_come(trainer.network.parameters(), "fsdp")
+        assert parts == {"gradients": shard, "AdamW state": 2 * shard}  # no DDP buckets
+        trainer.check_memory(3 * shard)
+        with pytest.raises(RunError, match=r"cpu: the first step needs .*\(parallel.cpu_offload=true\)"):
+            trainer.check_memory(3 * shard - 1)
 
 
 @pytest.mark.parametrize(
