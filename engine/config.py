@@ -130,6 +130,11 @@ class ReferenceConfig:
         "precomputed: e_ref from `vipo score-reference`'s table (needs data.cache)",
     )
     table: str | None = option(None, "precomputed: reference-error table folder; None = DATA.CACHE/reference")
+    dtype: Literal["policy", "bfloat16"] = option(
+        "policy",
+        "copy: the frozen copy's weights in the policy's dtype, or bfloat16 (half their memory, as the "
+        "official 16-bit reference; needs train.mixed_precision=bf16, whose autocast casts them anyway)",
+    )
 
 
 @dataclass
@@ -333,6 +338,16 @@ class RunConfig:
             raise ConfigError(
                 "reference.mode is 'precomputed' but data.cache is not set: the reference table is scored on "
                 "a latent cache (`vipo cache`, then `vipo score-reference`); set data.cache=FOLDER"
+            )
+        if self.reference.dtype != "policy" and self.reference.mode != "copy":
+            raise ConfigError(
+                f"reference.dtype={self.reference.dtype} is for reference.mode=copy, got {self.reference.mode!r} "
+                "(the adapter reference is the policy's own weights; precomputed holds none)"
+            )
+        if self.reference.dtype == "bfloat16" and self.train.mixed_precision != "bf16":
+            raise ConfigError(
+                "reference.dtype=bfloat16 needs train.mixed_precision=bf16 (without autocast, the "
+                f"bfloat16 weights would meet float32 inputs); got {self.train.mixed_precision!r}"
             )
         if self.reference.table and self.reference.mode != "precomputed":
             raise ConfigError(

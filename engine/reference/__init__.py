@@ -42,16 +42,31 @@ def meta_copy(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network, memo)
 
 
+def cast_frozen(network: nn.Module, dtype: torch.dtype) -> None:
+    """Cast a frozen network's parameters to `dtype` in place, except those its class keeps in
+    float32 (diffusers' `_keep_in_fp32_modules`, matched against the parts of each parameter's
+    name as diffusers matches them: Wan's norms, time embedding and scale-shift tables). Buffers
+    keep their dtype (rotary tables, position ids)."""
+    keep = set(getattr(network, "_keep_in_fp32_modules", None) or ())
+    for name, param in network.named_parameters():
+        if param.is_floating_point() and not keep.intersection(name.split(".")):
+            param.data = param.data.to(dtype)
+
+
 class CopyReference:
     mode = "copy"
 
-    def __init__(self, adapter, *, on_meta: bool = False):
+    def __init__(self, adapter, *, on_meta: bool = False, dtype: torch.dtype | None = None):
         """`on_meta`: the copy is made on the meta device on every rank, rank 0 included, and
         takes its weights from the policy's when FSDP shards it (parallel.materialise): no
-        second full model is ever held, even on rank 0."""
+        second full model is ever held, even on rank 0. `dtype` (reference.dtype=bfloat16): the
+        copy's weights in it; its forward runs under the step's bf16 autocast, which casts the
+        policy's float32 weights to bfloat16 for every matmul and convolution anyway."""
         self.adapter = adapter
         network = meta_copy(adapter.network) if on_meta else copy.deepcopy(adapter.network)
         network.requires_grad_(False)
+        if dtype is not None:
+            cast_frozen(network, dtype)
         self.network: nn.Module = network.train(frozen_mode(network))
 
     @torch.no_grad()
@@ -81,7 +96,10 @@ class AdapterReference:
 
 def build_reference(mode: str, adapter, cfg=None, *, on_meta: bool = False):
     if mode == "copy":
-        return CopyReference(adapter, on_meta=on_meta)
+        dtype = (
+            None if cfg is None or cfg.reference.dtype == "policy" else getattr(torch, cfg.reference.dtype)
+        )
+        return CopyReference(adapter, on_meta=on_meta, dtype=dtype)
     if mode == "adapter":
         return AdapterReference(adapter)
     if mode == "precomputed":  # the table is found through the run config (data.cache, reference.table)
