@@ -1,6 +1,6 @@
 """README's "Which strategy for which model" table, from `vipo plan` traces of every recipe.
 
-    python benchmarks/strategy_table.py --trace    # trace every recipe under ddp and fsdp (~25 min)
+    python benchmarks/strategy_table.py --trace    # trace every recipe under ddp, fsdp and the baseline (10-15 min)
     python benchmarks/strategy_table.py            # write README's table from the results JSON
     python benchmarks/strategy_table.py --check    # exit 1 where README and the JSON disagree
 
