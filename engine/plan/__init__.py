@@ -67,7 +67,9 @@ Strategies:
             torch's FSDPMemTracker, which relabels the same bytes by FSDP state, is not needed for
             the peak. The device meshes are built outside the fake mode (their rank tables are
             host integers: parallel.device_mesh). Context parallelism (Ulysses / ring) is traced
-            here too: each rank's token shard, the all-to-alls' outputs.
+            here too: each rank's token shard, the all-to-alls' outputs. DTensor's sharding
+            propagation, which runs each op on fake tensors of the global shapes to learn its
+            output's metadata, allocates nothing on a GPU and is not counted (tracking.py).
     zero2, zero3, optim.optimizer=adamw8bit, parallel.cpu_offload: not built, refused in one line
             (DeepSpeed's engine has not been run on fake tensors; fsdp shards what zero3 shards,
             and AdamW's plan bounds AdamW8bit's).
