@@ -247,6 +247,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
             "gradient_checkpointing": traced_cfg.model.gradient_checkpointing,
         },
         "reference_mode": cfg.reference.mode if cfg.loss.objective != "sft" else None,
+        "reference_dtype": cfg.reference.dtype,
         "objective": cfg.loss.objective,
         "mixed_precision": cfg.train.mixed_precision,
         "latent_cache": bool(cfg.data.cache),
@@ -331,6 +332,31 @@ def render(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def remedies(plan: dict) -> list[str]:
+    """The settings that take bytes off this plan's peak, each with the exact bytes it removes where
+    the trace counted them (the encoders, the reference copy) or what it shards."""
+    split, found = plan["split_bytes"], []
+    if plan["strategy"] in ("none", "ddp") and plan["gpus"] > 1:
+        found.append("parallel.strategy=fsdp (shards weights, gradients, AdamW state and the reference)")
+    if split.get("encoders") and not plan["latent_cache"]:
+        found.append(
+            f"a latent cache (`vipo cache`, then data.cache=...): -{_gib(split['encoders'])} of encoders"
+        )
+    if (
+        plan["reference_mode"] == "copy"
+        and plan["mixed_precision"] == "bf16"
+        and plan["reference_dtype"] == "policy"
+    ):
+        found.append(f"reference.dtype=bfloat16: -{_gib(split['reference'] // 2)} of the reference copy")
+    if not plan["model"]["gradient_checkpointing"]:
+        found.append("model.gradient_checkpointing=true")
+    if plan["pairs_per_gpu"] > 1:
+        found.append("fewer pairs per GPU (train.batch_pairs, with train.grad_accum_steps)")
+    if not plan["model"]["lora_rank"]:
+        found.append("a LoRA (model.lora_rank=64 reference.mode=adapter)")
+    return found
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..cli import load_recipe
 
@@ -343,7 +369,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not plan["fits"]:  # exit 1, one line: a pre-flight check in a script stops here
         print(
             f"vipo plan: {_gib(plan['peak_bytes_per_gpu'])} per GPU does not fit --gpu-memory {args.gpu_memory} "
-            f"(over by {_gib(plan['overflow_bytes'])}, peak in {plan['peak_phase']})",
+            f"(over by {_gib(plan['overflow_bytes'])}, peak in {plan['peak_phase']}); to try: "
+            + "; ".join(remedies(plan)),
             file=sys.stderr,
         )
         return 1

@@ -164,6 +164,11 @@ def test_a_too_small_gpu_is_refused_with_the_overflow_named_and_a_larger_one_fit
     assert len(err.splitlines()) == 1 and "does not fit --gpu-memory 1MB" in err
     over = (fake.peak_bytes - 10**6) / 2**30
     assert f"over by {over:.2f} GiB" in err
+    # what would help, from the trace: the tiny recipe has encoders on the GPU, 2 pairs, no LoRA
+    encoders = f"{fake.split['encoders'] / 2**30:.2f} GiB of encoders"
+    assert f"to try: a latent cache (`vipo cache`, then data.cache=...): -{encoders}" in err
+    assert "fewer pairs per GPU" in err and "model.lora_rank=64" in err
+    assert "parallel.strategy=fsdp" not in err  # one GPU: nothing to shard over
     assert main([*args, "--gpu-memory", str(fake.peak_bytes), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] and out["overflow_bytes"] == 0 and out["peak_bytes_per_gpu"] == fake.peak_bytes
@@ -382,3 +387,24 @@ def test_fsdp_from_a_latent_cache_probes_with_the_caches_shapes(tmp_path):
     assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
     uncached = plan.trace_rank(load_config(TINY, args), 4)
     assert fake.peak_bytes < uncached.peak_bytes
+
+
+def test_remedies_name_what_the_trace_counted():
+    gib = 2**30
+    found = plan.remedies(
+        {
+            "strategy": "ddp",
+            "gpus": 8,
+            "split_bytes": {"encoders": 0, "reference": 10 * gib},
+            "latent_cache": True,
+            "reference_mode": "copy",
+            "reference_dtype": "policy",
+            "mixed_precision": "bf16",
+            "model": {"gradient_checkpointing": True, "lora_rank": 64},
+            "pairs_per_gpu": 1,
+        }
+    )
+    assert found == [
+        "parallel.strategy=fsdp (shards weights, gradients, AdamW state and the reference)",
+        "reference.dtype=bfloat16: -5.00 GiB of the reference copy",
+    ]
