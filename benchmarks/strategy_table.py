@@ -183,9 +183,7 @@ def _ratios(row: dict) -> str:
 
 def render_row(recipe: str, row: dict, notes: dict[str, int]) -> str:
     """One recipe's row; `notes` numbers the reasons of cells not traced (footnotes, filled in here)."""
-    traced = [
-        row[s] for s in (row["recipe_strategy"], *STRATEGIES) if "refused" not in row.get(s, {"refused": ""})
-    ]
+    traced = [row[s] for s in (row["recipe_strategy"], *STRATEGIES) if s in row and "refused" not in row[s]]
     cells = [f"`{recipe}`", _step(traced[0]) if traced else "-", *(_cell(row[c], notes) for c in CELLS)]
     return "| " + " | ".join([*cells, _ratios(row), row["recipe_strategy"]]) + " |"
 

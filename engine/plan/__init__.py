@@ -10,7 +10,7 @@ How it traces (one step of the engine's own code, nothing copied; trace.py):
                         the real architecture, configs/models/; compile off; the configured
                         reference mode, param_dtype, autocast and activation checkpointing); a recipe
                         naming a weights folder (model.path) builds the model.config it names, else
-                        FULL_CONFIGS[family] (families.sized_architecture).
+                        the family's released architecture (families.sized_architecture).
     the step            strategy.zero_grad, Trainer.forward_backward (encode, reference, policy
                         forward, loss, backward through the trainer's phase marks), then the update's
                         clip + AdamW step (Strategy._clip, optimizer.step: update() without its host
@@ -85,7 +85,7 @@ from contextlib import nullcontext
 
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
-from ..families import FAMILIES, sized_architecture
+from ..families import sized_architecture
 from .trace import StepTrace, fake_world, pixel_shape, trace_step
 from .tracking import CUDA_FP32_OPS, PHASES, cuda_autocast_policy
 
@@ -108,8 +108,6 @@ __all__ = [
 ]
 
 GIB = 2**30
-# The real architecture of each family, built when a recipe names a weights folder (model.path).
-FULL_CONFIGS = {name: family.full_config for name, family in FAMILIES.items()}
 TRACED_STRATEGIES = ("none", "ddp", "fsdp")
 PLACEHOLDER_CACHE = "latent-cache-of-vipo-plan"  # data.cache is read by no one: the batch is made here
 

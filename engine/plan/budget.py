@@ -25,10 +25,11 @@ def _adamw8bit_state(params) -> int:
     return total
 
 
-def _local(param):
+def local_shard(tensor):
+    """What this rank holds of a tensor: an FSDP parameter's (DTensor's) local shard, or the tensor."""
     from torch.distributed.tensor import DTensor
 
-    return param.to_local() if isinstance(param, DTensor) else param
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, int] | None:
@@ -37,7 +38,7 @@ def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, 
     this is not known here (zero2 / zero3, fsdp before fully_shard)."""
     params = [p for p in params if p.requires_grad]
     if strategy == "fsdp":
-        params = [_local(p) for p in params if _local(p) is not p]
+        params = [local_shard(p) for p in params if local_shard(p) is not p]
         if not params:  # not sharded yet
             return None
     elif strategy not in UNSHARDED:

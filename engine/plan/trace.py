@@ -14,6 +14,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
 
 from ..config import RunConfig
 from ..parallel import LAUNCH_ENV
+from .budget import local_shard
 from .tracking import (
     PHASES,
     StepMemTracker,
@@ -59,17 +60,10 @@ class _ZeroTable:
         return torch.zeros(2 * len(ids))
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of a tensor: an FSDP parameter's shard, or the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def _bytes(module) -> int:
     if not isinstance(module, torch.nn.Module):
         return 0
-    tensors = [_local(t) for t in (*module.parameters(), *module.buffers())]
+    tensors = [local_shard(t) for t in (*module.parameters(), *module.buffers())]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -239,7 +233,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             mark("optimizer")
         after = _merged(tracker.get_tracker_snapshot("current"))
         world_shares = trainer.world.data_size
-        trainable = sum(_local(p).numel() * p.element_size() for p in trainer.params)
+        trainable = sum(local_shard(p).numel() * p.element_size() for p in trainer.params)
         exact = {
             "policy": _bytes(trainer.network),
             "trainable": trainable,
