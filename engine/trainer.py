@@ -148,10 +148,17 @@ class Trainer:
         self.lr = cfg.optim.lr * step_pairs if cfg.optim.scale_lr else cfg.optim.lr
         # Gradients and optimizer state against what the device has left: whole ones before the
         # strategy wraps the model, fsdp's shards once it has (engine/plan/budget.py).
-        if self.device.type == "cuda" and cfg.parallel.strategy != "fsdp":
+        from .plan.budget import check_point
+
+        when = (
+            check_point(cfg.parallel.strategy, cfg.parallel.cpu_offload)
+            if self.device.type == "cuda"
+            else None
+        )
+        if when == "before_wrap":
             self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.strategy = build_strategy(cfg, world, self.adapter, self.reference, self.lr, self._probe)
-        if self.device.type == "cuda" and cfg.parallel.strategy == "fsdp" and not cfg.parallel.cpu_offload:
+        if when == "after_wrap":
             self.check_memory(torch.cuda.mem_get_info(self.device)[0])
         self.ema = PolicyEMA(self.strategy.network, cfg.train.ema_decay) if cfg.train.ema_decay else None
         per_rank_noise = cfg.parallel.noise_draw == "per_rank"

@@ -32,6 +32,17 @@ def local_shard(tensor):
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def check_point(strategy: str, cpu_offload: bool = False) -> str | None:
+    """When a GPU run's start-up check runs: "before_wrap" (none, ddp: whole gradients and state,
+    before DDP allocates its buckets), "after_wrap" (fsdp: this rank's shards, once fully_shard has
+    run), None (zero2 / zero3, and fsdp offloading gradients and state to the host)."""
+    if strategy in UNSHARDED:
+        return "before_wrap"
+    if strategy == "fsdp" and not cpu_offload:
+        return "after_wrap"
+    return None
+
+
 def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, int] | None:
     """What the first step adds per GPU for the trainable `params` (optim.optimizer `optimizer`):
     whole tensors for none / ddp, this rank's shards for fsdp once they are sharded; None where

@@ -339,6 +339,23 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
     )
 
 
+@pytest.mark.parametrize(
+    ("strategy", "offload", "when"),
+    [
+        ("none", False, "before_wrap"),
+        ("ddp", False, "before_wrap"),  # before DDP allocates its buckets
+        ("fsdp", False, "after_wrap"),  # once the shards exist
+        ("fsdp", True, None),  # gradients and AdamW state live on the host
+        ("zero2", False, None),
+        ("zero3", False, None),
+    ],
+)
+def test_the_start_up_check_runs_where_its_bytes_are_known(strategy, offload, when):
+    from vipo.engine.plan.budget import check_point
+
+    assert check_point(strategy, offload) == when
+
+
 def test_the_start_up_check_counts_this_ranks_fsdp_shards(tmp_path):
     from vipo.engine.plan.budget import bytes_to_come
     from vipo.engine.trainer import Trainer
