@@ -32,6 +32,11 @@ step (prefetch then hides it: data wait 0, against the 2% target), plus one for 
 CPU per pair is CPU work wherever it runs, so the CPU pipeline JSON is committed
 (`--pipeline-only --out benchmarks/results/loader-pipeline-cpu.json`), with the CPU model.
 
+Image batches (`image-batch` rows): what a training micro-batch costs, `--batch-pairs` pairs
+cropped, resized to `--target` px (Lanczos) and flipped as PairTransform does: PIL in the loader,
+against one run of DALI's batch pipeline (loaders/dali.py `decode_pairs`) on its CPU device and,
+where CUDA is, nvJPEG ("mixed"), whose output stays on the GPU (timed after a synchronize).
+
 Each decoder figure is the median of `--repeats` timed passes after one warm-up pass (DALI builds its
 pipeline then). The decoders are synchronous and return host arrays (DALI "mixed" outputs are
 copied back to the host, as loaders/dali.py does), so wall-clock time around a call is the cost a
@@ -170,6 +175,43 @@ def bench_images(pairs: list[tuple[bytes, bytes]], repeats: int, cuda: bool) -> 
             )
         )
     return rows
+
+
+def bench_image_batches(
+    pairs: list[tuple[bytes, bytes]], repeats: int, cuda: bool, batch: int, target: int
+) -> list[dict]:
+    """The training path's work a micro-batch: headers, decode, crop, resize to `target` px
+    (Lanczos) and flip of `batch` pairs, by PIL in the loader (`decoder` pil) or by one run of
+    DALI's batch pipeline (`decode_pairs`; nvJPEG "mixed" leaves the batch on the GPU, where
+    the time is taken after a synchronize)."""
+    from vipo.loaders.images import PairTransform
+    from vipo.loaders.records import PairRecord
+
+    decoders = ["pil"] + (["cpu"] + (["mixed"] if cuda else []) if dali.dali_available() else [])
+    rows = []
+    for decoder in decoders:
+        transform = PairTransform(target, random_crop=True, flip_prob=0.5, decoder=decoder)
+
+        def run(transform=transform, decoder=decoder):
+            for start in range(0, len(pairs), batch):
+                records = []
+                for k, (winner, loser) in enumerate(pairs[start : start + batch]):
+                    key = f"pair-{start + k}"
+                    first, second, _ = transform.pair(winner, loser, refs=("winner", "loser"), key=key)
+                    records.append(PairRecord(key, "", first, second))
+                if decoder != "pil":
+                    dali.decode_pairs(records, decoder, _no_stand_in)
+            if decoder == "mixed":
+                torch.cuda.synchronize()
+
+        name = "pil" if decoder == "pil" else f"dali-{decoder}"
+        seconds = _timed(run, repeats)
+        rows.append(_row("image-batch", name, len(pairs), "pairs", seconds, batch_pairs=batch, target=target))
+    return rows
+
+
+def _no_stand_in(position, record, bad):
+    raise bad  # generated data: a bad image here is a bug in the benchmark
 
 
 def bench_video(clips: dict[str, list[Path]], repeats: int) -> list[dict]:
@@ -414,11 +456,10 @@ def _ratios(rows: list[dict]) -> dict:
     }
     ratios = {}
     for (kind, codec, backend), value in speed.items():
-        base = speed.get((kind, codec, "pil" if kind == "image" else "pyav"))
+        cpu = "pil" if kind.startswith("image") else "pyav"
+        base = speed.get((kind, codec, cpu))
         if backend.startswith("dali") and base:
-            ratios[
-                f"{kind}{'-' + codec if codec else ''}: {backend} / {'pil' if kind == 'image' else 'pyav'}"
-            ] = value / base
+            ratios[f"{kind}{'-' + codec if codec else ''}: {backend} / {cpu}"] = value / base
     return ratios
 
 
@@ -426,6 +467,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="JPEG side in pixels")
     parser.add_argument("--pairs", type=int, default=32, help="JPEG pairs a pass")
+    parser.add_argument("--batch-pairs", type=int, default=8, help="image-batch rows: pairs a DALI run")
+    parser.add_argument("--target", type=int, default=512, help="image-batch rows: output side in pixels")
     parser.add_argument("--clip-size", default="1280x720", help="clip WIDTHxHEIGHT")
     parser.add_argument("--frames", type=int, default=33, help="frames per clip")
     parser.add_argument("--clips", type=int, default=2, help="clips per codec")
@@ -476,6 +519,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.pairs, args.clip_size, args.frames, args.clips, args.repeats = 64, 2, "64x48", 5, 1, 1
+        args.batch_pairs, args.target = 2, 32
         args.sampler_pairs, args.sampler_calls, args.sampler_old_calls = "10000,100000", 50, 3
         args.pipeline_pairs, args.pipeline_batches, args.gpus = 8, 8, 64
         args.pipeline_overrides = [*args.pipeline_overrides, "data.num_frames=5"]
@@ -533,7 +577,9 @@ def main(argv=None) -> dict:
                 ]
                 for codec in args.codecs.split(",")
             }
-            rows = bench_images(pairs, args.repeats, cuda) + bench_video(clips, args.repeats)
+            rows = bench_images(pairs, args.repeats, cuda)
+            rows += bench_image_batches(pairs, args.repeats, cuda, args.batch_pairs, args.target)
+            rows += bench_video(clips, args.repeats)
         shapes = {
             "jpeg": [args.size, args.size, 3],
             "jpeg_pairs": args.pairs,

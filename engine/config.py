@@ -100,6 +100,11 @@ class DataConfig:
     video_backend: Literal["auto", "dali", "pyav"] = option(
         "auto", "video decoding: auto (DALI NVDEC where a GPU has it, else PyAV), dali, pyav"
     )
+    image_backend: Literal["auto", "dali", "pil"] = option(
+        "auto",
+        "image decoding for training and `vipo cache`: auto (DALI nvJPEG on the GPU, a micro-batch a run, "
+        "where DALI and a GPU are; else PIL in the loader), dali (DALI; its CPU decoder without a GPU), pil",
+    )
     regime: Literal["clean", "noisy", "shuffled"] = option(
         "clean", "procedural labels: clean, noisy (flipped labels), shuffled (losers from other prompts)"
     )

@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 __all__ = ["LORA_TARGETS", "Trainer", "build_data"]
 
 
-def build_data(data_cfg, seed: int, model_cfg=None, rank: int = 0, world_size: int = 1):
+def build_data(data_cfg, seed: int, model_cfg=None, rank: int = 0, world_size: int = 1, batch_decode=False):
     """The pair source of `data.*` (see data.py)."""
-    return build_source(data_cfg, model_cfg, seed, rank, world_size)
+    return build_source(data_cfg, model_cfg, seed, rank, world_size, batch_decode=batch_decode)
 
 
 def _no_mark(phase: str) -> None:
@@ -98,7 +98,9 @@ class Trainer:
         elif cfg.data.cache:  # latents and embeddings encoded once by `vipo cache`
             self.data = open_cache(cfg)
         else:
-            self.data = build_data(cfg.data, cfg.train.seed, cfg.model, world.data_rank, shares)
+            self.data = build_data(
+                cfg.data, cfg.train.seed, cfg.model, world.data_rank, shares, batch_decode=True
+            )
         self.batches = BatchStream(
             self.data,
             local_pairs,
@@ -238,7 +240,8 @@ class Trainer:
         if self.sampler is None:  # a stream: fixed-size squares (buckets are refused for shards)
             side = self.cfg.data.resolution
             return self.adapter.encode_pixels(torch.zeros(1, 3, side, side, device=self.device)), cond
-        return self.adapter.encode_pixels(to_pixels([self.data[0]], self.device)), cond
+        first = self.batches.decoded([self.data[0]], [0])
+        return self.adapter.encode_pixels(to_pixels(first, self.device)), cond
 
     # -- one optimizer step -------------------------------------------------------------------
 

@@ -75,11 +75,13 @@ def header(path: Path) -> dict[str, str] | None:
 
 
 def whole_shard(path: Path, digest: str, count: int) -> bool:
-    """True where `path` is a finished shard of this cache with `count` rows."""
+    """True where `path` is a finished shard of this cache covering `count` pairs of the source:
+    its rows plus the bad pairs it skipped (metadata "skipped")."""
     meta = header(path)
     if meta is None:
         return False
-    if meta.get("digest") != digest or len(json.loads(meta.get("ids", "[]"))) != count:
+    covered = len(json.loads(meta.get("ids", "[]"))) + int(meta.get("skipped", 0))
+    if meta.get("digest") != digest or covered != count:
         log.warning("%s belongs to another cache or plan: it will be rebuilt", path)
         return False
     return True

@@ -34,6 +34,8 @@ This module knows no model: the engine passes an encoder (`encode_prompts`, `enc
 and a fingerprint of what the cache depends on.
 """
 
+import bisect
+import itertools
 import json
 import logging
 import os
@@ -59,6 +61,7 @@ from .atomic import (
     whole_shard,
     write_json_atomic,
 )
+from .records import stack_pixels
 from .weight_maps import latent_weights
 
 log = logging.getLogger(__name__)
@@ -80,14 +83,14 @@ class PairEncoder(Protocol):
 # Writing
 
 
-def to_pixels(arrays: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HxWx3 images -> [N, 3, H, W]; FxHxWx3 clips -> [N, 3, F, H, W]; values in [-1, 1]."""
-    stacked = torch.from_numpy(np.stack(arrays)).float().div(127.5).sub(1.0)
-    if stacked.dim() == 4:
-        return stacked.permute(0, 3, 1, 2)
-    if stacked.dim() == 5:
-        return stacked.permute(0, 4, 1, 2, 3)
-    raise CacheError(f"pixels of shape {tuple(stacked.shape[1:])}: expected HxWx3 images or FxHxWx3 clips")
+def to_pixels(arrays: list) -> torch.Tensor:
+    """uint8 HxWx3 images -> [N, 3, H, W]; FxHxWx3 clips -> [N, 3, F, H, W]; values in [-1, 1],
+    on the device the arrays are on (a batch DALI decoded on the GPU stays there)."""
+    device = arrays[0].device if isinstance(arrays[0], torch.Tensor) else "cpu"
+    try:
+        return stack_pixels(arrays, device)
+    except ValueError as err:
+        raise CacheError(str(err)) from None
 
 
 def shard_name(shard: int) -> str:
@@ -122,6 +125,33 @@ def _same_shape_runs(records: list) -> list[list]:
     return runs
 
 
+def _cache_records(source, indices: list[int]) -> list:
+    """The pairs at `indices`, decoded (by the batch decoder where the source leaves it one). A
+    bad pair is left out, counted and logged by its source: a cache row is always the pair of
+    its index, never SkipBadSamples' stand-in (whose id another row already holds)."""
+    from .images import BadSample, SkipBadSamples
+
+    raw = source.source if isinstance(source, SkipBadSamples) else source
+    records, where = [], {}
+    for i in indices:
+        try:
+            record = raw[i]
+        except BadSample:
+            continue
+        records.append(record)
+        where[record.id] = i
+    if records and not isinstance(records[0].winner, np.ndarray):  # EncodedImages: decode the batch
+        from .dali import batch_decoder, decode_pairs
+
+        def drop(position, record, bad):
+            if hasattr(raw, "_bad"):
+                raw._bad(where[record.id], bad)
+            return None
+
+        records = decode_pairs(records, batch_decoder(raw), drop)
+    return records
+
+
 def _encode_shard(
     source,
     encoder: PairEncoder,
@@ -138,8 +168,11 @@ def _encode_shard(
     weights: list[float] = []  # each row's pair weight
     mapped: list[int] = []  # rows with a weight map
     posterior = None
+    skipped = 0  # bad pairs of this shard's range (the source counted and logged each)
     for start in range(first, first + count, batch_pairs):
-        records = [source[i] for i in range(start, min(start + batch_pairs, first + count))]
+        indices = list(range(start, min(start + batch_pairs, first + count)))
+        records = _cache_records(source, indices)
+        skipped += len(indices) - len(records)
         for run in _same_shape_runs(records):
             new = [p for p in dict.fromkeys(r.prompt for r in run) if p not in prompts]
             if new:
@@ -175,7 +208,9 @@ def _encode_shard(
                 ids.append(str(record.id))
                 slots.append(prompts[record.prompt])
             advance(n)
+        advance(len(indices) - len(records))
     metadata = {
+        "skipped": str(skipped),
         "ids": json.dumps(ids),
         "prompt_slots": json.dumps(slots),
         "prompts": json.dumps(list(prompts)),
@@ -272,7 +307,7 @@ def write_cache(
     mine = [index["shards"][s] for s in range(rank, len(index["shards"]), world_size)]
     kept = [s["file"] for s in mine if whole_shard(folder / s["file"], digest, s["count"])]
     todo = [s for s in mine if s["file"] not in kept]
-    written = []
+    written, skipped, tried = [], 0, 0
     with tqdm(
         total=sum(s["count"] for s in todo),
         desc=f"cache rank {rank}/{world_size}",
@@ -289,11 +324,16 @@ def write_cache(
             )
             save_atomic(tensors, path, {"format": FORMAT, "digest": digest, **metadata})
             written.append(shard["file"])
+            skipped += int(metadata["skipped"])
+            tried += shard["count"]
+    if tried and skipped == tried:
+        raise CacheError(f"all {tried} pairs this rank encoded are bad files (see the skips logged above)")
     index = finalize_index(folder)
     return {
         "folder": str(folder),
         "written": written,
         "kept": kept,
+        "skipped": skipped,
         "complete": index["complete"],
         "shards": len(index["shards"]),
         "rank": rank,
@@ -325,6 +365,7 @@ def finalize_index(folder: str | Path, write: bool = True) -> dict:
         for shard in index["shards"]:
             contents = _shard_contents(folder, shard)
             ids += contents["ids"]
+            shard["rows"] = len(contents["ids"])  # fewer than count where bad pairs were left out
             posterior = contents["posterior"]
             for key, shape in contents["shapes"].items():
                 if key.startswith("prompt/"):
@@ -399,6 +440,12 @@ class LatentCache:
         self.ids: list[str] = index["ids"]
         self.posterior: bool = index["posterior"]
         self._rows = {pair_id: i for i, pair_id in enumerate(self.ids)}
+        # Row i's (shard, row in shard): shards hold `count` rows less the bad pairs left out
+        # ("rows"; an index written before skips were left out has full shards).
+        rows = [shard.get("rows", shard["count"]) for shard in index["shards"]]
+        self._starts = [0, *itertools.accumulate(rows)][:-1]  # each shard's first row
+        if sum(rows) != len(self.ids):
+            raise CacheError(f"{self.folder}: index.json lists {len(self.ids)} ids for {sum(rows)} rows")
         self._handles: dict[int, tuple] = {}
 
     def __len__(self) -> int:
@@ -436,7 +483,8 @@ class LatentCache:
     def __getitem__(self, i: int) -> CachedPair:
         if not 0 <= i < len(self.ids):
             raise IndexError(f"pair {i} out of range [0, {len(self.ids)})")
-        shard, row = divmod(i, self.index["pairs_per_shard"])
+        shard = bisect.bisect_right(self._starts, i) - 1
+        row = i - self._starts[shard]
         handle, slots, prompts, weights, mapped = self._shard(shard)
         slot = slots[row]
         cond = {key: handle.get_tensor(f"prompt/{slot}/{key}") for key in self.index["shapes"]["cond"]}

@@ -11,7 +11,19 @@ path returns the frames the PyAV path (loaders/video.py) returns. A codec the ch
 cannot decode goes to PyAV, with the reason logged and returned.
 
 Images: `fn.decoders.image` on device "mixed" is nvJPEG (hardware JPEG decoder where the GPU has
-one); PIL is the CPU path.
+one); PIL is the CPU path. Two uses:
+- `decode_images`: whole images, a pair at a time (tools that want the decoded image itself);
+- `decode_pairs`: the training path. A source whose PairTransform has decoder "cpu" | "mixed"
+  yields pairs of EncodedImages (bytes plus the pair's crop box, target size and flip), and one
+  DALI run per micro-batch decodes, crops, resizes (Lanczos 3) and flips all 2B images, output as
+  one uint8 [2B, H, W, 3] torch tensor on the GPU for "mixed" (copied from DALI's buffer to
+  torch's on the device, never through the host). An image DALI would decode differently from
+  PIL goes through PIL; a batch DALI fails on is decoded again with PIL, which names the bad
+  image: the caller's `replace_pair` stands in another pair and counts the skip.
+Clips take the same road: VideoPairManifest(batch=True) yields EncodedClips (probed clip and
+ClipPlan), and `decode_pairs` decodes the 2B clips of a micro-batch in one run of the video
+pipeline (NVDEC on "mixed"), clips of a codec DALI cannot decode through PyAV into the same
+tensor, and a failed run clip by clip with PyAV.
 """
 
 import ctypes
@@ -19,11 +31,13 @@ import functools
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .images import BadSample, decode_image, regular_file
+from .images import BadSample, EncodedImage, PairTransform, decode_image, regular_file
+from .records import PairRecord
 from .video import ClipInfo, ClipPlan, decode_pyav
 
 logger = logging.getLogger(__name__)
@@ -81,40 +95,55 @@ def _device_id(device: str) -> int | None:
     return torch.cuda.current_device()
 
 
-def _pipeline(kind: str, device: str):
-    """(pipeline, lock) for `kind` ("video" | "image") on `device` ("cpu" | "mixed")."""
+def _pipeline(kind: str, device: str, batch: int = MAX_BATCH, resample: str = ""):
+    """(pipeline, lock) for `kind` ("video" | "image" | "pairs") on `device` ("cpu" | "mixed"),
+    taking up to `batch` samples a run ("pairs": a micro-batch's 2B images, resampled so)."""
     device_id = _device_id(device)
-    key = (os.getpid(), kind, device, device_id)
+    key = (os.getpid(), kind, device, device_id, batch, resample)
     with _pipelines_lock:
         if key not in _pipelines:
-            build = _video_pipeline if kind == "video" else _image_pipeline
-            pipe = build(device, device_id)
+            if kind == "pairs":
+                pipe = _pair_pipeline(device, device_id, batch, resample)
+            elif kind == "video":
+                pipe = _video_pipeline(device, device_id, batch)
+            else:
+                pipe = _image_pipeline(device, device_id)
             pipe.build()
             _pipelines[key] = (pipe, threading.Lock())
         return _pipelines[key]
 
 
-def _drop_pipeline(kind: str, device: str) -> None:
+def _drop_pipeline(kind: str, device: str, batch: int = MAX_BATCH, resample: str = "") -> None:
     """A pipeline that raised may hold half-done state: the next call builds a fresh one."""
     with _pipelines_lock:
-        _pipelines.pop((os.getpid(), kind, device, _device_id(device)), None)
+        _pipelines.pop((os.getpid(), kind, device, _device_id(device), batch, resample), None)
 
 
-def _video_pipeline(device: str, device_id: int | None):
-    from nvidia.dali import fn, pipeline_def, types
+def _pipeline_def(batch: int, device_id: int | None):
+    """DALI's pipeline decorator as every vipo pipeline uses it: up to `batch` samples a run,
+    fed by external sources and run synchronously (no prefetch: the caller has the inputs)."""
+    from nvidia.dali import pipeline_def
 
-    @pipeline_def(
-        batch_size=MAX_BATCH,
-        num_threads=min(4, os.cpu_count() or 1),
-        device_id=device_id,
-        prefetch_queue_depth=1,
+    return pipeline_def(
+        batch_size=batch, num_threads=min(4, os.cpu_count() or 1), device_id=device_id, prefetch_queue_depth=1
     )
+
+
+def _feeds(ndim: int = 1, **dtypes: str) -> list:
+    """One external source per keyword, named so, of that DALI dtype (inside a pipeline)."""
+    from nvidia.dali import fn, types
+
+    return [fn.external_source(name=name, dtype=getattr(types, d), ndim=ndim) for name, d in dtypes.items()]
+
+
+def _video_pipeline(device: str, device_id: int | None, batch: int = MAX_BATCH):
+    from nvidia.dali import fn, types
+
+    @_pipeline_def(batch, device_id)
     def video():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-        resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)
-        start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
-        shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+        encoded, frames, resized, start, shape = _feeds(
+            encoded="UINT8", frames="INT32", resized="FLOAT", start="INT32", shape="INT32"
+        )
         # pad_mode="none": an index past the end is an error, never a silently padded frame.
         clip = fn.decoders.video(encoded, device=device, frames=frames, pad_mode="none")
         clip = fn.resize(clip, size=resized, antialias=True, interp_type=types.INTERP_LINEAR)
@@ -124,19 +153,194 @@ def _video_pipeline(device: str, device_id: int | None):
 
 
 def _image_pipeline(device: str, device_id: int | None):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    @pipeline_def(
-        batch_size=MAX_BATCH,
-        num_threads=min(4, os.cpu_count() or 1),
-        device_id=device_id,
-        prefetch_queue_depth=1,
-    )
+    @_pipeline_def(MAX_BATCH, device_id)
     def image():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         return fn.decoders.image(encoded, device=device, output_type=types.RGB)
 
     return image()
+
+
+# PairTransform's resampling filters as DALI's (names of nvidia.dali.types.DALIInterpType).
+DALI_RESAMPLE = {"lanczos": "INTERP_LANCZOS3", "bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
+
+
+def _pair_pipeline(device: str, device_id: int | None, batch: int, resample: str):
+    from nvidia.dali import fn, types
+
+    interp = getattr(types, DALI_RESAMPLE[resample])
+
+    @_pipeline_def(batch, device_id)
+    def pairs():
+        encoded, roi_start, roi_end, size = _feeds(
+            encoded="UINT8", roi_start="FLOAT", roi_end="FLOAT", size="FLOAT"
+        )
+        (mirror,) = _feeds(0, mirror="INT32")  # one number a sample
+        image = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+        # The crop box as the resize's region of interest, in (y, x) order like the tensor: one
+        # resampling from the decoded image to the target, as PIL's resize(box=...) does.
+        image = fn.resize(
+            image, roi_start=roi_start, roi_end=roi_end, size=size, interp_type=interp, antialias=True
+        )
+        return fn.flip(image, horizontal=mirror)
+
+    return pairs()
+
+
+def pair_inputs(images: list[EncodedImage]) -> dict[str, list[np.ndarray]]:
+    """The pair pipeline's external-source feeds of `images` (one list entry per image)."""
+    inputs = {"encoded": [], "roi_start": [], "roi_end": [], "size": [], "mirror": []}
+    for image in images:
+        left, top, right, bottom = image.box
+        inputs["encoded"].append(np.frombuffer(image.data, dtype=np.uint8))
+        inputs["roi_start"].append(np.asarray((top, left), dtype=np.float32))
+        inputs["roi_end"].append(np.asarray((bottom, right), dtype=np.float32))
+        inputs["size"].append(np.asarray(image.target[::-1], dtype=np.float32))
+        inputs["mirror"].append(np.asarray(int(image.flip), dtype=np.int32))
+    return inputs
+
+
+def torch_device(device: str):
+    """Where DALI's output lands as a torch tensor: the current CUDA device for "mixed"."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if device == "mixed" else torch.device("cpu")
+
+
+def _copy_out(batch, out, device: str):
+    """Copy a dense DALI batch into the torch tensor `out`: on the GPU (device to device, ordered
+    on torch's current stream) for "mixed", so the pixels never pass through the host."""
+    import torch
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    stream = torch.cuda.current_stream(out.device) if device == "mixed" else None
+    return feed_ndarray(batch, out, cuda_stream=stream)
+
+
+def _run_into(pipeline, inputs: dict, out, positions: list[int], device: str, refs: list[str]) -> None:
+    """One run of `pipeline` (pipeline, lock) on `inputs`, its samples copied into `out` at
+    `positions` (all of `out`: straight in). BadSample when a sample is not `out`'s shape."""
+    import torch
+
+    pipe, lock = pipeline
+    with lock:  # the next run reuses DALI's output buffers: copy them out before releasing
+        for name, batch in inputs.items():
+            pipe.feed_input(name, batch)
+        (decoded,) = pipe.run()
+        shapes = [tuple(decoded[k].shape()) for k in range(len(positions))]
+        for i, shape in zip(positions, shapes, strict=True):
+            if shape != tuple(out.shape[1:]):
+                raise BadSample(refs[i], f"DALI returned {shape}, expected {tuple(out.shape[1:])}")
+        if len(positions) == len(out):
+            _copy_out(decoded.as_tensor(), out, device)
+        else:
+            part = torch.empty((len(positions), *out.shape[1:]), dtype=torch.uint8, device=out.device)
+            out[positions] = _copy_out(decoded.as_tensor(), part, device)
+
+
+def decode_encoded(images: list[EncodedImage], device: str):
+    """uint8 [N, H, W, 3] of `images` (one target size) decoded, cropped, resized and flipped in
+    one DALI run on `device` ("cpu" | "mixed"), as a torch tensor on `torch_device(device)`.
+    Images DALI does not decode as PIL does (`EncodedImage.dali` false) are decoded by PIL and
+    placed in the same tensor. RuntimeError when DALI fails (a corrupt image, usually)."""
+    import torch
+
+    targets = {image.target for image in images}
+    resamples = {image.resample for image in images}
+    if len(targets) != 1 or len(resamples) != 1:
+        raise ValueError(f"a batch mixes target sizes {sorted(targets)}: one batch decodes to one size")
+    (width, height), (resample,) = targets.pop(), resamples
+    out = torch.empty((len(images), height, width, 3), dtype=torch.uint8, device=torch_device(device))
+    by_dali = [i for i, image in enumerate(images) if image.dali]
+    if by_dali:
+        pipe = _pipeline("pairs", device, len(images), resample)
+        _run_into(
+            pipe, pair_inputs([images[i] for i in by_dali]), out, by_dali, device, [i.ref for i in images]
+        )
+    for i, image in enumerate(images):
+        if not image.dali:
+            out[i] = torch.from_numpy(PairTransform.apply_encoded(image))
+    return out
+
+
+def is_encoded(record: PairRecord) -> bool:
+    return isinstance(record.winner, (EncodedImage, EncodedClip))
+
+
+def _output_key(item) -> tuple:
+    if isinstance(item, EncodedClip):
+        return ("clip", len(item.plan.frame_indices), item.plan.size)
+    return ("image", item.target, item.resample)
+
+
+def _decode_on_cpu(item) -> np.ndarray:
+    """The CPU path's pixels of one EncodedImage (PIL) or EncodedClip (PyAV)."""
+    if isinstance(item, EncodedClip):
+        return decode_pyav(item.info, item.plan)
+    return PairTransform.apply_encoded(item)
+
+
+def decode_pairs(
+    records: list[PairRecord],
+    device: str,
+    replace_pair: Callable[[int, PairRecord, BadSample], PairRecord | None],
+    in_place: bool = True,
+) -> list[PairRecord]:
+    """The records of a micro-batch with EncodedImages, decoded: winner and loser become uint8
+    [H, W, 3] torch tensors (views of one [2B, H, W, 3] tensor on the GPU for "mixed").
+
+    When DALI fails on the batch, it is decoded again with PIL, pair by pair, and a pair with a
+    bad image is stood in for by `replace_pair(position, record, bad)` (the caller counts the
+    skip and returns the next pair its source gives, itself encoded, or None to drop the pair):
+    in its place (`in_place`, a map-style source: the PIL path's SkipBadSamples puts the next
+    good pair there too) or, for a stream, appended after the others, the order a stream that
+    skipped it would have given."""
+    groups: dict[tuple, list[int]] = {}  # one DALI run per output shape (a cache's shard mixes buckets)
+    for j, record in enumerate(records):
+        groups.setdefault(_output_key(record.winner), []).append(j)
+    decoded = list(records)
+    try:
+        for group in groups.values():
+            items = [records[j].winner for j in group] + [records[j].loser for j in group]
+            try:
+                if isinstance(items[0], EncodedClip):
+                    out = decode_encoded_clips(items, device)
+                else:
+                    out = decode_encoded(items, device)
+            except (RuntimeError, BadSample):
+                if isinstance(items[0], EncodedClip):
+                    _drop_pipeline("video", device, len(items))
+                else:
+                    _drop_pipeline("pairs", device, len(items), items[0].resample)
+                raise
+            for k, j in enumerate(group):
+                decoded[j] = replace(records[j], winner=out[k], loser=out[len(group) + k])
+        return decoded
+    except (RuntimeError, BadSample) as error:
+        clips = isinstance(records[0].winner, EncodedClip)
+        what, fallback = ("clips", "PyAV") if clips else ("images", "PIL")
+        _log_fallback(records[0].id, f"DALI failed on a batch of {what}: {_dali_error(error)}", fallback)
+    import torch
+
+    pending, done = list(records), []
+    while len(done) < len(pending):
+        j = len(done)
+        record = pending[j]
+        try:
+            pixels = [_decode_on_cpu(item) for item in (record.winner, record.loser)]
+        except BadSample as bad:
+            stand_in = replace_pair(j, record, bad)
+            if stand_in is not None and in_place:
+                pending[j] = stand_in
+                continue
+            del pending[j]
+            if stand_in is not None:
+                pending.append(stand_in)
+            continue
+        done.append(replace(record, winner=torch.from_numpy(pixels[0]), loser=torch.from_numpy(pixels[1])))
+    return done
 
 
 def _run(kind: str, device: str, inputs: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
@@ -204,13 +408,13 @@ def choose_video_backend(codec: str, backend: str = "auto", device: str = "auto"
 _logged_fallbacks: set[str] = set()
 
 
-def _log_fallback(path: str, reason: str) -> None:
+def _log_fallback(path: str, reason: str, decoder: str = "PyAV") -> None:
     # Once per reason at warning level (a data set has thousands of clips), at most 100 reasons.
     if reason not in _logged_fallbacks and len(_logged_fallbacks) < 100:
         _logged_fallbacks.add(reason)
-        logger.warning("decoding with PyAV: %s (first: %s)", reason, path)
+        logger.warning("decoding with %s: %s (first: %s)", decoder, reason, path)
     else:
-        logger.debug("decoding %s with PyAV: %s", path, reason)
+        logger.debug("decoding %s with %s: %s", path, decoder, reason)
 
 
 def decode_clips(
@@ -240,7 +444,8 @@ def decode_clips(
     return decoded
 
 
-def _decode_dali(clips: list[tuple[ClipInfo, ClipPlan]], device: str) -> list[np.ndarray]:
+def clip_inputs(clips: list[tuple[ClipInfo, ClipPlan]]) -> dict[str, list[np.ndarray]]:
+    """The video pipeline's external-source feeds (the files are read here)."""
     inputs = {"encoded": [], "frames": [], "resized": [], "start": [], "shape": []}
     for info, plan in clips:
         inputs["encoded"].append(_read_bytes(info.path))
@@ -248,7 +453,11 @@ def _decode_dali(clips: list[tuple[ClipInfo, ClipPlan]], device: str) -> list[np
         inputs["resized"].append(np.asarray(plan.resized, dtype=np.float32))
         inputs["start"].append(np.asarray((plan.top, plan.left), dtype=np.int32))
         inputs["shape"].append(np.asarray(plan.size, dtype=np.int32))
-    outputs = _run("video", device, inputs)
+    return inputs
+
+
+def _decode_dali(clips: list[tuple[ClipInfo, ClipPlan]], device: str) -> list[np.ndarray]:
+    outputs = _run("video", device, clip_inputs(clips))
     for (info, plan), frames in zip(clips, outputs, strict=True):
         expected = (len(plan.frame_indices), *plan.size, 3)
         if frames.shape != expected:
@@ -262,6 +471,47 @@ def _read_bytes(path: str) -> np.ndarray:
         return np.fromfile(path, dtype=np.uint8)
     except OSError as error:
         raise BadSample(path, f"cannot read: {error}") from error
+
+
+@dataclass(frozen=True)
+class EncodedClip:
+    """One clip of a pair left for the batch decoder: the probed clip, its ClipPlan (the pair's
+    frames, resize and crop), and the decoder its codec gets ("dali-cpu" | "dali-mixed" |
+    "pyav", with the reason PyAV was chosen over a requested DALI)."""
+
+    info: ClipInfo
+    plan: ClipPlan
+    backend: str
+    reason: str = ""
+
+    @property
+    def ref(self) -> str:
+        return self.info.path
+
+
+def decode_encoded_clips(clips: list[EncodedClip], device: str):
+    """uint8 [N, F, H, W, 3] of `clips` (one frame count and size), the DALI ones in one run of
+    the video pipeline on `device` ("cpu" | "mixed"), as a torch tensor on `torch_device(device)`
+    (NVDEC's frames stay on the GPU); clips of a codec DALI cannot decode come from PyAV.
+    RuntimeError (DALI) or BadSample (DALI's frames are not the plan's) when the run fails."""
+    import torch
+
+    shapes = {(len(c.plan.frame_indices), *c.plan.size) for c in clips}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch mixes clip shapes {sorted(shapes)}: one batch decodes to one shape")
+    shape = (len(clips), *shapes.pop(), 3)
+    out = torch.empty(shape, dtype=torch.uint8, device=torch_device(device))
+    by_dali = [i for i, clip in enumerate(clips) if clip.backend.startswith("dali-")]
+    if by_dali:
+        pipe = _pipeline("video", device, len(clips))
+        inputs = clip_inputs([(clips[i].info, clips[i].plan) for i in by_dali])
+        _run_into(pipe, inputs, out, by_dali, device, [c.ref for c in clips])
+    for i, clip in enumerate(clips):
+        if not clip.backend.startswith("dali-"):
+            if clip.reason:
+                _log_fallback(clip.ref, clip.reason)
+            out[i] = torch.from_numpy(decode_pyav(clip.info, clip.plan))
+    return out
 
 
 # --- images ---
@@ -298,7 +548,7 @@ def decode_images(
             return images, f"dali-{chosen}"
         except RuntimeError as error:
             _drop_pipeline("image", chosen)
-            _log_fallback(names[0], f"DALI image decode failed: {_dali_error(error)}")
+            _log_fallback(names[0], f"DALI image decode failed: {_dali_error(error)}", "PIL")
     return [_decode_pil(blob, name) for blob, name in zip(blobs, names, strict=True)], "pil"
 
 
@@ -306,3 +556,30 @@ def _decode_pil(blob: bytes, name: str) -> np.ndarray:
     # RGB, upright by EXIF orientation as nvJPEG (adjust_orientation=True). Alpha: PIL composites
     # it on white, DALI drops it; pair images with transparency differ between the two paths.
     return np.asarray(decode_image(blob, ref=name), dtype=np.uint8)
+
+
+def batch_decoder(source) -> str | None:
+    """The DALI device ("cpu" | "mixed") that decodes `source`'s batches, or None when the source
+    decodes its pairs itself (PIL, PyAV, or a source without a PairTransform)."""
+    clips = getattr(source, "batch_device", None)  # VideoPairManifest(batch=True)
+    if clips is not None:
+        return clips
+    decoder = getattr(getattr(source, "transform", None), "decoder", "pil")
+    return None if decoder == "pil" else decoder
+
+
+def decode_source_batch(source, records: list[PairRecord], indices: list[int]) -> list[PairRecord]:
+    """`decode_pairs` for records a map-style source gave for `indices`: a pair found bad is
+    marked on the source (SkipBadSamples.mark_bad: counted, skipped from then on) and
+    `source[index]` stands in, the pair the PIL path would have had there."""
+    device = batch_decoder(source)
+    if device is None or not any(is_encoded(r) for r in records):
+        return records
+
+    def stand_in(position: int, record: PairRecord, bad: BadSample) -> PairRecord:
+        if not hasattr(source, "mark_bad"):
+            raise bad
+        source.mark_bad(indices[position], bad)
+        return source[indices[position]]
+
+    return decode_pairs(records, device, stand_in)

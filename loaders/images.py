@@ -25,6 +25,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,18 +145,60 @@ def decode_image(source: ImageInput, ref: str | None = None) -> Image.Image:
         raise BadSample(ref, reason, kind) from err
 
 
-def image_size(source: ImageInput, ref: str | None = None) -> tuple[int, int]:
-    """(width, height) after the EXIF turn, from the header alone: what `decode_image` would
-    return without decoding pixels (buckets are assigned from this)."""
-    ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+def _header(source: ImageInput, ref: str) -> tuple[int, int, bool]:
+    """(width, height) after the EXIF turn, and whether DALI's decoder returns the pixels PIL's
+    `decode_image` returns: 8-bit RGB or greyscale JPEG and PNG. Alpha (composited on white
+    here, dropped by DALI), palettes, 16-bit grey and CMYK go through PIL."""
     try:
         with _open(source, ref) as image:
             width, height = image.size
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+            same = image.format in ("JPEG", "PNG") and image.mode in ("RGB", "L")
     except _DECODE_ERRORS as err:
         reason, kind = _reason(err, source)
         raise BadSample(ref, reason, kind) from err
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    return ((height, width) if orientation in (5, 6, 7, 8) else (width, height)) + (same,)
+
+
+def image_size(source: ImageInput, ref: str | None = None) -> tuple[int, int]:
+    """(width, height) after the EXIF turn, from the header alone: what `decode_image` would
+    return without decoding pixels (buckets are assigned from this)."""
+    ref = ref or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    width, height, _ = _header(source, ref)
+    return width, height
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image of a pair left encoded for a batch decoder (loaders/dali.py), with the pair's
+    decisions: the crop `box` (left, top, right, bottom) in the upright image's pixels, resized
+    to `target` (width, height) with `resample`, then flipped if `flip`. `size` is the upright
+    (width, height); `dali` says DALI decodes it as PIL would (else the batch decoder uses PIL)."""
+
+    data: bytes
+    ref: str
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+    target: tuple[int, int]
+    flip: bool
+    resample: str
+    dali: bool
+
+
+def encoded_image(source: ImageInput, ref: str) -> tuple[bytes, tuple[int, int], bool]:
+    """(bytes, upright (width, height), DALI decodes it as PIL) of an image path or bytes, reading
+    the header only; BadSample as `decode_image` raises for a missing file or unreadable header."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        regular_file(source, ref)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            reason, kind = _reason(err, source)
+            raise BadSample(ref, reason, kind) from err
+    width, height, same = _header(data, ref)
+    return data, (width, height), same
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +236,7 @@ class PairTransform:
         flip_prob: float = 0.0,
         seed: int = 0,
         resample: str = "lanczos",
+        decoder: str = "pil",
     ):
         if (size is None) == (buckets is None):
             raise ValueError("PairTransform needs exactly one of size= and buckets=")
@@ -207,8 +251,10 @@ class PairTransform:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         if resample not in _RESAMPLE:
             raise ValueError(f"unknown resample {resample!r}; known: {', '.join(_RESAMPLE)}")
+        if decoder not in ("pil", "cpu", "mixed"):
+            raise ValueError(f"unknown decoder {decoder!r}; known: pil, cpu, mixed")
         self.buckets, self.random_crop, self.flip_prob = buckets, random_crop, flip_prob
-        self.seed, self.resample = seed, resample
+        self.seed, self.resample, self.decoder = seed, resample, decoder
 
     def target_for(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) an image of this size is turned into."""
@@ -240,6 +286,59 @@ class PairTransform:
     ) -> np.ndarray:
         out = image.resize(target, _RESAMPLE[self.resample], box=self._box(image.size, target, fx, fy))
         if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out, dtype=np.uint8).copy()
+
+    def pair(
+        self,
+        winner: ImageInput,
+        loser: ImageInput,
+        *,
+        refs: tuple[str, str],
+        key: str,
+        epoch: int = 0,
+        weight_map: Any = None,
+        map_ref: str = "",
+    ) -> tuple[Any, Any, np.ndarray | None]:
+        """(winner, loser, weight map) of a pair's two image paths or byte strings, what every
+        image source calls. With `decoder` "pil" the images are decoded and transformed here
+        (HxWx3 uint8 arrays); with a DALI device ("cpu" | "mixed") only their headers are read
+        and they come back as EncodedImages carrying the same decisions, for the batch decoder.
+        The weight map (loaders/weight_maps.py) is transformed here either way."""
+        from .weight_maps import decode_weight_map
+
+        fx, fy, flip = self.decisions(key, epoch)
+        if self.decoder == "pil":
+            images = decode_image(winner, ref=refs[0]), decode_image(loser, ref=refs[1])
+            sizes = [image.size for image in images]
+            target = self.target_for(*sizes[0])
+            out = tuple(self._apply(image, target, fx, fy, flip) for image in images)
+        else:
+            headers = [encoded_image(source, ref) for source, ref in zip((winner, loser), refs, strict=True)]
+            sizes = [size for _, size, _ in headers]
+            target = self.target_for(*sizes[0])
+            out = tuple(
+                EncodedImage(
+                    data, ref, size, self._box(size, target, fx, fy), target, flip, self.resample, same
+                )
+                for (data, size, same), ref in zip(headers, refs, strict=True)
+            )
+        weights = None
+        if weight_map is not None:
+            weights = self.weight_map(
+                decode_weight_map(weight_map, ref=map_ref), sizes[0], key=key, epoch=epoch, target=target
+            )
+        return out[0], out[1], weights
+
+    @staticmethod
+    def apply_encoded(image: EncodedImage) -> np.ndarray:
+        """An EncodedImage decoded and transformed by PIL: the pixels `pair` would have returned
+        with decoder "pil". The batch decoder's path for what DALI does not decode as PIL does,
+        and for a batch DALI failed on (BadSample names the bad image)."""
+        out = decode_image(image.data, ref=image.ref).resize(
+            image.target, _RESAMPLE[image.resample], box=image.box
+        )
+        if image.flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8).copy()
 
@@ -479,6 +578,14 @@ class SkipBadSamples:
         tried = min(self.max_consecutive, size)
         what = f"all {size} pairs tried" if tried == size else f"{tried} pairs in a row from index {index}"
         raise SourceError(f"{what} are bad files ({counts}): the data set looks broken; first: {first}")
+
+    def mark_bad(self, index: int, bad: BadSample) -> None:
+        """`index` turned out bad after `__getitem__` returned it (a batch decoder met a corrupt
+        image the header did not show): counted by the source, and skipped from now on."""
+        self.bad.add(index)
+        self.first_bad = self.first_bad or f"{bad.ref}: {bad.reason}"
+        if hasattr(self.source, "_bad"):
+            self.source._bad(index, bad)
 
     def stats(self) -> dict[str, int]:
         return {**self.source.stats(), "replaced_bad_indices": self.replaced}

@@ -35,14 +35,12 @@ from .images import (
     ManifestRoot,
     PairTransform,
     SourceError,
-    decode_image,
     image_size,
     jsonl_objects,
     regular_file,
     shown,
 )
 from .records import PairRecord
-from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +151,14 @@ class ManifestPairs(CountedSource):
             raise IndexError(f"pair {index} out of range [0, {len(self.entries)})")
         entry = self.entries[index]
         try:
-            winner = decode_image(entry.winner, ref=f"{entry.id}:{entry.winner}")
-            loser = decode_image(entry.loser, ref=f"{entry.id}:{entry.loser}")
-            winner_pixels, loser_pixels = self.transform(winner, loser, key=entry.id, epoch=self.epoch)
-            weights = pair_weight_map(
-                self.transform,
-                entry.weight_map,
-                f"{entry.id}:{entry.weight_map}",
-                winner,
-                winner_pixels,
+            winner_pixels, loser_pixels, weights = self.transform.pair(
+                entry.winner,
+                entry.loser,
+                refs=(f"{entry.id}:{entry.winner}", f"{entry.id}:{entry.loser}"),
                 key=entry.id,
                 epoch=self.epoch,
+                weight_map=entry.weight_map,
+                map_ref=f"{entry.id}:{entry.weight_map}",
             )
         except BadSample as bad:
             raise self._bad(index, bad) from None

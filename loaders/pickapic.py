@@ -37,9 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .images import BadSample, CountedSource, PairTransform, SourceError, decode_image, image_size
+from .images import BadSample, CountedSource, PairTransform, SourceError, image_size
 from .records import PairRecord
-from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +226,17 @@ class PickapicPairs(CountedSource):
         try:
             if caption is None:
                 raise BadSample(pair_id, "caption is null", "skipped_corrupt")
-            decoded = []
             for k in (first, 1 - first):
                 if images[k] is None:
                     raise BadSample(f"{pair_id}:jpg_{k}", "image bytes are null", "skipped_missing")
-                decoded.append(decode_image(images[k], ref=f"{pair_id}:jpg_{k}"))
-            winner_pixels, loser_pixels = self.transform(*decoded, key=pair_id, epoch=self.epoch)
-            weights = pair_weight_map(
-                self.transform,
-                map_bytes,
-                f"{pair_id}:{MAP_COLUMN}",
-                decoded[0],
-                winner_pixels,
+            winner_pixels, loser_pixels, weights = self.transform.pair(
+                images[first],
+                images[1 - first],
+                refs=(f"{pair_id}:jpg_{first}", f"{pair_id}:jpg_{1 - first}"),
                 key=pair_id,
                 epoch=self.epoch,
+                weight_map=map_bytes,
+                map_ref=f"{pair_id}:{MAP_COLUMN}",
             )
         except BadSample as bad:
             raise self._bad(index, bad) from None

@@ -44,10 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .images import BadSample, PairTransform, SkipLog, SourceError, decode_image
+from .images import BadSample, PairTransform, SkipLog, SourceError
 from .manifest import pair_weight
 from .records import PairRecord
-from .weight_maps import pair_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +225,15 @@ class ShardPairs:
                 weight = pair_weight(meta.get("weight", 1.0), ref)
             except SourceError as err:
                 raise BadSample(ref, str(err).removeprefix(f"{ref}: ")) from None
-            winner_image = decode_image(winner, ref=f"{ref}.winner")
-            winner_pixels, loser_pixels = self.transform(
-                winner_image, decode_image(loser, ref=f"{ref}.loser"), key=pair_id, epoch=self.epoch
-            )
             map_bytes = next((v for k, v in parts.items() if k.startswith("weight_map.")), None)
-            weights = pair_weight_map(
-                self.transform,
-                map_bytes,
-                f"{ref}.weight_map",
-                winner_image,
-                winner_pixels,
+            winner_pixels, loser_pixels, weights = self.transform.pair(
+                winner,
+                loser,
+                refs=(f"{ref}.winner", f"{ref}.loser"),
                 key=pair_id,
                 epoch=self.epoch,
+                weight_map=map_bytes,
+                map_ref=f"{ref}.weight_map",
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.skips.skip("skipped_corrupt", ref, f"bad prompt/json ({err})")

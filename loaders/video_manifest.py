@@ -13,7 +13,9 @@ is a folder or FIFO is a counted skip (skipped_not_a_file), never opened.
 
 `pairs[i]` probes both clips, plans them together (loaders/video.py: same frames, same
 resize/crop, one random draw per pair from (seed, epoch, pair id), as the image sources'
-PairTransform) and decodes them with DALI or PyAV (loaders/dali.py). A clip that cannot be used
+PairTransform) and decodes them with DALI or PyAV (loaders/dali.py); with `batch=True` it
+leaves them as EncodedClips for the batch decoder instead (dali.decode_pairs: NVDEC, a
+micro-batch a run, frames left on the GPU). A clip that cannot be used
 raises BadSample and is counted and logged in `stats()` by kind; wrap the source in
 `SkipBadSamples` to step over it. Counters are per process (each DataLoader worker keeps its own).
 """
@@ -52,6 +54,7 @@ class VideoPairManifest(CountedSource):
         seed: int = 0,
         buckets=None,
         allow_outside_root: bool = False,
+        batch: bool = False,
     ):
         if size is not None and buckets is not None:
             raise ValueError("VideoPairManifest takes size= or buckets=, not both")
@@ -63,6 +66,9 @@ class VideoPairManifest(CountedSource):
         self.entries = self._read(self.path, allow_outside_root)
         self._start_counts(f"video manifest {self.path}", SKIP_KINDS)
         self.decoded: Counter[str] = Counter()
+        # batch: pairs come back as EncodedClips (probed and planned, not decoded) for the batch
+        # decoder (dali.decode_pairs), a micro-batch a DALI run on `batch_device`.
+        self.batch_device = dali.video_device(device) if batch else None
 
     @staticmethod
     def _read(path: Path, allow_outside_root: bool = False) -> list[dict]:
@@ -126,10 +132,21 @@ class VideoPairManifest(CountedSource):
                 weights = sampled_frames(
                     weights, plans[0].frame_indices, f"pair {entry['id']}: {entry['winner']}"
                 )
-            clips = dali.decode_clips([(winner, plans[0]), (loser, plans[1])], self.backend, self.device)
+            if self.batch_device is not None:
+                clips = [
+                    dali.EncodedClip(
+                        info, plan, *dali.choose_video_backend(info.codec, self.backend, self.device)
+                    )
+                    for info, plan in zip((winner, loser), plans, strict=True)
+                ]
+            else:
+                clips = dali.decode_clips([(winner, plans[0]), (loser, plans[1])], self.backend, self.device)
         except BadSample as error:
             self.skips.skip(error.kind, f"pair {entry['id']}", str(error))
             raise
+        if self.batch_device is not None:
+            self.decoded["pairs"] += 1
+            return PairRecord(entry["id"], entry["prompt"], *clips, entry["category"], weight_map=weights)
         for clip in clips:
             self.decoded[f"clips_{clip.backend}"] += 1
             self.decoded["fallbacks"] += bool(clip.reason)

@@ -103,17 +103,6 @@ def decode_weight_map(source: bytes | str | os.PathLike, ref: str | None = None)
     return _checked(values.astype(np.float32) / np.float32(scale), ref)
 
 
-def pair_weight_map(transform, source, ref: str, winner, pixels: np.ndarray, *, key: str, epoch: int):
-    """The weight map `source` (a path or bytes; None: none) of a pair decoded and given the
-    pair's crop, resize and flip (`PairTransform.weight_map`): float32 like `pixels`' [H, W]. The
-    image sources call this with the winner image they decoded and its transformed pixels."""
-    if source is None:
-        return None
-    return transform.weight_map(
-        decode_weight_map(source, ref=ref), winner.size, key=key, epoch=epoch, target=pixels.shape[1::-1]
-    )
-
-
 def frame_weights(value, where: str) -> np.ndarray:
     """A manifest's per-frame weights (a non-empty list of finite numbers >= 0) as float32."""
     if (

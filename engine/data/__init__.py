@@ -13,19 +13,28 @@ whole data position a checkpoint needs for a resume to continue the same order, 
 batches are prefetched in the background (a thread, or `data.num_workers` DataLoader workers).
 """
 
+import logging
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-import numpy as np
 import torch
 
 from vipo.loaders.images import SourceError
 from vipo.loaders.procedural import ProceduralPairs
-from vipo.loaders.records import PairRecord
+from vipo.loaders.records import PairRecord, stack_pixels
 from vipo.loaders.sampler import PairSampler
 
 from ..errors import RunError
 from ..families import family
+
+log = logging.getLogger(__name__)
+
+
+DECODER_NAMES = {
+    "pil": "with PIL in the loader",
+    "mixed": "with DALI nvJPEG on the GPU, a micro-batch a run",
+    "cpu": "with DALI's CPU decoder, a micro-batch a run",
+}
 
 
 def _buckets(data_cfg):
@@ -38,8 +47,34 @@ def _buckets(data_cfg):
     return None
 
 
-def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int = 1):
-    """The pair source `data.source` names; data errors become RunErrors naming file and field."""
+def image_decoder(data_cfg) -> str:
+    """Who decodes image pairs for training: "pil" (the source, in the loader) or the DALI device
+    ("mixed": nvJPEG; "cpu") that decodes whole micro-batches (`data.image_backend`)."""
+    from vipo.loaders.dali import image_device
+
+    try:
+        return image_device(data_cfg.image_backend)
+    except RuntimeError as err:  # dali asked for and not installed
+        raise RunError(f"data.image_backend={data_cfg.image_backend}: {err}") from None
+
+
+def clip_batches(video_backend: str) -> bool:
+    """Whether clips are decoded a micro-batch a DALI run (NVDEC on a GPU; DALI's CPU decoder
+    when `dali` is asked for without one) rather than pair by pair in the loader: `auto` batches
+    where NVDEC is, as it picks DALI over PyAV only there (loaders/dali.py)."""
+    from vipo.loaders import dali
+
+    if video_backend == "pyav" or not dali.dali_available():
+        return False
+    return video_backend == "dali" or dali.video_device("auto") == "mixed"
+
+
+def build_source(
+    data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int = 1, *, batch_decode: bool = False
+):
+    """The pair source `data.source` names; data errors become RunErrors naming file and field.
+    `batch_decode` (training, `vipo cache`): image sources leave decoding to the batch decoder
+    `data.image_backend` chooses (loaders/dali.py); otherwise they decode with PIL."""
     if data_cfg.source == "procedural":
         return ProceduralPairs(
             data_cfg.num_pairs, data_cfg.resolution, data_cfg.regime, data_cfg.flip_prob, seed
@@ -60,6 +95,13 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
                 frame_chunk=family(model_cfg.family).frame_chunk,
             )
             size = None if buckets else (data_cfg.resolution, data_cfg.resolution)
+            batch = batch_decode and clip_batches(data_cfg.video_backend)
+            if batch_decode:
+                log.info(
+                    "video pairs decode %s (data.video_backend=%s)",
+                    "with DALI, a micro-batch a run" if batch else "pair by pair in the loader",
+                    data_cfg.video_backend,
+                )
             return SkipBadSamples(
                 VideoPairManifest(
                     data_cfg.path,
@@ -69,7 +111,15 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
                     backend=data_cfg.video_backend,
                     seed=seed,
                     allow_outside_root=data_cfg.allow_outside_root,
+                    batch=batch,
                 )
+            )
+        decoder = image_decoder(data_cfg) if batch_decode else "pil"
+        if batch_decode and data_cfg.source in ("pickapic", "manifest", "shards"):
+            log.info(
+                "image pairs decode %s (data.image_backend=%s)",
+                DECODER_NAMES[decoder],
+                data_cfg.image_backend,
             )
         transform = PairTransform(
             None if buckets else data_cfg.resolution,
@@ -77,6 +127,7 @@ def build_source(data_cfg, model_cfg, seed: int, rank: int = 0, world_size: int 
             random_crop=data_cfg.random_crop,
             flip_prob=data_cfg.hflip_prob,
             seed=seed,
+            decoder=decoder,
         )
         if data_cfg.source == "pickapic":
             from vipo.loaders.pickapic import PickapicPairs
@@ -137,7 +188,7 @@ class _BatchRecords(torch.utils.data.Dataset):
         records = [self.source[i] for i in indices]
         info = torch.utils.data.get_worker_info()
         stats = dict(self.source.stats()) if hasattr(self.source, "stats") else {}
-        return records, (info.id if info is not None else 0), stats
+        return records, spec, (info.id if info is not None else 0), stats
 
 
 class _BatchSpecs(torch.utils.data.Sampler):
@@ -209,6 +260,9 @@ class BatchStream:
         self.source, self.batch_pairs = source, batch_pairs
         self.max_bad_fraction, self.prefetch_batches = max_bad_fraction, prefetch_batches
         self.streaming = not hasattr(source, "__getitem__")
+        from vipo.loaders.dali import batch_decoder
+
+        self.decoder = batch_decoder(source)  # a DALI device when the source leaves decoding to the stream
         self.num_workers = 0 if self.streaming else num_workers
         self._loader = None  # the DataLoader's iterator while workers run
         self._ahead: deque[dict] = deque()  # positions after the batches given to the workers
@@ -251,19 +305,24 @@ class BatchStream:
     def _source_stats(self) -> dict[str, int]:
         return dict(self.source.stats()) if hasattr(self.source, "stats") else {}
 
-    def _produce(self) -> tuple[list[PairRecord], dict, dict[str, int]]:
-        """The next batch, the position after it and the source's counters after it."""
+    def _stream_records(self, count: int) -> list[PairRecord]:
+        if self._iterator is None:
+            self._iterator = iter(self.source)
+        try:
+            return [next(self._iterator) for _ in range(count)]
+        except StopIteration:
+            raise RunError(
+                "the shard stream ended (data.path holds fewer pairs than the run needs)"
+            ) from None
+        except SourceError as err:  # the stream found no usable pair in a whole pass
+            raise RunError(f"data: {err}") from None
+
+    def _produce(self) -> tuple[list[PairRecord], tuple | None, dict, dict[str, int]]:
+        """The next batch, its (epoch, indices) (None for a stream), the position after it and
+        the source's counters after it."""
+        spec = None
         if self.streaming:
-            if self._iterator is None:
-                self._iterator = iter(self.source)
-            try:
-                records = [next(self._iterator) for _ in range(self.batch_pairs)]
-            except StopIteration:
-                raise RunError(
-                    "the shard stream ended (data.path holds fewer pairs than the run needs)"
-                ) from None
-            except SourceError as err:  # the stream found no usable pair in a whole pass
-                raise RunError(f"data: {err}") from None
+            records = self._stream_records(self.batch_pairs)
         else:
             indices = self.sampler.next_batch()
             if hasattr(self.source, "set_epoch"):
@@ -272,7 +331,8 @@ class BatchStream:
                 records = [self.source[i] for i in indices]
             except SourceError as err:  # SkipBadSamples found no good pair to stand in
                 raise RunError(f"data: {err}; check the data with `vipo data stats`") from None
-        return records, self._current_position(), self._source_stats()
+            spec = (self.sampler.epoch, [int(i) for i in indices])
+        return records, spec, self._current_position(), self._source_stats()
 
     def _submit(self) -> None:
         if self._executor is None:
@@ -296,7 +356,7 @@ class BatchStream:
 
     # -- the caller's side ------------------------------------------------------------------------
 
-    def _from_workers(self) -> tuple[list[PairRecord], dict, dict[str, int]]:
+    def _from_workers(self) -> tuple[list[PairRecord], tuple, dict, dict[str, int]]:
         if self._loader is None:
             start = self._source_stats()  # what this process found before the workers (a header scan)
             self._worker_stats = {}
@@ -313,15 +373,20 @@ class BatchStream:
                 )
             )
         try:
-            records, worker, stats = next(self._loader)
+            records, indices, worker, stats = next(self._loader)
         except SourceError as err:
             raise RunError(f"data: {err}; check the data with `vipo data stats`") from None
         self._worker_stats[worker] = stats
+        return records, indices, self._ahead.popleft(), self._merged_stats()
+
+    def _merged_stats(self) -> dict[str, int]:
+        """This process's counters (a header scan before the workers, pairs the batch decoder
+        found bad) plus each worker's."""
         merged = dict(self._start_stats)
         for counters in self._worker_stats.values():
             for key, value in counters.items():
                 merged[key] = merged.get(key, 0) + value
-        return records, self._ahead.popleft(), merged
+        return merged
 
     def _stop_workers(self) -> None:
         self._loader = None  # the iterator's workers shut down as it goes
@@ -330,13 +395,13 @@ class BatchStream:
     def next_records(self) -> list[PairRecord]:
         if self.num_workers:
             try:
-                records, position, stats = self._from_workers()
+                records, indices, position, stats = self._from_workers()
             except BaseException:
                 self._stop_workers()  # batches in flight came from positions the caller never saw
                 self._restore(self._position)
                 raise
         elif self.prefetch_batches == 0:
-            records, position, stats = self._produce()
+            records, indices, position, stats = self._produce()
         else:
             if not self._pending:
                 self._submit()
@@ -344,18 +409,72 @@ class BatchStream:
             while len(self._pending) < self.prefetch_batches:
                 self._submit()
             try:
-                records, position, stats = future.result()
+                records, indices, position, stats = future.result()
             except BaseException:
                 # Batches after a failed one were drawn from a position the caller never saw:
                 # drop them and rewind, so a retry starts where the last handed-out batch ended.
                 self._drain()
                 self._restore(self._position)
                 raise
+        if self.decoder is not None:
+            records, position, stats = self._decode(records, indices, position, stats)
         self._position, self._stats = position, stats
         self._served += len(records)
         bad = bad_count(stats) - self._bad_at_start
         self._check_bad(bad, self._served + bad)
         return records
+
+    def _decode(self, records, indices, position, stats):
+        """A batch of EncodedImages decoded by DALI on `self.decoder`, in the caller's thread (on
+        the GPU for "mixed"); a pair found bad is counted and stood in for (see decode_pairs):
+        for a map-style source by the pair the PIL path would have had there, for a stream by
+        the stream's next pair, read after the rewind to this batch's end (so prefetched batches
+        are dropped and the position moves past the stand-in)."""
+        from vipo.loaders.dali import decode_pairs, is_encoded
+
+        if not any(is_encoded(r) for r in records):
+            return records, position, stats
+        end, replaced = [position], []
+
+        def rewind() -> None:  # nothing else may touch the source while a stand-in is read
+            self._drain()
+            self._restore(end[0])
+
+        def stand_in(at: int, record: PairRecord, bad) -> PairRecord:
+            replaced.append(bad.ref)
+            if self.streaming:
+                self.source.skips.skip(bad.kind, bad.ref, bad.reason)
+                rewind()
+                (record,) = self._stream_records(1)
+                end[0] = self._current_position()
+                return record
+            epoch, batch = indices
+            if not hasattr(self.source, "mark_bad"):
+                raise bad
+            if not self.num_workers:  # workers read their own copies of the source
+                rewind()
+            if hasattr(self.source, "set_epoch"):
+                self.source.set_epoch(epoch)
+            self.source.mark_bad(batch[at], bad)
+            try:
+                return self.source[batch[at]]
+            except SourceError as err:  # no good pair left to stand in
+                raise RunError(f"data: {err}; check the data with `vipo data stats`") from None
+
+        decoded = decode_pairs(records, self.decoder, stand_in, in_place=not self.streaming)
+        if not replaced:
+            return decoded, position, stats
+        if self.num_workers:
+            self._start_stats = self._source_stats()
+            return decoded, end[0], self._merged_stats()
+        return decoded, end[0], self._source_stats()
+
+    def decoded(self, records: list[PairRecord], indices: list[int]) -> list[PairRecord]:
+        """`records` of a map-style source (at `indices`) as the step gets them: decoded by the
+        batch decoder when the source leaves decoding to it (the trainer's shape probe)."""
+        from vipo.loaders.dali import decode_source_batch
+
+        return decode_source_batch(self.source, records, indices) if self.decoder else records
 
     def next_indices(self) -> tuple[list[int], int]:
         """The next batch's indices and their epoch, for a map-style source read by the caller
@@ -415,7 +534,4 @@ def to_pixels(records: list[PairRecord], device: torch.device) -> torch.Tensor:
     shapes = {r.winner.shape for r in records} | {r.loser.shape for r in records}
     if len(shapes) != 1:
         raise RunError(f"a batch mixes shapes {sorted(shapes)}: set data.buckets so a batch holds one size")
-    frames = np.stack([r.winner for r in records] + [r.loser for r in records])
-    pixels = torch.from_numpy(frames).to(device)
-    pixels = pixels.permute(0, 4, 1, 2, 3) if pixels.dim() == 5 else pixels.permute(0, 3, 1, 2)
-    return pixels.float().div(127.5).sub(1.0)
+    return stack_pixels([r.winner for r in records] + [r.loser for r in records], device)

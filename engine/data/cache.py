@@ -152,7 +152,7 @@ def run_cache(
         raise ConfigError(
             "data.cache is not set: name the folder to write the latent cache to (data.cache=FOLDER)"
         )
-    source = build_source(cfg.data, cfg.model, cfg.train.seed)
+    source = build_source(cfg.data, cfg.model, cfg.train.seed, batch_decode=True)
     # Built whole as the trainer builds it (random-weight encoders follow the denoiser in the seed's
     # stream), then the denoiser is dropped: encoding needs the frozen encoders only.
     adapter = build_adapter(
@@ -198,7 +198,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     )
     state = "complete" if summary["complete"] else "not complete yet (other ranks, or a rerun, finish it)"
     print(
-        f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards, kept {len(summary['kept'])} "
-        f"finished ones; cache {summary['folder']} ({summary['shards']} shards) is {state}"
+        f"rank {rank}/{world_size}: wrote {len(summary['written'])} shards ({summary['skipped']} bad pairs "
+        f"left out), kept {len(summary['kept'])} finished ones; cache {summary['folder']} "
+        f"({summary['shards']} shards) is {state}"
     )
     return 0

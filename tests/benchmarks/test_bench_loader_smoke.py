@@ -33,6 +33,9 @@ def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
         rows[("image", None, "pil")]["pairs_per_s"] > 0
         and rows[("image", None, "dali-cpu")]["pairs_per_s"] > 0
     )
+    for backend in ("pil", "dali-cpu"):  # a micro-batch's decode, crop, resize and flip
+        row = rows[("image-batch", None, backend)]
+        assert row["pairs_per_s"] > 0 and row["batch_pairs"] == 2 and row["target"] == 32
     for codec in ("vp9", "h264"):
         assert (
             rows[("video", codec, "pyav")]["frames_per_s"] > 0
@@ -42,6 +45,7 @@ def test_loader_benchmark_writes_every_decoder_row_and_its_provenance(tmp_path):
     assert "cannot decode h264" in rows[("video", "h264", "dali-cpu")]["unsupported"]  # ... not H.264
     assert set(report["ratios"]) == {
         "image: dali-cpu / pil",
+        "image-batch: dali-cpu / pil",
         "video-vp9: dali-cpu / pyav",
         "sampler-10000: cached / regenerate",
     }

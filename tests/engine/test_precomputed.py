@@ -284,7 +284,10 @@ def test_cache_and_score_reference_commands(tmp_path, monkeypatch, capsys):
     assert "rank 0/2: wrote 2 shards" in capsys.readouterr().out
     monkeypatch.setenv("RANK", "1")
     assert main(["cache", *args, "--pairs-per-shard", "2", "-q"]) == 0
-    assert "wrote 1 shards, kept 0 finished ones" in (out := capsys.readouterr().out) and "is complete" in out
+    assert (
+        "wrote 1 shards (0 bad pairs left out), kept 0 finished ones" in (out := capsys.readouterr().out)
+        and "is complete" in out
+    )
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert main(["score-reference", *args, "-q"]) == 0

@@ -55,7 +55,8 @@ class Records(logging.Handler):
 def dali_log():
     handler, logger = Records(), logging.getLogger("vipo.loaders.dali")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.DEBUG
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # setLevel, not the attribute: it clears isEnabledFor's cache
     yield handler.messages
     logger.removeHandler(handler)
     logger.setLevel(level)
