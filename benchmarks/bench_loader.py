@@ -24,7 +24,8 @@ sd15-pickapic-poly, vipo-sdxl-poly, vipo-wan-poly): the recipe's data settings (
 crops, flips, frames) on generated files (`--pipeline-pairs` 1024px JPEG q90 pairs in a manifest; an
 eighth as many pairs of 1280x720 H.264 clips, the recipe's frames plus 16, in a video manifest), read through `BatchStream` with each of
 `--workers` (0: the one prefetch thread; k: k DataLoader workers), a micro-batch of the pairs one
-GPU decodes per step. Each row: wall-clock pairs/s after a warm-up batch, and, for 0 workers, the
+GPU decodes per step, with the decoder training picks (`decoder`: "loader" for PIL / PyAV in the
+loader, "mixed" where DALI's batch decoder runs nvJPEG / NVDEC on the GPU). Each row: wall-clock pairs/s after a warm-up batch, and, for 0 workers, the
 process CPU time per pair over the same batches (decoders may thread: PyAV does), whose inverse is
 pairs/s per CPU core. With `--step-time RECIPE=SECONDS` (a GPU step's time, from `vipo bench step`
 or stated), `cores_per_gpu` is the cores whose decode of one step's pairs takes no longer than the
@@ -296,13 +297,16 @@ def bench_pipeline(cfg, batch: int, workers: list[int], batches: int) -> list[di
 
     rows = []
     for count in workers:
-        source = build_source(cfg.data, cfg.model, cfg.train.seed)
+        # As training builds it: on a GPU with DALI, batches decode with nvJPEG / NVDEC.
+        source = build_source(cfg.data, cfg.model, cfg.train.seed, batch_decode=True)
         stream = BatchStream(source, batch, cfg.train.seed, num_workers=count, prefetch_batches=2)
         try:
             stream.next_records()  # warm-up: workers start, files reach the page cache
             cpu, start = _cpu_seconds(), time.perf_counter()
             for _ in range(batches):
                 records = stream.next_records()
+            if stream.decoder == "mixed":
+                torch.cuda.synchronize()  # the batch decoder's copy runs on torch's stream
             wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
         finally:
             stream.close()
@@ -310,6 +314,7 @@ def bench_pipeline(cfg, batch: int, workers: list[int], batches: int) -> list[di
         row = {
             "kind": "pipeline",
             "workers": count,
+            "decoder": stream.decoder or "loader",  # a DALI device, or the source's own PIL / PyAV
             "pairs": pairs,
             "batch_pairs": batch,
             "output": list(records[0].winner.shape),

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from vipo.benchmarks.bench_loader import cores_per_gpu, pairs_per_gpu
 from vipo.configs import find_recipe
 from vipo.engine.config import load_config
@@ -45,6 +47,10 @@ def test_pipeline_rows_time_every_recipe_and_worker_count_and_give_cores_per_gpu
     assert rows[("vipo-sdxl-poly", 1)]["output"] == [1024, 1024, 3]
     assert rows[("vipo-wan-poly", 0)]["output"] == [5, 960, 960, 3]
     assert set(rows[("vipo-wan-poly", 0)]["clips_by"]) == {"clips_pyav"}  # no CPU decoder in DALI for H.264
+    # Training's choice of decoder: on a machine without a GPU, PIL / PyAV in the loader.
+    assert {row["decoder"] for row in rows.values()} == {
+        "loader" if not torch.cuda.is_available() else "mixed"
+    }
     for row in rows.values():
         assert row["pairs_per_s"] > 0 and row["pairs"] == row["batch_pairs"] * (
             4 if "wan" in row["recipe"] else 8
