@@ -331,10 +331,13 @@ def first_forward(
             module.reshard()
 
 
-def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
+def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World, gpu: bool | None = None) -> dict:
     """The DeepSpeed config of a recipe, or the user's JSON with vipo's batch and clipping
     filled in. The recipe owns optimizer and schedule (so every strategy trains alike); a
-    file that sets them, or a batch size that disagrees with the recipe, is refused."""
+    file that sets them, or a batch size that disagrees with the recipe, is refused. `gpu`
+    (default: whether the world's device is CUDA) is the machine the config is for: `vipo plan`
+    traces on a CPU the config a GPU run gets (overlap_comm, which doubles ZeRO-2's buckets)."""
+    gpu = world.device.type == "cuda" if gpu is None else gpu
     stage = 2 if parallel_cfg.strategy == "zero2" else 3
     per_rank = train_cfg.batch_pairs // world.size
     owned = {
@@ -377,7 +380,7 @@ def deepspeed_config(parallel_cfg, train_cfg, optim_cfg, world: World) -> dict:
                 f"parallel.strategy is {parallel_cfg.strategy}"
             )
     else:
-        config = {"zero_optimization": {"stage": stage, "overlap_comm": world.device.type == "cuda"}}
+        config = {"zero_optimization": {"stage": stage, "overlap_comm": gpu}}
         if train_cfg.mixed_precision == "bf16":
             config["bf16"] = {"enabled": True}
     config = copy.deepcopy(config)

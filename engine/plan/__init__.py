@@ -70,9 +70,24 @@ Strategies:
             here too: each rank's token shard, the all-to-alls' outputs. DTensor's sharding
             propagation, which runs each op on fake tensors of the global shapes to learn its
             output's metadata, allocates nothing on a GPU and is not counted (tracking.py).
-    zero2, zero3, optim.optimizer=adamw8bit, parallel.cpu_offload: not built, refused in one line
-            (DeepSpeed's engine has not been run on fake tensors; fsdp shards what zero3 shards,
-            and AdamW's plan bounds AdamW8bit's).
+    zero2 / zero3
+            rank 0 of a fake process group as for fsdp: the Trainer's own deepspeed.initialize,
+            with the config a GPU run gets (parallel.deepspeed_config(gpu=True): overlap_comm,
+            so ZeRO-2 allocates its two gradient buckets), DeepSpeed's backward (its bucketed
+            reduce-scatter into the fp32 partitions) and its step (AdamW on the partitions, the
+            gather of updated weights). Three things are changed for the trace: Module.to onto
+            the device a module is on returns it (DeepSpeed's engine calls it; torch would swap
+            each fake parameter with itself), ZeRO's host check of the gradient norm answers
+            "finite" (a fake norm has no value; an overflowing step skips the update and
+            allocates less), and DeepSpeed's cached process groups are dropped with each fake
+            world. The per-category lines follow MemTracker's labels, which do not know ZeRO's
+            flat buffers (its gradient buckets show as gradients; ZeRO-3's partitions of
+            weights as other); the peak and the phases are checked against real tensors.
+            With grad_accum_steps > 1 one earlier micro-batch runs untraced first, so ZeRO's
+            buffers hold what they hold at the last one. Not traced: ZeRO offload in
+            parallel.deepspeed_config (host and device memory are one on a CPU), refused.
+    optim.optimizer=adamw8bit, parallel.cpu_offload: not built, refused in one line (AdamW's
+            plan bounds AdamW8bit's; an offloaded run's device memory is below the plan's).
 """
 
 import argparse
@@ -82,6 +97,7 @@ import re
 import sys
 from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 
 from ..config import ConfigError, RunConfig
 from ..errors import RunError
@@ -108,11 +124,28 @@ __all__ = [
 ]
 
 GIB = 2**30
-TRACED_STRATEGIES = ("none", "ddp", "fsdp")
+TRACED_STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
+SHARDED = ("fsdp", "zero2", "zero3")  # traced on rank 0 of a fake process group
 PLACEHOLDER_CACHE = "latent-cache-of-vipo-plan"  # data.cache is read by no one: the batch is made here
 
 # ---------------------------------------------------------------------------------------------
 # The plan: configs to trace, the verdict, the batch search
+
+
+def _zero_offload(path: str | None) -> str | None:
+    """The offload section a DeepSpeed config file turns on ("offload_optimizer" /
+    "offload_param" to a device other than none), or None."""
+    if not path:
+        return None
+    try:
+        zero = json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # the Trainer's own reading names what is wrong with the file
+    for key in ("offload_optimizer", "offload_param"):
+        section = zero.get(key)
+        if isinstance(section, dict) and section.get("device", "none") != "none":
+            return key
+    return None
 
 
 def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpointing: bool | None = None):
@@ -122,7 +155,6 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     if strategy not in TRACED_STRATEGIES:
         raise RunError(
             f"vipo plan: parallel.strategy={strategy} is not built yet (traced: {', '.join(TRACED_STRATEGIES)}); "
-            "parallel.strategy=fsdp shards weights, gradients and AdamW state as zero3 does, "
             "parallel.strategy=ddp gives one full replica"
         )
     if cfg.optim.optimizer != "adamw":
@@ -134,7 +166,13 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
     if gpus > 1 and strategy == "none":
         raise ConfigError(f"--gpus {gpus} with parallel.strategy=none: add parallel.strategy=ddp")
-    if strategy == "fsdp" and cfg.parallel.cpu_offload:
+    if strategy in ("zero2", "zero3") and _zero_offload(cfg.parallel.deepspeed_config):
+        raise RunError(
+            f"vipo plan: ZeRO offload (zero_optimization.{_zero_offload(cfg.parallel.deepspeed_config)} in "
+            f"parallel.deepspeed_config) is not built yet (a CPU trace cannot tell host from device memory); "
+            "without it the plan bounds the offloaded run from above"
+        )
+    if strategy in SHARDED and cfg.parallel.cpu_offload:
         raise RunError(
             "vipo plan: parallel.cpu_offload=true is not built yet (a CPU trace cannot tell host from "
             "device memory); without it the plan bounds the offloaded run from above"
@@ -169,7 +207,7 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     data = dataclasses.replace(cfg.data, prefetch_batches=0)
     if data.cache or cfg.reference.mode == "precomputed":  # precomputed trains from the latent cache only
         data = dataclasses.replace(data, cache=PLACEHOLDER_CACHE)
-    if strategy == "fsdp":  # the real sharding, on rank 0 of a fake group of `gpus` (fake_world)
+    if strategy in SHARDED:  # the real sharding, on rank 0 of a fake group of `gpus` (fake_world)
         train = dataclasses.replace(cfg.train, batch_pairs=pairs * groups, device="cpu", compile="off")
         parallel = cfg.parallel
     else:  # one replica: its own share, no process group
@@ -183,7 +221,7 @@ def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
     them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient).
     fsdp: rank 0 of `gpus`, the engine's own fully_shard over a fake process group."""
     traced = plan_config(cfg, gpus, **kwargs)
-    with fake_world(gpus) if cfg.parallel.strategy == "fsdp" else nullcontext():
+    with fake_world(gpus) if cfg.parallel.strategy in SHARDED else nullcontext():
         trace = trace_step(traced)
     if cfg.parallel.strategy == "ddp":
         trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]

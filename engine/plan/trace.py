@@ -1,8 +1,10 @@
 """One training step of the engine, traced on fake tensors (or run on real ones, the truth check)."""
 
+import functools
 import gc
 import math
 import os
+import sys
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
@@ -12,6 +14,7 @@ from unittest import mock
 import torch
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, _MemRefType
 
+from .. import parallel
 from ..config import RunConfig
 from ..parallel import LAUNCH_ENV
 from .budget import local_shard
@@ -86,11 +89,26 @@ def fake_world(size: int):
         yield
     finally:
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps the process groups it made (and its communication backend) in module
+    globals for the life of the process, which in training is one process group's. A plan
+    traces many fake worlds one after another: each new engine must make its groups anew."""
+    groups, comm = sys.modules.get("deepspeed.utils.groups"), sys.modules.get("deepspeed.comm.comm")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mesh_device = None
+    if comm is not None:
+        comm.cdb = None
 
 
 def pixel_shape(cfg: RunConfig) -> tuple[int, ...]:
@@ -163,6 +181,108 @@ def _no_output_memo(mode) -> None:
     )
 
 
+@contextmanager
+def _moves_in_place():
+    """Module.to onto the device and dtype a module already has returns it unchanged. DeepSpeed's
+    engine calls `module.to(device)` on a model already there; torch then swaps every parameter
+    with its own copy, which fails for fake parameters the memory tracker holds weak references to."""
+    move = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*module.parameters(), *module.buffers()]
+        if dtype is None and device is not None and all(t.device == torch.device(device) for t in tensors):
+            return module
+        return move(module, *args, **kwargs)
+
+    with mock.patch.object(torch.nn.Module, "to", to):
+        yield
+
+
+@contextmanager
+def _zero_host_checks():
+    """The two host reads of ZeRO's step that a fake tensor cannot answer. `is_invalid_grad_norm`
+    (bool() of the gradient norm) answers finite: the step a GPU takes when nothing overflows (an
+    overflowing step allocates less: it skips the update). ZeRO-3's `assert_ints_same_as_other_ranks`
+    (rank 0's module and parameter order broadcast, read back with .item() and compared) passes:
+    a fake world's other ranks are rank 0 itself."""
+    from deepspeed.runtime.zero import (
+        partition_parameters,
+        partitioned_param_coordinator,
+        stage3,
+        stage_1_and_2,
+    )
+
+    with ExitStack() as patches:
+        for module in (stage_1_and_2, stage3):
+            patches.enter_context(mock.patch.object(module, "is_invalid_grad_norm", lambda norm: False))
+        for module in (partition_parameters, partitioned_param_coordinator, stage3):
+            patches.enter_context(
+                mock.patch.object(module, "assert_ints_same_as_other_ranks", lambda ints: None)
+            )
+        for optimizer in (stage_1_and_2.DeepSpeedZeroOptimizer, stage3.DeepSpeedZeroOptimizer_Stage3):
+            patches.enter_context(
+                mock.patch.object(optimizer, "has_overflow", lambda self, *args, **kw: False)
+            )
+        yield
+
+
+def _deepspeed_tensors(trainer, engine) -> list[torch.Tensor]:
+    """Every tensor DeepSpeed holds for the policy and the reference outside their modules: the
+    ZeRO optimizer's fp32 partitions, flat bf16 groups and gradient buffers (found by walking its
+    attributes and DeepSpeed's own objects under them), and ZeRO-3's partition of each parameter
+    (`ds_tensor`). MemTracker sees tensors made before it only when it is told of them."""
+    found, seen = [], set()
+
+    def walk(value, depth: int) -> None:
+        if id(value) in seen or depth > 6:
+            return
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                walk(item, depth + 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item, depth + 1)
+        elif isinstance(value, torch.optim.Optimizer):  # the AdamW ZeRO runs: its fp32 partitions
+            walk(value.param_groups, depth + 1)
+            walk(value.state, depth + 1)
+        elif type(value).__module__.startswith("deepspeed") and not isinstance(value, torch.nn.Module):
+            for item in vars(value).values() if hasattr(value, "__dict__") else ():
+                walk(item, depth + 1)
+
+    walk(engine.optimizer, 0)
+    for network in (trainer.network, getattr(trainer.reference, "network", None)):
+        for param in network.parameters() if isinstance(network, torch.nn.Module) else ():
+            walk(getattr(param, "ds_tensor", None), 0)
+    return found
+
+
+def _adamw_state(trainer, engine) -> None:
+    """AdamW's state as after a first step, by one step on zero gradients: on the trainable
+    parameters, or ZeRO's fp32 partitions. ZeRO-2 keeps its partitions in the AdamW's groups;
+    ZeRO-3 puts each sub-group's partition there only for its own step, so it is done so here."""
+    optimizer = trainer.optimizer
+    zero = getattr(engine, "optimizer", None)
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is None:  # the parameters, or ZeRO-2's single_partition_of_fp32_groups (in the groups)
+        tensors = [p for group in optimizer.param_groups for p in group["params"]]
+        for tensor in tensors:
+            tensor.grad = torch.zeros_like(tensor)
+        optimizer.step()
+        for tensor in tensors:
+            tensor.grad = None
+        return
+    for sub_group, flat in enumerate(flats):
+        group = optimizer.param_groups[zero.sub_group_to_group_id[sub_group]]
+        kept, group["params"] = group["params"], [flat]
+        flat.grad = torch.zeros_like(flat)
+        optimizer.step()
+        flat.grad, group["params"] = None, kept
+
+
 def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
     """Trace one step of `cfg` (a config from `plan_config`): fake tensors, or (`fake=False`, tiny
     models only) real CPU tensors measured the same way, the truth check of the fake trace."""
@@ -186,6 +306,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         if fake:
             _no_output_memo(stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True)))
+            stack.enter_context(_moves_in_place())
         if cfg.train.mixed_precision == "bf16":
             stack.enter_context(cuda_autocast_policy())
         shapes = _cache_shapes(cfg) if cfg.data.cache else None
@@ -194,15 +315,21 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         # FSDP's first forward: one sample at the recipe's size, not the stand-in source's 16 px
         probe = mock.patch.object(Trainer, "_probe", lambda self: _probe(self, cfg, fake, shapes))
         stack.enter_context(probe)
+        # ZeRO as a GPU run configures it (overlap_comm: two gradient buckets instead of one)
+        gpu_config = functools.partial(parallel.deepspeed_config, gpu=True)
+        stack.enter_context(mock.patch.object(parallel, "deepspeed_config", gpu_config))
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
         for group in trainer.optimizer.param_groups:  # the AdamW a GPU run builds (strategies: fused on cuda)
             group.update(fused=True, foreach=False)
-        for param in trainer.params:  # the optimizer state of a step after the first
-            param.grad = torch.zeros_like(param)
-        trainer.optimizer.step()
+        engine = getattr(trainer.strategy, "engine", None)  # DeepSpeed's, under zero2 / zero3
+        _adamw_state(trainer, engine)  # the optimizer state of a step after the first
         trainer.strategy.zero_grad()
+        if engine is not None and fake:
+            stack.enter_context(_zero_host_checks())
         accum = cfg.train.grad_accum_steps
-        if accum > 1:  # the last micro-batch: the earlier ones' gradients are there from its start
+        if accum > 1 and engine is not None:  # ZeRO accumulates in its own buffers: run a micro-batch
+            trainer.forward_backward(_batch(trainer, cfg, shapes, fake), accum=accum, last=False)
+        elif accum > 1:  # the last micro-batch: the earlier ones' gradients are there from its start
             for param in trainer.params:
                 param.grad = torch.zeros_like(param)
         adapter = trainer.adapter
@@ -211,6 +338,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         tracker = StepMemTracker()
         tracker.track_external(trainer.network, ref_network, *[e for e in encoders if _bytes(e)])
         tracker.track_external(trainer.optimizer)
+        if engine is not None:  # ZeRO's partitions and buffers, made at initialize, held by no module
+            tracker.track_external(*_deepspeed_tensors(trainer, engine))
         counter = TotalFlopCounter()
         flops: dict[str, int] = {}
 
@@ -222,14 +351,18 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
 
         trainer.mark = mark
         stack.enter_context(collections_at_marks())
+
         with tracker, counter:
             if accum == 1:
                 trainer.strategy.zero_grad()
             batch = _batch(trainer, cfg, shapes, fake)
             mark("data")
             trainer.forward_backward(batch, accum=accum, last=True)
-            trainer.strategy._clip()  # strategy.update's clip and step, without its host syncs
-            trainer.optimizer.step()
+            if engine is not None:  # ZeRO's step: its clip, partitions' AdamW, and the gather after
+                engine.step()
+            else:
+                trainer.strategy._clip()  # strategy.update's clip and step, without its host syncs
+                trainer.optimizer.step()
             mark("optimizer")
         after = _merged(tracker.get_tracker_snapshot("current"))
         world_shares = trainer.world.data_size

@@ -198,15 +198,12 @@ def test_the_search_returns_the_largest_size_that_fits_and_asks_few_sizes(larges
     assert len(asked) == len(set(asked))  # no size traced twice
 
 
-def test_ddp_traces_one_replica_with_its_share_and_buckets_and_zero_is_refused(tmp_path):
+def test_ddp_traces_one_replica_with_its_share_and_buckets(tmp_path):
     cfg = tiny_config(tmp_path, "parallel.strategy=ddp", "train.batch_pairs=4")
     trace = plan.trace_rank(cfg, 2)
     assert trace.pairs == 2
     assert trace.extra["ddp_gradient_buckets"] == trace.exact["trainable"]
     assert trace.total_bytes == trace.peak_bytes + trace.exact["trainable"]
-    for strategy in ("zero2", "zero3"):
-        with pytest.raises(plan.RunError, match=f"{strategy} is not built yet"):
-            plan.plan_config(tiny_config(tmp_path, f"parallel.strategy={strategy}"), 2)
     with pytest.raises(
         plan.RunError, match="context parallelism is traced under parallel.strategy=fsdp only"
     ):
@@ -425,3 +422,74 @@ def test_remedies_name_what_the_trace_counted():
         "parallel.strategy=fsdp (shards weights, gradients, AdamW state and the reference)",
         "reference.dtype=bfloat16: -5.00 GiB of the reference copy",
     ]
+
+
+# -- ZeRO: DeepSpeed's own engine on rank 0 of a fake group -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy, accum, precision",
+    [("zero2", 1, "no"), ("zero3", 1, "no"), ("zero2", 2, "bf16"), ("zero3", 1, "bf16")],
+)
+def test_zero_traces_deepspeeds_engine_and_matches_real_tensors_in_every_phase(
+    tmp_path, strategy, accum, precision
+):
+    """The tiny recipe on 4 fake ranks: deepspeed.initialize, its backward and step, fake and
+    real tensors (the real run in the same process also checks that DeepSpeed's cached groups
+    of the first fake world are dropped); with accumulation, after an untraced micro-batch."""
+    cfg = tiny_config(
+        tmp_path,
+        f"parallel.strategy={strategy}",
+        "train.batch_pairs=8",
+        f"train.grad_accum_steps={accum}",
+        f"train.mixed_precision={precision}",
+    )
+    fake = plan.trace_rank(cfg, 4)
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cfg, 4), fake=False)
+    assert fake.pairs == real.pairs == 2
+    assert fake.peak_phase == real.peak_phase == "backward"
+    assert fake.phase_peaks.keys() == real.phase_peaks.keys()
+    for phase, real_bytes in real.phase_peaks.items():  # the data phase holds a few KiB
+        assert abs(fake.phase_peaks[phase] - real_bytes) <= max(0.02 * real_bytes, 64 * 1024), phase
+    # DeepSpeed's gradient buckets of reduce_bucket_size (5e8) elements in the weights' dtype
+    # (bf16 under mixed precision): ZeRO-2 with overlap_comm (the GPU config the plan traces)
+    # holds two, ZeRO-3 one.
+    width = 2 if precision == "bf16" else 4
+    bucket = 500_000_000 * width
+    buckets = 2 if strategy == "zero2" else 1
+    assert buckets * bucket <= fake.peak_bytes < (buckets + 1) * bucket
+    # What ZeRO holds from initialize on, in no module, is counted from the first phase: this
+    # rank's fp32 partition and its AdamW state (3 x 4 bytes a parameter over 4 ranks), ZeRO-3's
+    # bucket (made at initialize), the reference copy and ZeRO-2's whole policy weights.
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    n = sum(p.numel() for p in adapter.network.parameters() if p.requires_grad)
+    held = fake.exact["reference"] + 3 * 4 * n // 4 + (width * n if strategy == "zero2" else bucket)
+    assert fake.phase_peaks["data"] >= held
+    assert not torch.distributed.is_initialized()
+
+
+def test_zero_plans_refuse_offload_in_one_line(tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    with pytest.raises(plan.RunError, match="offload_param in parallel.deepspeed_config"):
+        plan.plan_config(
+            tiny_config(tmp_path, "parallel.strategy=zero3", f"parallel.deepspeed_config={config}"), 2
+        )
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
+    plan.plan_config(
+        tiny_config(tmp_path, "parallel.strategy=zero3", f"parallel.deepspeed_config={config}"), 2
+    )
+
+
+def test_the_deepspeed_config_is_the_gpus_when_asked(tmp_path):
+    from vipo.engine.parallel import World, deepspeed_config
+
+    cfg = tiny_config(tmp_path, "parallel.strategy=zero2")
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+    on_cpu = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world)
+    on_gpu = deepspeed_config(cfg.parallel, cfg.train, cfg.optim, world, gpu=True)
+    assert (
+        on_cpu["zero_optimization"]["overlap_comm"] is False
+        and on_gpu["zero_optimization"]["overlap_comm"] is True
+    )
