@@ -91,8 +91,10 @@ Strategies:
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections import Counter
@@ -393,11 +395,34 @@ def remedies(plan: dict) -> list[str]:
     return found
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """stdout is the plan's alone (a script reads --json): what libraries write there while it
+    traces (DeepSpeed announces the extensions it builds and logs through a handler bound to
+    stdout at import) goes to stderr, at the file descriptor as well as sys.stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): Python-level writes only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from ..cli import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides)
-    plan = make_plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.batch_search)
+    with _stdout_to_stderr():
+        plan = make_plan(cfg, args.gpus, parse_bytes(args.gpu_memory), args.batch_search)
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

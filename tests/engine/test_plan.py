@@ -469,6 +469,17 @@ def test_zero_traces_deepspeeds_engine_and_matches_real_tensors_in_every_phase(
     assert not torch.distributed.is_initialized()
 
 
+def test_a_zero_plans_json_is_all_that_stdout_holds(tmp_path, capsys):
+    """DeepSpeed prints on its first start (the extensions it builds): to stderr, not into --json."""
+    out = f"train.output_dir={tmp_path}/run"
+    assert (
+        main(["plan", TINY, "parallel.strategy=zero3", "train.batch_pairs=4", out, "--gpus", "2", "--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["strategy"] == "zero3" and report["gpus"] == 2 and report["pairs_per_gpu"] == 2
+
+
 def test_zero_plans_refuse_offload_in_one_line(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
