@@ -1,11 +1,11 @@
 """README's "Which strategy for which model" table, from `vipo plan` traces of every recipe.
 
-    python benchmarks/strategy_table.py --trace    # trace every recipe under ddp, fsdp and the baseline (10-15 min)
+    python benchmarks/strategy_table.py --trace    # trace every recipe under each strategy and the baseline
     python benchmarks/strategy_table.py            # write README's table from the results JSON
     python benchmarks/strategy_table.py --check    # exit 1 where README and the JSON disagree
 
-Each recipe of RECIPES is planned as `vipo plan RECIPE parallel.strategy=S --gpus 8` for S in ddp
-and fsdp (engine/plan: one step of the engine's code on fake tensors at the recipe's real size and
+Each recipe of RECIPES is planned as `vipo plan RECIPE parallel.strategy=S --gpus 8` for S in ddp,
+fsdp, zero2 and zero3 (engine/plan: one step of the engine's code on fake tensors at the recipe's real size and
 micro-batch), with a GPU memory of 80 GiB. A strategy the plan refuses (context parallelism under
 ddp) is recorded with its one-line reason. The traces land in RESULTS with their provenance;
 `--trace` resumes: a (recipe, strategy) already there is not traced again (`--fresh` retraces all).
@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "strategy-table-cpu-trace.json"
 STRATEGY_MARKERS = ("<!-- strategy-table:start -->", "<!-- strategy-table:end -->")
 GPUS = 8
 GPU_MEMORY = 80 * 2**30
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 CELLS = (*STRATEGIES, "baseline")  # baseline: the official-style DPO step (benchmarks/plan_baseline.py)
 # The recipes as shipped (configs/train/), the tiny one first: its row is the one a test re-plans.
 RECIPES = (
@@ -49,10 +49,10 @@ RECIPES = (
 
 
 def _as(recipe: str, strategy: str):
-    """The recipe under `strategy`; hybrid sharding (parallel.shard_size, fsdp's alone) off for ddp."""
+    """The recipe under `strategy`; hybrid sharding (parallel.shard_size, fsdp's alone) off otherwise."""
     from vipo.engine.cli import load_recipe
 
-    overrides = [f"parallel.strategy={strategy}"] + (["parallel.shard_size=0"] if strategy == "ddp" else [])
+    overrides = [f"parallel.strategy={strategy}"] + (["parallel.shard_size=0"] if strategy != "fsdp" else [])
     return load_recipe(recipe, overrides)
 
 
@@ -60,8 +60,8 @@ def plan_entry(recipe: str, strategy: str) -> dict:
     """One cell's numbers: `vipo plan RECIPE parallel.strategy=STRATEGY --gpus GPUS`, or why the plan refused."""
     from vipo.engine import plan
 
-    cfg = _as(recipe, strategy)
     try:
+        cfg = _as(recipe, strategy)  # a recipe may not take the strategy at all (context parallelism)
         result = plan.make_plan(cfg, GPUS, GPU_MEMORY)
     except (plan.RunError, plan.ConfigError) as err:
         return {"refused": str(err)}
@@ -165,7 +165,14 @@ def _step(entry: dict) -> str:
     return ", ".join(parts)
 
 
-def _cell(entry: dict, notes: dict[str, int]) -> str:
+NOT_YET = (
+    "not traced yet: `python benchmarks/strategy_table.py --trace` traces the cells missing from the JSON"
+)
+
+
+def _cell(entry: dict | None, notes: dict[str, int]) -> str:
+    if entry is None:
+        return f"- [^{notes.setdefault(NOT_YET, len(notes) + 1)}]"
     if "refused" in entry:
         return f"not traced [^{notes.setdefault(entry['refused'], len(notes) + 1)}]"
     verdict = "fits" if entry["fits"] else "**does not fit**"
@@ -184,7 +191,7 @@ def _ratios(row: dict) -> str:
 def render_row(recipe: str, row: dict, notes: dict[str, int]) -> str:
     """One recipe's row; `notes` numbers the reasons of cells not traced (footnotes, filled in here)."""
     traced = [row[s] for s in (row["recipe_strategy"], *STRATEGIES) if s in row and "refused" not in row[s]]
-    cells = [f"`{recipe}`", _step(traced[0]) if traced else "-", *(_cell(row[c], notes) for c in CELLS)]
+    cells = [f"`{recipe}`", _step(traced[0]) if traced else "-", *(_cell(row.get(c), notes) for c in CELLS)]
     return "| " + " | ".join([*cells, _ratios(row), row["recipe_strategy"]]) + " |"
 
 
@@ -207,9 +214,9 @@ def render_table(data: dict) -> str:
         "copy, no checkpointing), same model, pairs per GPU and resolution, one ddp replica, traced "
         "the same way (`benchmarks/plan_baseline.py`); the ratios are vipo's ddp step over it.",
         "",
-        "| recipe | step per GPU | ddp | fsdp | baseline (ddp) | vipo ddp / baseline: memory, FLOPs a pair "
-        "| recipe's strategy |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | step per GPU | ddp | fsdp | zero2 | zero3 | baseline (ddp) | vipo ddp / baseline: memory, "
+        "FLOPs a pair | recipe's strategy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes: dict[str, int] = {}
     lines += [render_row(recipe, data["rows"][recipe], notes) for recipe in data["recipes"]]

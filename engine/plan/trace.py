@@ -200,6 +200,28 @@ def _moves_in_place():
 
 
 @contextmanager
+def _deepspeed_patches_undone():
+    """DeepSpeed's engine patches torch for the life of the process (ZeRO-3: `F.linear` becomes its
+    memory-efficient linear; `torch.manual_seed` and `Module` gain wrappers). Right for the run
+    that made the engine, wrong for the next trace in the same process (a batch search, the
+    strategy table: a baseline traced after a zero3 cell saved less): undone when the trace ends."""
+    import torch.nn.functional as F
+
+    saved = [(holder, dict(vars(holder))) for holder in (F, torch.nn.Module)]
+    seed = torch.manual_seed
+    try:
+        yield
+    finally:
+        torch.manual_seed = seed
+        for holder, before in saved:
+            for name in set(vars(holder)) - set(before):
+                delattr(holder, name)
+            for name, value in before.items():
+                if vars(holder).get(name) is not value:
+                    setattr(holder, name, value)
+
+
+@contextmanager
 def _zero_host_checks():
     """The two host reads of ZeRO's step that a fake tensor cannot answer. `is_invalid_grad_norm`
     (bool() of the gradient norm) answers finite: the step a GPU takes when nothing overflows (an
@@ -301,6 +323,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             return PrecomputedReference(adapter, _ZeroTable())
 
     with ExitStack() as stack:
+        if cfg.parallel.strategy in ("zero2", "zero3"):
+            stack.enter_context(_deepspeed_patches_undone())
         stack.enter_context(warnings.catch_warnings())
         # deepcopy (the copy reference) asks a fake tensor for its data pointer; harmless here
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")

@@ -21,7 +21,7 @@ def test_readme_shows_the_committed_traces(committed):
 
 
 def test_a_fresh_plan_of_the_tiny_recipe_renders_its_readme_row(committed):
-    """Traced again now, under ddp and fsdp on 8 (fake) GPUs: README's row must not have drifted
+    """Traced again now, under each strategy on 8 (fake) GPUs: README's row must not have drifted
     from what the plan says today."""
     fresh = {"recipe_strategy": table.recipe_strategy(TINY)}
     fresh |= {strategy: table.plan_entry(TINY, strategy) for strategy in table.STRATEGIES}
@@ -30,8 +30,10 @@ def test_a_fresh_plan_of_the_tiny_recipe_renders_its_readme_row(committed):
     assert row in table.readme_table(table.README.read_text()).splitlines()
     for cell in table.CELLS:  # the numbers themselves, not only their rounding
         assert fresh[cell]["peak_bytes_per_gpu"] == committed["rows"][TINY][cell]["peak_bytes_per_gpu"]
-    # fsdp on 8 ranks shards what ddp replicates: less per GPU, with the same pair per GPU
+    # fsdp on 8 ranks shards what ddp replicates: less per GPU, with the same pair per GPU; a tiny
+    # model's ZeRO step is DeepSpeed's gradient buckets (two under ZeRO-2, one under ZeRO-3)
     assert fresh["fsdp"]["peak_bytes_per_gpu"] < fresh["ddp"]["peak_bytes_per_gpu"]
+    assert fresh["zero3"]["peak_bytes_per_gpu"] < fresh["zero2"]["peak_bytes_per_gpu"]
     assert fresh["fsdp"]["pairs_per_gpu"] == fresh["ddp"]["pairs_per_gpu"] == 1
 
 
@@ -52,20 +54,21 @@ def test_cells_say_what_the_plan_found():
     }
     refused = {"refused": "vipo plan: context parallelism is traced under parallel.strategy=fsdp only"}
     baseline = {"peak_bytes_per_gpu": 120 * 2**30, "peak_phase": "reference", "fits": False}
-    rows = {"recipe_strategy": "fsdp", "ddp": entry | {"flops_per_pair": 30}, "fsdp": refused}
-    rows["baseline"] = baseline | {"flops_per_pair": 20}
+    rows = {"recipe_strategy": "fsdp", "ddp": entry | {"flops_per_pair": 30}, "fsdp": refused, "zero2": entry}
+    rows["baseline"] = baseline | {"flops_per_pair": 20}  # zero3: not traced yet
     notes = {}
     row = table.render_row("r", rows, notes)
     assert "| 90.0 GiB (backward), **does not fit** |" in row
     assert "768x1024" in row and "2 pairs/GPU" in row and "copy reference" in row
     context = table._step(entry | {"context_ranks": 4, "pairs_per_gpu": 1})
     assert "1 pair/4 GPUs (context parallel)" in context
-    assert "| not traced [^1] |" in row and notes == {refused["refused"]: 1}
+    assert "| not traced [^1] |" in row and "| - [^2] |" in row
+    assert notes == {refused["refused"]: 1, table.NOT_YET: 2}
     assert "| 0.75, 1.50 |" in row  # 90 / 120 GiB, 30 / 20 FLOPs
     data = {"gpus": 8, "gpu_memory_bytes": 80 * 2**30, "machine": "m", "versions": {"torch": "t"}}
     data |= {"recipes": ["r"], "rows": {"r": rows}}
     rendered = table.render_table(data)
-    assert rendered.endswith("[^1]: " + refused["refused"]) and "80 GiB" in rendered
+    assert f"[^1]: {refused['refused']}\n[^2]: {table.NOT_YET}" in rendered and "80 GiB" in rendered
 
 
 def test_the_readme_block_is_rewritten_between_its_markers(tmp_path, committed):

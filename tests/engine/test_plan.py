@@ -437,6 +437,7 @@ def test_zero_traces_deepspeeds_engine_and_matches_real_tensors_in_every_phase(
     """The tiny recipe on 4 fake ranks: deepspeed.initialize, its backward and step, fake and
     real tensors (the real run in the same process also checks that DeepSpeed's cached groups
     of the first fake world are dropped); with accumulation, after an untraced micro-batch."""
+    linear, seed = F.linear, torch.manual_seed  # ZeRO-3's engine patches both for its process
     cfg = tiny_config(
         tmp_path,
         f"parallel.strategy={strategy}",
@@ -467,6 +468,8 @@ def test_zero_traces_deepspeeds_engine_and_matches_real_tensors_in_every_phase(
     held = fake.exact["reference"] + 3 * 4 * n // 4 + (width * n if strategy == "zero2" else bucket)
     assert fake.phase_peaks["data"] >= held
     assert not torch.distributed.is_initialized()
+    # ... which a later trace in the same process must not inherit (a baseline after zero3 saved less)
+    assert torch.nn.functional.linear is linear and torch.manual_seed is seed
 
 
 def test_a_zero_plans_json_is_all_that_stdout_holds(tmp_path, capsys):
