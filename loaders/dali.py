@@ -566,20 +566,3 @@ def batch_decoder(source) -> str | None:
         return clips
     decoder = getattr(getattr(source, "transform", None), "decoder", "pil")
     return None if decoder == "pil" else decoder
-
-
-def decode_source_batch(source, records: list[PairRecord], indices: list[int]) -> list[PairRecord]:
-    """`decode_pairs` for records a map-style source gave for `indices`: a pair found bad is
-    marked on the source (SkipBadSamples.mark_bad: counted, skipped from then on) and
-    `source[index]` stands in, the pair the PIL path would have had there."""
-    device = batch_decoder(source)
-    if device is None or not any(is_encoded(r) for r in records):
-        return records
-
-    def stand_in(position: int, record: PairRecord, bad: BadSample) -> PairRecord:
-        if not hasattr(source, "mark_bad"):
-            raise bad
-        source.mark_bad(indices[position], bad)
-        return source[indices[position]]
-
-    return decode_pairs(records, device, stand_in)

@@ -281,13 +281,18 @@ class PairTransform:
         left, top = fx * (width - crop_w), fy * (height - crop_h)
         return left, top, left + crop_w, top + crop_h
 
-    def _apply(
-        self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool
-    ) -> np.ndarray:
-        out = image.resize(target, _RESAMPLE[self.resample], box=self._box(image.size, target, fx, fy))
+    @staticmethod
+    def _resized(image: Image.Image, target, box, flip: bool, resample: str) -> np.ndarray:
+        """`box` of `image` resized to `target` (one resampling), flipped if `flip`: HxWx3 uint8."""
+        out = image.resize(target, _RESAMPLE[resample], box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8).copy()
+
+    def _apply(
+        self, image: Image.Image, target: tuple[int, int], fx: float, fy: float, flip: bool
+    ) -> np.ndarray:
+        return self._resized(image, target, self._box(image.size, target, fx, fy), flip, self.resample)
 
     def pair(
         self,
@@ -307,13 +312,13 @@ class PairTransform:
         The weight map (loaders/weight_maps.py) is transformed here either way."""
         from .weight_maps import decode_weight_map
 
-        fx, fy, flip = self.decisions(key, epoch)
         if self.decoder == "pil":
             images = decode_image(winner, ref=refs[0]), decode_image(loser, ref=refs[1])
             sizes = [image.size for image in images]
             target = self.target_for(*sizes[0])
-            out = tuple(self._apply(image, target, fx, fy, flip) for image in images)
+            out = self(*images, key=key, epoch=epoch, target=target)
         else:
+            fx, fy, flip = self.decisions(key, epoch)
             headers = [encoded_image(source, ref) for source, ref in zip((winner, loser), refs, strict=True)]
             sizes = [size for _, size, _ in headers]
             target = self.target_for(*sizes[0])
@@ -335,12 +340,8 @@ class PairTransform:
         """An EncodedImage decoded and transformed by PIL: the pixels `pair` would have returned
         with decoder "pil". The batch decoder's path for what DALI does not decode as PIL does,
         and for a batch DALI failed on (BadSample names the bad image)."""
-        out = decode_image(image.data, ref=image.ref).resize(
-            image.target, _RESAMPLE[image.resample], box=image.box
-        )
-        if image.flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out, dtype=np.uint8).copy()
+        decoded = decode_image(image.data, ref=image.ref)
+        return PairTransform._resized(decoded, image.target, image.box, image.flip, image.resample)
 
     def weight_map(
         self,

@@ -472,9 +472,9 @@ class BatchStream:
     def decoded(self, records: list[PairRecord], indices: list[int]) -> list[PairRecord]:
         """`records` of a map-style source (at `indices`) as the step gets them: decoded by the
         batch decoder when the source leaves decoding to it (the trainer's shape probe)."""
-        from vipo.loaders.dali import decode_source_batch
-
-        return decode_source_batch(self.source, records, indices) if self.decoder else records
+        if self.decoder is None:
+            return records
+        return self._decode(records, (self.sampler.epoch, indices), self._position, self._stats)[0]
 
     def next_indices(self) -> tuple[list[int], int]:
         """The next batch's indices and their epoch, for a map-style source read by the caller

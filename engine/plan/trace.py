@@ -330,7 +330,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
         if fake:
             _no_output_memo(stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True)))
-            stack.enter_context(_moves_in_place())
+            if cfg.parallel.strategy in ("zero2", "zero3"):
+                stack.enter_context(_moves_in_place())
         if cfg.train.mixed_precision == "bf16":
             stack.enter_context(cuda_autocast_policy())
         shapes = _cache_shapes(cfg) if cfg.data.cache else None

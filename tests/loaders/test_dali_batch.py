@@ -335,6 +335,16 @@ def test_auto_without_a_gpu_is_pil_and_dali_without_dali_is_a_one_line_error(mon
         image_decoder(load_config(None, ["data.image_backend=dali"]).data)
 
 
+def test_clips_batch_where_nvdec_is_or_dali_is_asked_for(monkeypatch):
+    from vipo.engine.data import clip_batches
+
+    assert not clip_batches("auto") and clip_batches("dali") and not clip_batches("pyav")  # no NVDEC here
+    monkeypatch.setattr(dali, "nvdec_available", lambda: True)
+    assert clip_batches("auto") and not clip_batches("pyav")
+    monkeypatch.setattr(dali, "dali_available", lambda: False)
+    assert not clip_batches("auto") and not clip_batches("dali")  # the per-pair path says DALI is missing
+
+
 def test_sources_outside_training_decode_with_pil_whatever_the_backend(tmp_path):
     path = write_manifest(tmp_path, 2)
     cfg = load_config(None, ["data.source=manifest", f"data.path={path}", "data.image_backend=dali"])
