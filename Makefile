@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= train,dev,video,deepspeed
+EXTRAS ?= train,dev,video,deepspeed,bnb
 # Test environment: the Triton interpreter must be on before `import triton`; hub lookups
 # would otherwise retry for minutes before failing; DeepSpeed has no CUDA here. One OpenMP
 # thread a process: two xdist workers (and the 2-rank tests' processes) already fill 2 cores, and

@@ -59,8 +59,8 @@ setup(
         "deepspeed": ["deepspeed>=0.16"],
         # Built against CUDA only; never required, never imported at module load.
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
-        # optim.optimizer=adamw8bit (CUDA only); imported when that optimizer is built.
-        "bnb": ["bitsandbytes>=0.45"],
+        # optim.optimizer=adamw8bit (CUDA, and the CPU from 0.50); imported when that optimizer is built.
+        "bnb": ["bitsandbytes>=0.50"],
         # Metric sinks besides metrics.jsonl (train.report_to); imported only when asked for.
         "track": ["tensorboard>=2.16", "wandb>=0.17"],
         "dev": [

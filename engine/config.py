@@ -190,8 +190,8 @@ class OptimConfig:
     eps: float = option(1e-8, "AdamW epsilon (diffusers' --adam_epsilon); > 0")
     optimizer: Literal["adamw", "adamw8bit"] = option(
         "adamw",
-        "adamw: torch.optim.AdamW (fused on a GPU); adamw8bit: bitsandbytes' 8-bit AdamW (a CUDA GPU and "
-        "pip install 'vipo[bnb]'; parallel.strategy none or ddp)",
+        "adamw: torch.optim.AdamW (fused on a GPU); adamw8bit: bitsandbytes' 8-bit AdamW (pip "
+        "install 'vipo[bnb]'; parallel.strategy none or ddp)",
     )
     schedule: Schedule = option(
         "warmup_constant",

@@ -12,14 +12,18 @@ update runs at LR 0. A checkpoint holds the LambdaLR's state_dict (its step coun
 never the lambdas), and a resume rebuilds the lambdas from the config.
 """
 
+import importlib.metadata
 import importlib.util
+import logging
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from .config import ConfigError
 
-BNB_HINT = "needs a CUDA GPU and `pip install bitsandbytes` (pip install 'vipo[bnb]')"
+BNB_HINT = "needs `pip install 'vipo[bnb]'` (bitsandbytes >= 0.50)"
+# bitsandbytes runs its 8-bit optimizers on CUDA and, from 0.50 (the version tested), on the CPU.
+BNB_CPU_SINCE = (0, 50)
 # bitsandbytes keeps its 8-bit state per tensor; FSDP2's DTensor shards and DeepSpeed's flat
 # partitions are not what it was written for (bitsandbytes issues #89 and #1633).
 BNB_STRATEGIES = ("none", "ddp")
@@ -38,18 +42,37 @@ def check_optimizer(optim_cfg, strategy: str, device: torch.device) -> None:
 
 
 def _check_bitsandbytes(device: torch.device) -> None:
-    if device.type != "cuda":
+    if device.type not in ("cuda", "cpu"):
         raise ConfigError(
-            f"optim.optimizer=adamw8bit {BNB_HINT}; this run is on {device}: use optim.optimizer=adamw"
+            f"optim.optimizer=adamw8bit runs on a CUDA GPU or the CPU, not {device}: use optim.optimizer=adamw"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim.optimizer=adamw8bit {BNB_HINT}; bitsandbytes is not installed")
+    if device.type == "cpu":
+        version = importlib.metadata.version("bitsandbytes")
+        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < BNB_CPU_SINCE:
+            raise ConfigError(
+                f"optim.optimizer=adamw8bit on the CPU {BNB_HINT}; bitsandbytes {version} is installed"
+            )
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported only when its optimizer is built. Its import logs a warning on CPUs
+    with AVX512-BF16 about a 4-bit matmul kernel from the Hub, which AdamW8bit never uses."""
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    finally:
+        quiet.setLevel(level)
+    return bnb
 
 
 def build_optimizer(params, optim_cfg, lr: float, device: torch.device) -> torch.optim.Optimizer:
     if optim_cfg.optimizer == "adamw8bit":
         _check_bitsandbytes(device)
-        import bitsandbytes as bnb  # only here: a CUDA-only package, never needed otherwise
+        bnb = import_bitsandbytes()
 
         # Tensors under min_8bit_size (4096 elements: biases, norms) keep fp32 state.
         return bnb.optim.AdamW8bit(

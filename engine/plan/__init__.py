@@ -86,8 +86,14 @@ Strategies:
             With grad_accum_steps > 1 one earlier micro-batch runs untraced first, so ZeRO's
             buffers hold what they hold at the last one. Not traced: ZeRO offload in
             parallel.deepspeed_config (host and device memory are one on a CPU), refused.
-    optim.optimizer=adamw8bit, parallel.cpu_offload: not built, refused in one line (AdamW's
-            plan bounds AdamW8bit's; an offloaded run's device memory is below the plan's).
+    optim.optimizer=adamw8bit
+            bitsandbytes' own AdamW8bit, built and stepped under the fake mode (its update is a
+            custom op with a registered fake kernel, in place, no temporaries, as its CUDA kernel);
+            its two 256-entry quantization maps are made of real tensors (bitsandbytes builds
+            them from Python lists of tensor values). Its state is counted as it allocates it
+            (tested against real tensors and budget.bytes_to_come). none / ddp only, as in training.
+    parallel.cpu_offload: not built, refused in one line (an offloaded run's device memory is
+            below the plan's).
 """
 
 import argparse
@@ -158,11 +164,6 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
         raise RunError(
             f"vipo plan: parallel.strategy={strategy} is not built yet (traced: {', '.join(TRACED_STRATEGIES)}); "
             "parallel.strategy=ddp gives one full replica"
-        )
-    if cfg.optim.optimizer != "adamw":
-        raise RunError(
-            f"vipo plan: optim.optimizer={cfg.optim.optimizer} is not built yet (traced: adamw); "
-            "optim.optimizer=adamw gives an upper bound (its state is the larger)"
         )
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
@@ -287,6 +288,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         "reference_mode": cfg.reference.mode if cfg.loss.objective != "sft" else None,
         "reference_dtype": cfg.reference.dtype,
         "objective": cfg.loss.objective,
+        "optimizer": cfg.optim.optimizer,
         "mixed_precision": cfg.train.mixed_precision,
         "latent_cache": bool(cfg.data.cache),
         "strategy": cfg.parallel.strategy,
@@ -308,7 +310,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         "fits": total <= gpu_memory,
         "overflow_bytes": max(0, total - gpu_memory),
         "trace_seconds": round(trace.seconds, 2),
-        "method": "FakeTensorMode CPU trace of Trainer.forward_backward + clip + AdamW step; MemTracker; "
+        "method": "FakeTensorMode CPU trace of Trainer.forward_backward + clip + optimizer step; MemTracker; "
         "FlopCounterMode without module tracking (see engine/plan/__init__.py)",
         "not_counted": "the CUDA context and the allocator's fragmentation",
     }
@@ -334,7 +336,8 @@ def render(plan: dict) -> str:
     lines = [
         f"vipo plan: {model['family']} ({model['config']}) {pixels}, {plan['pairs_per_gpu']} pairs per GPU, "
         f"{plan['gpus']} GPU(s), strategy {plan['strategy']}, reference {plan['reference_mode']}, "
-        f"mixed precision {plan['mixed_precision']}, checkpointing {'on' if model['gradient_checkpointing'] else 'off'}",
+        f"mixed precision {plan['mixed_precision']}, checkpointing {'on' if model['gradient_checkpointing'] else 'off'}"
+        + (f", optimizer {plan['optimizer']}" if plan.get("optimizer", "adamw") != "adamw" else ""),
         f"peak memory per GPU {_gib(plan['peak_bytes_per_gpu'])} in {plan['peak_phase']}: "
         + (
             f"fits {_gib(plan['gpu_memory_bytes'])} ({_gib(plan['gpu_memory_bytes'] - plan['peak_bytes_per_gpu'])} free)"
@@ -386,6 +389,18 @@ def remedies(plan: dict) -> list[str]:
         and plan["reference_dtype"] == "policy"
     ):
         found.append(f"reference.dtype=bfloat16: -{_gib(split['reference'] // 2)} of the reference copy")
+    if (
+        plan["strategy"] in ("none", "ddp")
+        and plan.get("optimizer", "adamw") == "adamw"
+        and split.get("optimizer")
+    ):
+        # AdamW8bit: one byte a moment (and a float32 scale per 256) for the weights' two to four
+        elements = plan["exact_bytes"]["trainable"] // (
+            2 if plan["model"]["param_dtype"] == "bfloat16" else 4
+        )
+        saved = split["optimizer"] - 2 * elements
+        if saved > 0:
+            found.append(f"optim.optimizer=adamw8bit: about -{_gib(saved)} of AdamW state")
     if not plan["model"]["gradient_checkpointing"]:
         found.append("model.gradient_checkpointing=true")
     if plan["pairs_per_gpu"] > 1:

@@ -305,6 +305,26 @@ def _adamw_state(trainer, engine) -> None:
         flat.grad, group["params"] = None, kept
 
 
+@contextmanager
+def _real_quantization_maps():
+    """bitsandbytes' AdamW8bit builds its two 256-entry quantization maps from Python lists of
+    tensor values when it is constructed; under the fake mode a value has none, so the maps (1 KiB
+    each, shared by every parameter) are made of real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from ..optim import import_bitsandbytes
+
+    functional = import_bitsandbytes().functional
+    made = functional.create_dynamic_map
+
+    def create_dynamic_map(*args, **kwargs):
+        with unset_fake_temporarily():
+            return made(*args, **kwargs)
+
+    with mock.patch.object(functional, "create_dynamic_map", create_dynamic_map):
+        yield
+
+
 def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
     """Trace one step of `cfg` (a config from `plan_config`): fake tensors, or (`fake=False`, tiny
     models only) real CPU tensors measured the same way, the truth check of the fake trace."""
@@ -332,6 +352,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             _no_output_memo(stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True)))
             if cfg.parallel.strategy in ("zero2", "zero3"):
                 stack.enter_context(_moves_in_place())
+            if cfg.optim.optimizer == "adamw8bit":
+                stack.enter_context(_real_quantization_maps())
         if cfg.train.mixed_precision == "bf16":
             stack.enter_context(cuda_autocast_policy())
         shapes = _cache_shapes(cfg) if cfg.data.cache else None
@@ -344,8 +366,9 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         gpu_config = functools.partial(parallel.deepspeed_config, gpu=True)
         stack.enter_context(mock.patch.object(parallel, "deepspeed_config", gpu_config))
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
-        for group in trainer.optimizer.param_groups:  # the AdamW a GPU run builds (strategies: fused on cuda)
-            group.update(fused=True, foreach=False)
+        if cfg.optim.optimizer == "adamw":  # the AdamW a GPU run builds (strategies: fused on cuda)
+            for group in trainer.optimizer.param_groups:
+                group.update(fused=True, foreach=False)
         engine = getattr(trainer.strategy, "engine", None)  # DeepSpeed's, under zero2 / zero3
         _adamw_state(trainer, engine)  # the optimizer state of a step after the first
         trainer.strategy.zero_grad()

@@ -64,6 +64,29 @@ def test_trace_matches_real_tensors_under_bf16_autocast_checkpointing_and_a_lora
     assert fake.after_step["Optstate"] == 2 * lora + 4 * fake.exact["trainable_tensors"]
 
 
+def test_adamw8bit_is_traced_with_bitsandbytes_own_state_and_matches_real_tensors(traces, tmp_path):
+    """optim.optimizer=adamw8bit: bitsandbytes' AdamW8bit built and stepped on fake tensors (its
+    update is a custom op with a fake kernel), its state counted as it allocates it."""
+    from vipo.engine.plan.budget import _adamw8bit_state
+
+    pytest.importorskip("bitsandbytes")
+    _, adamw, _ = traces
+    cfg = plan.plan_config(tiny_config(tmp_path, "optim.optimizer=adamw8bit"), 1)
+    fake, real = plan.trace_step(cfg), plan.trace_step(cfg, fake=False)
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
+    assert fake.phase_peaks["optimizer"] == real.phase_peaks["optimizer"]
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    params = [p for p in adapter.network.parameters() if p.requires_grad]
+    qmaps = 2 * 256 * 4  # two float32 quantization maps, shared by every parameter
+    for trace in (fake, real):
+        assert trace.after_step["Optstate"] == _adamw8bit_state(params) + qmaps
+    # one byte a moment for the tensors of >= 4096 elements instead of AdamW's four
+    saved = adamw.after_step["Optstate"] - fake.after_step["Optstate"]
+    big = sum(p.numel() for p in params if p.numel() >= 4096)
+    assert 2 * 3 * big * 0.95 < saved < 2 * 3 * big + 4 * len(params)
+    assert fake.peak_bytes < adamw.peak_bytes
+
+
 def test_with_accumulation_the_earlier_micro_batches_gradients_are_resident(traces, tmp_path):
     _, one, _ = traces
     accumulated = plan.trace_step(plan.plan_config(tiny_config(tmp_path, "train.grad_accum_steps=2"), 1))
@@ -422,6 +445,29 @@ def test_remedies_name_what_the_trace_counted():
         "parallel.strategy=fsdp (shards weights, gradients, AdamW state and the reference)",
         "reference.dtype=bfloat16: -5.00 GiB of the reference copy",
     ]
+
+
+def test_adamw8bit_is_a_remedy_with_the_bytes_it_takes_off_adamws_state():
+    gib = 2**30
+    full = {
+        "strategy": "none",
+        "gpus": 1,
+        "split_bytes": {"optimizer": 8 * gib},  # float32 AdamW of 1 Gi elements
+        "exact_bytes": {"trainable": 4 * gib},
+        "latent_cache": True,
+        "reference_mode": "adapter",
+        "reference_dtype": "policy",
+        "mixed_precision": "bf16",
+        "model": {"gradient_checkpointing": True, "lora_rank": 0, "param_dtype": "float32"},
+        "pairs_per_gpu": 1,
+        "optimizer": "adamw",
+    }
+    assert "optim.optimizer=adamw8bit: about -6.00 GiB of AdamW state" in plan.remedies(full)
+    bf16 = {**full, "split_bytes": {"optimizer": 4 * gib}, "exact_bytes": {"trainable": 2 * gib}}
+    bf16["model"] = {**full["model"], "param_dtype": "bfloat16"}
+    assert "optim.optimizer=adamw8bit: about -2.00 GiB of AdamW state" in plan.remedies(bf16)
+    for other in ({"optimizer": "adamw8bit"}, {"strategy": "fsdp"}):
+        assert not any("adamw8bit" in line for line in plan.remedies({**full, **other}))
 
 
 # -- ZeRO: DeepSpeed's own engine on rank 0 of a fake group -------------------------------------

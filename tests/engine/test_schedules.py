@@ -13,7 +13,6 @@ from diffusers.optimization import get_scheduler
 
 from vipo.configs import builtin_recipes, find_recipe
 from vipo.engine import trainer as trainer_module
-from vipo.engine.cli import main
 from vipo.engine.config import ConfigError, RunConfig, read_recipe
 from vipo.engine.errors import RunError
 from vipo.engine.optim import check_optimizer
@@ -135,30 +134,66 @@ def test_a_checkpoint_resumes_only_with_the_optimizer_that_wrote_it(tmp_path, mo
             trainer.resume()
 
 
-def test_adamw8bit_on_cpu_is_refused_before_any_data_or_model_is_built(tmp_path, monkeypatch):
+def test_adamw8bit_trains_on_the_cpu_with_one_byte_moments_and_resumes_the_same_run(tmp_path):
+    """bitsandbytes' own AdamW8bit (>= 0.50 runs on the CPU): its state is uint8 with a scale per
+    block, the weights move, and a run stopped after step 2 resumes from a checkpoint holding
+    that state (loaded with weights_only=True) to the losses of the straight run."""
+    bnb = pytest.importorskip("bitsandbytes")
+    overrides = ["optim.optimizer=adamw8bit", "optim.lr=1e-4", "train.max_steps=4"]
+    straight = tmp_path / "straight"
+    with Trainer(tiny(straight, *overrides), progress=False) as trainer:
+        assert isinstance(trainer.optimizer, bnb.optim.AdamW8bit)
+        before = [p.detach().clone() for p in trainer.params]
+        trainer.train()
+        states = [trainer.optimizer.state[p] for p in trainer.params]
+        big = [s for p, s in zip(trainer.params, states, strict=True) if p.numel() >= 4096]
+        assert big and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in big)
+        assert all(
+            s["absmax1"].numel() == -(-p.numel() // 256)
+            for p, s in zip(trainer.params, states, strict=True)
+            if "absmax1" in s
+        )
+        moved = sum(not torch.equal(a, p) for a, p in zip(before, trainer.params, strict=True))
+        assert moved == len(before)
+    split = tmp_path / "split"
+    with Trainer(tiny(split, *overrides), progress=False) as trainer:
+        _stop_at(trainer, 2)
+        with pytest.raises(Stopped):
+            trainer.train()
+    with Trainer(tiny(split, *overrides), progress=False) as trainer:
+        trainer.train(resume=True)
+        loaded = [trainer.optimizer.state[p] for p in trainer.params if p.numel() >= 4096]
+        assert loaded and all(s["state1"].dtype == torch.uint8 for s in loaded)  # still one byte
+    assert logged(split, "step") == [1, 2, 3, 4]
+    losses = logged(straight, "loss")
+    assert len(set(losses)) > 1
+    assert logged(split, "loss") == pytest.approx(losses, rel=1e-5, abs=1e-7)
+
+
+def test_adamw8bit_is_refused_in_one_line_where_bitsandbytes_cannot_run_it(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    cfg = tiny(tmp_path, "optim.optimizer=adamw8bit")
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU or the CPU, not mps"):
+        check_optimizer(cfg.optim, "none", torch.device("mps"))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5")
+    with pytest.raises(ConfigError, match="on the CPU needs .*bitsandbytes 0.45.5 is installed"):
+        check_optimizer(cfg.optim, "none", torch.device("cpu"))
+    check_optimizer(cfg.optim, "none", torch.device("cuda"))  # 0.45 runs it on CUDA
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_install(tmp_path, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("built before the optimizer check")
 
     monkeypatch.setattr(trainer_module, "build_adapter", never)
     monkeypatch.setattr(trainer_module, "build_source", never)
-    cfg = tiny(tmp_path, "optim.optimizer=adamw8bit", "train.device=cpu")
-    with pytest.raises(ConfigError) as err:
-        Trainer(cfg, progress=False)
-    message = str(err.value)
-    assert "optim.optimizer=adamw8bit" in message and "\n" not in message
-    assert "needs a CUDA GPU and `pip install bitsandbytes`" in message and "cpu" in message
-
-
-def test_vipo_train_with_adamw8bit_on_cpu_is_one_line_and_exit_2(tmp_path, capsys):
-    argv = ["train", "demo", "optim.optimizer=adamw8bit", "train.device=cpu", f"train.output_dir={tmp_path}"]
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "optim.optimizer=adamw8bit" in lines[0] and "bitsandbytes" in lines[0]
-
-
-def test_adamw8bit_without_bitsandbytes_names_the_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec: not installed
     cfg = tiny(tmp_path, "optim.optimizer=adamw8bit")
+    with pytest.raises(ConfigError) as err:  # refused before any model or data is built
+        Trainer(cfg, progress=False)
+    message = str(err.value)
+    assert "bitsandbytes is not installed" in message and "vipo[bnb]" in message and "\n" not in message
     with pytest.raises(ConfigError, match="bitsandbytes is not installed"):
         check_optimizer(cfg.optim, "none", torch.device("cuda"))
 
@@ -203,18 +238,25 @@ def test_a_bad_schedule_or_optimizer_setting_is_a_config_error_naming_the_key(tm
         assert name in message, f"{name!r} not in {message!r}"
 
 
-def test_the_start_up_memory_check_counts_adamw8bit_state_at_one_byte_per_moment():
+def test_the_start_up_memory_check_counts_adamw8bit_state_as_bitsandbytes_allocates_it():
+    from vipo.engine.optim import import_bitsandbytes
     from vipo.engine.plan.budget import bytes_to_come
 
-    big, small = torch.nn.Parameter(torch.zeros(8192)), torch.nn.Parameter(torch.zeros(10))
-    parts = bytes_to_come([big, small], "none", "adamw8bit")
-    # uint8 exp_avg and exp_avg_sq with an fp32 scale per 256-element block; under 4096 elements, fp32.
-    assert parts == {"gradients": 4 * 8202, "AdamW8bit state": 2 * (8192 + 4 * 32) + 2 * 4 * 10}
-    assert bytes_to_come([big, small], "none")["AdamW state"] == 2 * 4 * 8202
-
-
-def test_vipo_plan_refuses_adamw8bit_in_one_line_naming_the_adamw_bound(tmp_path):
-    from vipo.engine import plan
-
-    with pytest.raises(RunError, match="optim.optimizer=adamw8bit is not built yet.*optim.optimizer=adamw"):
-        plan.plan_config(tiny(tmp_path, "optim.optimizer=adamw8bit"), 1)
+    bnb = import_bitsandbytes()
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (8192, 4096, 4095, 10, 1000 * 257)]
+    parts = bytes_to_come(params, "none", "adamw8bit")
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # bitsandbytes makes its state at the first step
+    allocated = {
+        id(t): t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for key, t in state.items()
+        if torch.is_tensor(t) and not key.startswith("qmap")  # two 256-entry maps, shared by all
+    }
+    assert parts == {
+        "gradients": 4 * sum(p.numel() for p in params),
+        "AdamW8bit state": sum(allocated.values()),
+    }
+    assert bytes_to_come(params, "none")["AdamW state"] == 2 * 4 * sum(p.numel() for p in params)
