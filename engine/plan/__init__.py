@@ -92,8 +92,16 @@ Strategies:
             its two 256-entry quantization maps are made of real tensors (bitsandbytes builds
             them from Python lists of tensor values). Its state is counted as it allocates it
             (tested against real tensors and budget.bytes_to_come). none / ddp only, as in training.
-    parallel.cpu_offload: not built, refused in one line (an offloaded run's device memory is
-            below the plan's).
+    parallel.cpu_offload (fsdp)
+            What FSDP2's CPUOffloadPolicy keeps in host memory is marked as such in the tracker
+            and left out of the device's peak and split: the sharded weights of the policy and
+            of the copy reference, the optimizer's state (it steps on the host), and each
+            sharded gradient from the moment its reduce-scatter returns (FSDP copies it to the
+            host there; on a CPU trace that copy is a no-op, so the reduce-scatter's output is
+            marked). The host's own bytes are reported beside the plan (host_peak_bytes_per_rank,
+            and by role at the device's peak). Not traced: the device copy of one group's
+            sharded weights that FSDP makes before each all-gather (1/N of one block's weights,
+            in the all-gather's stream), and pinned-memory limits of the host.
 """
 
 import argparse
@@ -174,11 +182,6 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
             f"vipo plan: ZeRO offload (zero_optimization.{_zero_offload(cfg.parallel.deepspeed_config)} in "
             f"parallel.deepspeed_config) is not built yet (a CPU trace cannot tell host from device memory); "
             "without it the plan bounds the offloaded run from above"
-        )
-    if strategy in SHARDED and cfg.parallel.cpu_offload:
-        raise RunError(
-            "vipo plan: parallel.cpu_offload=true is not built yet (a CPU trace cannot tell host from "
-            "device memory); without it the plan bounds the offloaded run from above"
         )
     cp = cfg.parallel.context_parallel
     context = cp.ulysses * cp.ring  # ranks that share each pair (engine/context_parallel.py)
@@ -309,6 +312,9 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         "gpu_memory_bytes": gpu_memory,
         "fits": total <= gpu_memory,
         "overflow_bytes": max(0, total - gpu_memory),
+        "cpu_offload": cfg.parallel.strategy == "fsdp" and cfg.parallel.cpu_offload,
+        "host_peak_bytes_per_rank": trace.host_peak_bytes,
+        "host_split_bytes_at_peak": trace.host_split,
         "trace_seconds": round(trace.seconds, 2),
         "method": "FakeTensorMode CPU trace of Trainer.forward_backward + clip + optimizer step; MemTracker; "
         "FlopCounterMode without module tracking (see engine/plan/__init__.py)",
@@ -352,6 +358,12 @@ def render(plan: dict) -> str:
         if value
     ]
     lines.append("peak by phase: " + ", ".join(f"{k} {_gib(v)}" for k, v in plan["phase_peak_bytes"].items()))
+    if plan.get("cpu_offload"):
+        held = ", ".join(f"{k} {_gib(v)}" for k, v in plan["host_split_bytes_at_peak"].items() if v)
+        lines.append(
+            f"host memory per rank (parallel.cpu_offload, left out above): up to "
+            f"{_gib(plan['host_peak_bytes_per_rank'])}; at the device's peak {held or 'none'}"
+        )
     per_pair = plan["pairs_per_gpu"]
     lines.append(
         f"FLOPs per pair {plan['flops_per_pair'] / 1e12:.3f} TFLOP: "
@@ -401,6 +413,15 @@ def remedies(plan: dict) -> list[str]:
         saved = split["optimizer"] - 2 * elements
         if saved > 0:
             found.append(f"optim.optimizer=adamw8bit: about -{_gib(saved)} of AdamW state")
+    if plan["strategy"] == "fsdp" and not plan.get("cpu_offload"):
+        # FSDP2's CPUOffloadPolicy: shards of the weights and the optimizer's state leave the GPU
+        # (and the gradients reduced by the peak, which the split does not tell from the rest)
+        held = sum(split.get(key, 0) for key in ("parameters", "reference", "optimizer"))
+        if held:
+            found.append(
+                f"parallel.cpu_offload=true: at least -{_gib(held)} of sharded weights and AdamW state "
+                "(host-device copies every step)"
+            )
     if not plan["model"]["gradient_checkpointing"]:
         found.append("model.gradient_checkpointing=true")
     if plan["pairs_per_gpu"] > 1:

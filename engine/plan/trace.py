@@ -46,6 +46,8 @@ class StepTrace:
     seconds: float
     after_step: dict[str, int] = field(default_factory=dict)  # held when the step ends, by MemTracker kind
     extra: dict[str, int] = field(default_factory=dict)  # added, not traced (DDP buckets)
+    host_peak_bytes: int = 0  # parallel.cpu_offload: the most host memory the offloaded state took
+    host_split: dict[str, int] = field(default_factory=dict)  # host memory by role at the device's peak
 
     @property
     def total_bytes(self) -> int:
@@ -305,6 +307,52 @@ def _adamw_state(trainer, engine) -> None:
         flat.grad, group["params"] = None, kept
 
 
+def _fsdp_params(module):
+    """The FSDPParams of every fully_shard'ed module under `module` (none for a plain module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+        if isinstance(sub, FSDPModule):
+            for group in sub._get_fsdp_state()._fsdp_param_groups:
+                yield from group.fsdp_params
+
+
+def _mark_offloaded(tracker, trainer, ref_network) -> None:
+    """parallel.cpu_offload: what FSDP2's CPUOffloadPolicy keeps in host memory, marked so the
+    device's peak leaves it out: the sharded weights (policy and copy reference), the sharded
+    gradients (also those of earlier micro-batches) and the optimizer's state, which steps on the
+    host with the sharded weights."""
+    for fsdp_param in _fsdp_params(trainer.network):
+        tracker.mark_host(fsdp_param._sharded_param_data, "policy")
+        tracker.mark_host(fsdp_param.sharded_param.grad, "gradients")
+    for fsdp_param in _fsdp_params(ref_network):
+        tracker.mark_host(fsdp_param._sharded_param_data, "reference")
+    for state in trainer.optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                tracker.mark_host(value, "optimizer")
+
+
+@contextmanager
+def _gradients_to_host(tracker):
+    """FSDP2's reduce-scatter under CPUOffloadPolicy copies each sharded gradient to the host and
+    drops the device's (foreach_reduce: `.to("cpu")`, a no-op on a CPU trace, which keeps the
+    reduce-scatter output as the gradient): that output is host memory once the call returns."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    reduce = _fsdp_param_group.foreach_reduce
+
+    def foreach_reduce(fsdp_params, *args, **kwargs):
+        result = reduce(fsdp_params, *args, **kwargs)
+        for fsdp_param in fsdp_params:
+            if fsdp_param.offload_to_cpu:
+                tracker.mark_host(fsdp_param.sharded_param.grad, "gradients")
+        return result
+
+    with mock.patch.object(_fsdp_param_group, "foreach_reduce", foreach_reduce):
+        yield
+
+
 @contextmanager
 def _real_quantization_maps():
     """bitsandbytes' AdamW8bit builds its two 256-entry quantization maps from Python lists of
@@ -388,6 +436,10 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         tracker.track_external(trainer.optimizer)
         if engine is not None:  # ZeRO's partitions and buffers, made at initialize, held by no module
             tracker.track_external(*_deepspeed_tensors(trainer, engine))
+        offload = cfg.parallel.strategy == "fsdp" and cfg.parallel.cpu_offload
+        if offload:
+            _mark_offloaded(tracker, trainer, ref_network)
+            stack.enter_context(_gradients_to_host(tracker))
         counter = TotalFlopCounter()
         flops: dict[str, int] = {}
 
@@ -422,11 +474,12 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             "reference": _bytes(ref_network),
             "encoders": sum(_bytes(e) for e in encoders),
         }
-    peak = tracker.peak()
+    peak = tracker.peak()  # the device's: host memory (parallel.cpu_offload) left out
+    host_roles = tracker.host_at_peak[1]
     held = sum(peak.get(key, 0) for key in (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.OTH))
     split = {
-        "parameters": exact["policy"],
-        "reference": exact["reference"],
+        "parameters": exact["policy"] - host_roles.get("policy", 0),
+        "reference": exact["reference"] - host_roles.get("reference", 0),
         "encoders": exact["encoders"],
         "gradients": peak.get(_MemRefType.GRAD, 0),
         "optimizer": peak.get(_MemRefType.OPT, 0),
@@ -434,6 +487,7 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         "temporaries": peak.get(_MemRefType.TEMP, 0),
         "other": held - exact["policy"] - exact["reference"] - exact["encoders"],
     }
+    split["other"] += host_roles.get("policy", 0) + host_roles.get("reference", 0)
     return StepTrace(
         pairs=cfg.train.batch_pairs // world_shares,
         peak_bytes=peak.get(_TOTAL_KEY, 0),
@@ -445,4 +499,6 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         attention_ops={phase: dict(ops) for phase, ops in tracker.attention_ops.items()},
         seconds=time.perf_counter() - started,
         after_step={str(getattr(key, "value", key)): value for key, value in after.items()},
+        host_peak_bytes=tracker.host_peak,
+        host_split=dict(host_roles),
     )

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from unittest import mock
 
 import torch
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType, _UpdateType
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -108,6 +109,13 @@ class StepMemTracker(MemTracker):
         self._seen = WeakIdKeyDictionary()
         self._recomputed = WeakIdKeyDictionary()
         self._propagating = 0  # inside DTensor's sharding propagation (see __enter__)
+        # Host memory (parallel.cpu_offload): storages marked by mark_host, which the device peak
+        # leaves out; their bytes by MemTracker's kind and by role, kept as MemTracker updates them.
+        self._host: dict[int, str] = {}  # id(_WeakRefInfo) -> role
+        self.host_kinds: Counter = Counter()
+        self.host_roles: Counter = Counter()
+        self.host_peak = 0
+        self.host_at_peak: tuple[dict, dict] = ({}, {})
 
     def __enter__(self):
         # DTensor derives an op's output metadata by running it on fake tensors of the GLOBAL
@@ -142,8 +150,47 @@ class StepMemTracker(MemTracker):
         finally:
             self._unpatch.stop()
 
+    def mark_host(self, tensor: torch.Tensor, role: str) -> None:
+        """`tensor`'s storages are in host memory from now on (until they are freed): the sharded
+        weights, gradients and optimizer state FSDP's CPUOffloadPolicy keeps there."""
+        if tensor is None:
+            return
+        if is_traceable_wrapper_subclass(tensor):  # a DTensor: its local shard
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if torch.is_tensor(inner):
+                    self.mark_host(inner, role)
+            return
+        winfo, _ = self._WINFO.get(tensor.untyped_storage(), (None, None))
+        if winfo is None:
+            (winfo,) = self._update_and_maybe_create_winfos(tensor, _MemRefType.OTH)
+        if id(winfo) in self._host:
+            return
+        self._host[id(winfo)] = role
+        self.host_kinds[winfo.reftype] += winfo.mem_consumed
+        self.host_roles[role] += winfo.mem_consumed
+        self.host_peak = max(self.host_peak, self.host_kinds.total())
+
+    def _update_snap(self, u_type, winfo, old_mem_consumed=None, old_reftype=None) -> None:
+        super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+        role = self._host.get(id(winfo))
+        if role is None:
+            return
+        if u_type == _UpdateType.DEL:
+            del self._host[id(winfo)]
+            self.host_kinds[winfo.reftype] -= winfo.mem_consumed
+            self.host_roles[role] -= winfo.mem_consumed
+        elif u_type == _UpdateType.REF:
+            self.host_kinds[old_reftype] -= winfo.mem_consumed
+            self.host_kinds[winfo.reftype] += winfo.mem_consumed
+        elif u_type == _UpdateType.SIZE:
+            self.host_kinds[winfo.reftype] += winfo.mem_consumed - old_mem_consumed
+            self.host_roles[role] += winfo.mem_consumed - old_mem_consumed
+        self.host_peak = max(self.host_peak, self.host_kinds.total())
+
     def _update_peak_stats(self, peak_state) -> None:
-        total = sum(snap[_TOTAL_KEY] for snap in self._curr_mem_snap.values())
+        # The device's bytes: everything the step holds but what is marked as host memory.
+        total = sum(snap[_TOTAL_KEY] for snap in self._curr_mem_snap.values()) - self.host_kinds.total()
         if total > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = total
         cpu = torch.device("cpu")
@@ -151,6 +198,8 @@ class StepMemTracker(MemTracker):
             self._peak_mem[cpu] = total
             self._peak_mem_snap = {cpu: _merged(self._curr_mem_snap)}
             self.peak_phase = self.phase
+            if self._host:
+                self.host_at_peak = (dict(self.host_kinds), dict(self.host_roles))
 
     # Module hooks: track each module's weights the first time it runs (and note recomputation under
     # activation checkpointing); no per-module snapshots, so a module may run twice in a step (the
@@ -215,7 +264,13 @@ class StepMemTracker(MemTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def peak(self) -> dict:
-        return next(iter(self._peak_mem_snap.values()), {})
+        """The snapshot at the device's peak, by MemTracker's kinds, host memory left out."""
+        snap = dict(next(iter(self._peak_mem_snap.values()), {}))
+        kinds, _ = self.host_at_peak
+        for kind, value in kinds.items():
+            snap[kind] = snap.get(kind, 0) - value
+            snap[_TOTAL_KEY] = snap.get(_TOTAL_KEY, 0) - value
+        return snap
 
 
 def _merged(snaps: dict) -> dict:

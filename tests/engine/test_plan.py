@@ -290,6 +290,68 @@ def test_fsdp_holds_rank_0_shards_of_weights_gradients_and_adamw_state(fsdp_trac
         assert "ddp_gradient_buckets" not in trace.extra
 
 
+@pytest.fixture(scope="module")
+def offload_traces(tmp_path_factory, fsdp_traces):
+    """fsdp_traces' step with parallel.cpu_offload=true, fake and real tensors."""
+    out = tmp_path_factory.mktemp("offload")
+    args = [f"train.output_dir={out}/run", "train.batch_pairs=8", "parallel.strategy=fsdp"]
+    cfg = load_config(TINY, [*args, "parallel.cpu_offload=true"])
+    fake = plan.trace_rank(cfg, 4)
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cfg, 4), fake=False)
+    return cfg, fake, real
+
+
+def test_cpu_offload_takes_the_shards_and_adamw_state_off_the_device(fsdp_traces, offload_traces):
+    cfg, fake, real = offload_traces
+    assert fake.pairs == real.pairs == 2
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10 and fake.peak_phase == real.peak_phase
+    for phase, real_bytes in real.phase_peaks.items():  # the data phase is a few batches' bytes now
+        assert abs(fake.phase_peaks[phase] - real_bytes) < 0.02 * real.peak_bytes, phase
+    adapter = build_adapter(cfg.model, torch.device("cpu"), seed=cfg.train.seed, trainable=True)
+    shard = rank0_shard_bytes(list(adapter.network.parameters()), 4)
+    for on_device, offloaded in zip(fsdp_traces[1:], (fake, real), strict=True):
+        state = on_device.after_step["Optstate"]
+        # Before the forward the device holds neither weight shards (policy, copy reference) nor AdamW state.
+        assert on_device.phase_peaks["data"] - offloaded.phase_peaks["data"] == 2 * shard + state
+        # The host holds them all, and each rank's gradient shard once the backward reduced it.
+        assert offloaded.host_peak_bytes == 2 * shard + state + shard
+        host = offloaded.host_split
+        assert host["policy"] == host["reference"] == shard and host["optimizer"] == state
+        assert 0 < host["gradients"] < offloaded.exact["trainable"]  # the peak is inside the backward
+        # What left the device is what the host holds at the device's peak, and nothing else.
+        assert on_device.peak_bytes - offloaded.peak_bytes == sum(host.values())
+        assert on_device.peak_phase == offloaded.peak_phase == "backward"
+        assert offloaded.split["parameters"] == 0
+        # The reference's root stays gathered after its forward (reshard_after_forward=False): on the device.
+        assert offloaded.split["reference"] == on_device.split["reference"] - shard > 0
+        assert offloaded.split["optimizer"] == 0
+        assert sum(offloaded.split.values()) == offloaded.peak_bytes
+        assert offloaded.split["gradients"] == on_device.split["gradients"] - host["gradients"]
+    # Without offload nothing is host memory.
+    assert fsdp_traces[1].host_peak_bytes == 0 and fsdp_traces[1].host_split == {}
+
+
+def test_an_offloaded_plan_names_its_host_memory_and_offload_is_a_remedy(
+    fsdp_traces, offload_traces, monkeypatch
+):
+    traced = {False: fsdp_traces[1], True: offload_traces[1]}
+    monkeypatch.setattr(plan, "trace_rank", lambda cfg, gpus: traced[cfg.parallel.cpu_offload])
+    offloaded = plan.make_plan(offload_traces[0], gpus=4)
+    assert (
+        offloaded["cpu_offload"]
+        and offloaded["host_peak_bytes_per_rank"] == offload_traces[1].host_peak_bytes
+    )
+    assert "host memory per rank (parallel.cpu_offload, left out above): up to" in plan.render(offloaded)
+    assert not any("cpu_offload" in line for line in plan.remedies(offloaded))
+    on_device = plan.make_plan(fsdp_traces[0], gpus=4)
+    assert not on_device["cpu_offload"] and "host memory" not in plan.render(on_device)
+    split = on_device["split_bytes"]
+    held = split["parameters"] + split["reference"] + split["optimizer"]
+    (line,) = [line for line in plan.remedies(on_device) if "cpu_offload" in line]
+    assert f"at least -{held / 2**30:.2f} GiB" in line
+
+
 def test_context_parallel_under_fsdp_traces_a_shard_of_each_sample(tmp_path):
     recipe = tmp_path / "wan.yaml"
     recipe.write_text(
