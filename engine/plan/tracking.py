@@ -139,10 +139,14 @@ class StepMemTracker(MemTracker):
         self._unpatch = mock.patch.object(ShardingPropagator, "_propagate_tensor_meta_non_cached", untracked)
         self._unpatch.start()
         try:
-            return super().__enter__()
+            entered = super().__enter__()
         except BaseException:
             self._unpatch.stop()
             raise
+        if self._depth == 1:  # MemTracker starts its peak at everything held, host memory included
+            self._peak_mem, self._peak_mem_snap = {}, {}
+            self._update_peak_stats(None)
+        return entered
 
     def __exit__(self, *exc):
         try:

@@ -332,6 +332,25 @@ def test_cpu_offload_takes_the_shards_and_adamw_state_off_the_device(fsdp_traces
     assert fsdp_traces[1].host_peak_bytes == 0 and fsdp_traces[1].host_split == {}
 
 
+def test_host_memory_is_left_out_of_the_device_peak_from_the_trackers_start_until_it_is_freed():
+    from vipo.engine.plan.tracking import StepMemTracker
+
+    kib = 1024
+    host, held = torch.zeros(256 * kib), torch.zeros(kib)  # 1 MiB of "AdamW state", 4 KiB on the device
+    tracker = StepMemTracker()
+    tracker.track_external(host, held)
+    tracker.mark_host(host, "optimizer")
+    with tracker:
+        # The step's start is its largest moment when host memory is counted (a big offloaded model).
+        temporary = torch.ones(4 * kib)
+        del temporary
+        del host
+        assert tracker.host_kinds.total() == 0 and tracker.host_roles["optimizer"] == 0  # freed
+    assert tracker.host_peak == 1024 * kib
+    assert tracker.peak()["Total"] == 4 * kib + 16 * kib  # held + the temporary
+    assert tracker.host_at_peak[1] == {"optimizer": 1024 * kib}
+
+
 def test_an_offloaded_plan_names_its_host_memory_and_offload_is_a_remedy(
     fsdp_traces, offload_traces, monkeypatch
 ):
