@@ -93,6 +93,12 @@ def trace_baseline(cfg, gpus: int) -> dict:
 
     from vipo.loaders.procedural import ProceduralPairs
 
+    cp = cfg.parallel.context_parallel
+    if cp.ulysses * cp.ring > 1:
+        raise vipo_plan.RunError(
+            "the official-style baseline step has no context parallelism: its rank holds every token of "
+            "a pair; compare with parallel.context_parallel.ulysses=1 parallel.context_parallel.ring=1"
+        )
     one = vipo_plan.plan_config(cfg, gpus)  # the real architecture, this GPU's pairs, on the CPU
     family = one.model.family
     settings, why = baseline_settings(family, one.model.lora_rank, torch.device("cuda"), [])

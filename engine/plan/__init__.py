@@ -57,7 +57,10 @@ CUDA context and the caching allocator's fragmentation (leave a few GiB).
 Strategies:
     ddp     one replica with train.batch_pairs / --gpus pairs is traced, no process group; DDP's
             gradient buckets (one copy of every gradient, allocated when DDP wraps the model) are
-            added as a stated line, not traced.
+            added as a stated line, not traced. With context parallelism (Wan, FLUX): rank 0 of
+            --gpus on the fake process group (see fsdp), its context group's collectives real
+            calls, the replica left unwrapped (DDP's C++ reducer takes no fake tensors; the traced
+            micro-batch is the last, which DDP runs as a plain forward and backward).
     fsdp    rank 0 of --gpus ranks in this one process: torch's fake process group (fake_world;
             its collectives move no data and return outputs of the right shape), the launcher's
             variables set, so the Trainer's own init_world, fully_shard (every block, the root,
@@ -185,11 +188,6 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
         )
     cp = cfg.parallel.context_parallel
     context = cp.ulysses * cp.ring  # ranks that share each pair (engine/context_parallel.py)
-    if context > 1 and strategy != "fsdp":
-        raise RunError(
-            f"vipo plan: context parallelism is traced under parallel.strategy=fsdp only, not {strategy}; "
-            "parallel.context_parallel.ulysses=1 gives one replica's numbers"
-        )
     if gpus % context:
         raise ConfigError(
             f"--gpus {gpus}: parallel.context_parallel ulysses x ring = {context} must divide it"
@@ -213,7 +211,7 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     data = dataclasses.replace(cfg.data, prefetch_batches=0)
     if data.cache or cfg.reference.mode == "precomputed":  # precomputed trains from the latent cache only
         data = dataclasses.replace(data, cache=PLACEHOLDER_CACHE)
-    if strategy in SHARDED:  # the real sharding, on rank 0 of a fake group of `gpus` (fake_world)
+    if on_group(cfg):  # the real sharding / context group, on rank 0 of a fake group of `gpus` (fake_world)
         train = dataclasses.replace(cfg.train, batch_pairs=pairs * groups, device="cpu", compile="off")
         parallel = cfg.parallel
     else:  # one replica: its own share, no process group
@@ -222,12 +220,21 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     return dataclasses.replace(cfg, model=model, data=data, train=train, parallel=parallel)
 
 
+def on_group(cfg: RunConfig) -> bool:
+    """Whether one rank's step is traced as rank 0 of a fake process group: the sharded strategies,
+    and ddp with context parallelism (its context group splits each sample's tokens)."""
+    cp = cfg.parallel.context_parallel
+    return cfg.parallel.strategy in SHARDED or (cfg.parallel.strategy == "ddp" and cp.ulysses * cp.ring > 1)
+
+
 def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
     """One rank's step. ddp: one replica, DDP's gradient buckets added (not traced: DDP allocates
-    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient).
-    fsdp: rank 0 of `gpus`, the engine's own fully_shard over a fake process group."""
+    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient); with
+    context parallelism rank 0 of `gpus` on a fake process group, the replica left unwrapped
+    (DDP's C++ reducer takes no fake tensors). fsdp: rank 0 of `gpus`, the engine's own
+    fully_shard over a fake process group."""
     traced = plan_config(cfg, gpus, **kwargs)
-    with fake_world(gpus) if cfg.parallel.strategy in SHARDED else nullcontext():
+    with fake_world(gpus) if on_group(cfg) else nullcontext():
         trace = trace_step(traced)
     if cfg.parallel.strategy == "ddp":
         trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]

@@ -413,6 +413,10 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         # ZeRO as a GPU run configures it (overlap_comm: two gradient buckets instead of one)
         gpu_config = functools.partial(parallel.deepspeed_config, gpu=True)
         stack.enter_context(mock.patch.object(parallel, "deepspeed_config", gpu_config))
+        if cfg.parallel.strategy == "ddp":  # (context parallelism on a fake group) DDP's reducer is C++,
+            # which takes no fake tensors: the replica runs unwrapped; trace_rank adds DDP's buckets.
+            # The traced step is the last micro-batch's, which DDP runs as a plain forward and backward.
+            stack.enter_context(mock.patch.object(parallel, "apply_ddp", lambda network, world: network))
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
         if cfg.optim.optimizer == "adamw":  # the AdamW a GPU run builds (strategies: fused on cuda)
             for group in trainer.optimizer.param_groups:

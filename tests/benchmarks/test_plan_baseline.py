@@ -3,7 +3,11 @@ one run, at tiny size (what the trace sees and how the ratios are formed, not th
 
 import json
 
+import pytest
+
 from vipo.benchmarks import plan_baseline
+from vipo.engine import plan
+from vipo.engine.config import load_config
 
 TINY = "configs/train/tiny-sd15-poly.yaml"
 
@@ -33,3 +37,15 @@ def test_both_steps_are_traced_alike_and_the_ratios_are_formed_from_one_run(tmp_
     assert (
         baseline["phase_peak_bytes"]["backward"] > baseline["phase_peak_bytes"]["data"]
     )  # activations were seen
+
+
+def test_a_context_parallel_recipe_has_no_baseline_and_says_why(tmp_path):
+    recipe = tmp_path / "wan.yaml"
+    recipe.write_text("model: {family: wan, config: wan-tiny}\ndata: {num_pairs: 16, resolution: 16}\n")
+    args = [
+        f"train.output_dir={tmp_path}/run",
+        "parallel.strategy=ddp",
+        "parallel.context_parallel.ulysses=2",
+    ]
+    with pytest.raises(plan.RunError, match="baseline step has no context parallelism"):
+        plan_baseline.trace_baseline(load_config(recipe, args), 4)

@@ -227,12 +227,6 @@ def test_ddp_traces_one_replica_with_its_share_and_buckets(tmp_path):
     assert trace.pairs == 2
     assert trace.extra["ddp_gradient_buckets"] == trace.exact["trainable"]
     assert trace.total_bytes == trace.peak_bytes + trace.exact["trainable"]
-    with pytest.raises(
-        plan.RunError, match="context parallelism is traced under parallel.strategy=fsdp only"
-    ):
-        plan.plan_config(
-            tiny_config(tmp_path, "parallel.strategy=ddp", "parallel.context_parallel.ulysses=2"), 2
-        )
 
 
 def rank0_shard_bytes(params, ranks: int) -> int:
@@ -371,26 +365,46 @@ def test_an_offloaded_plan_names_its_host_memory_and_offload_is_a_remedy(
     assert f"at least -{held / 2**30:.2f} GiB" in line
 
 
-def test_context_parallel_under_fsdp_traces_a_shard_of_each_sample(tmp_path):
+def context_parallel_traces(tmp_path, strategy: str):
+    """A tiny Wan under `strategy` with Ulysses 2 on 4 GPUs (2 data groups of 2, one pair each),
+    fake and real tensors, and the same pair a rank without context parallelism (all its tokens)."""
     recipe = tmp_path / "wan.yaml"
     recipe.write_text(
         "model: {family: wan, config: wan-tiny}\ndata: {num_pairs: 16, resolution: 16}\n"
         "train: {batch_pairs: 2, max_steps: 4}\n"
     )
-    args = [f"train.output_dir={tmp_path}/run", "parallel.strategy=fsdp"]
+    args = [f"train.output_dir={tmp_path}/run", f"parallel.strategy={strategy}"]
     cp = load_config(recipe, [*args, "parallel.context_parallel.ulysses=2"])
+    fake = plan.trace_rank(cp, 4)
+    with plan.fake_world(4):
+        real = plan.trace_step(plan.plan_config(cp, 4), fake=False)
+    assert not torch.distributed.is_initialized()
+    assert fake.pairs == real.pairs == 1
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10 and fake.peak_phase == real.peak_phase
+    whole = plan.trace_rank(load_config(recipe, args), 4, pairs=1)
+    assert fake.split["activations"] < whole.split["activations"]  # half the tokens a rank
+    return cp, fake, whole
+
+
+def test_context_parallel_under_fsdp_traces_a_shard_of_each_sample(tmp_path):
+    cp, fake, _ = context_parallel_traces(tmp_path, "fsdp")
     with pytest.raises(ConfigError, match="must split evenly over 2 data groups of 2 GPUs"):
         plan.plan_config(dataclasses.replace(cp, train=dataclasses.replace(cp.train, batch_pairs=3)), 4)
     with pytest.raises(ConfigError, match="ulysses x ring = 2 must divide it"):
         plan.plan_config(cp, 3)
-    fake = plan.trace_rank(cp, 4)  # 4 GPUs: 2 data groups of 2, one pair each
-    with plan.fake_world(4):
-        real = plan.trace_step(plan.plan_config(cp, 4), fake=False)
-    assert fake.pairs == real.pairs == 1
-    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10
-    whole = plan.trace_rank(load_config(recipe, args), 4, pairs=1)  # the same pair a rank, all its tokens
-    assert fake.split["activations"] < whole.split["activations"]  # half the tokens a rank
     assert sum(fake.attention_ops["policy_forward"].values()) > 0
+
+
+def test_context_parallel_under_ddp_traces_a_replica_with_a_shard_of_each_sample(tmp_path):
+    cp, fake, whole = context_parallel_traces(tmp_path, "ddp")
+    # A whole replica: weights, gradients and AdamW state as without context parallelism, and the buckets.
+    for key in ("parameters", "reference", "optimizer"):
+        assert fake.split[key] == whole.split[key], key
+    assert fake.exact == whole.exact
+    assert (
+        fake.extra["ddp_gradient_buckets"] == whole.extra["ddp_gradient_buckets"] == fake.exact["trainable"]
+    )
+    assert plan.plan_config(cp, 4).parallel.strategy == "ddp"  # not "none": the replica's context group
 
 
 def test_gpu_memory_sizes_parse():
