@@ -114,7 +114,9 @@ def trace_all(recipes=RECIPES, results: Path = RESULTS, fresh: bool = False) -> 
         versions=provenance.versions("diffusers", "transformers"),
         gpus=GPUS,
         gpu_memory_bytes=GPU_MEMORY,
-        recipes=list(recipes),
+        # --recipes retraces some rows: the table keeps every row already traced, in RECIPES' order
+        recipes=[r for r in RECIPES if r in recipes or r in data["rows"]]
+        + [r for r in recipes if r not in RECIPES],
     )
     commit = (provenance.commit() or "unknown")[:7]
     for recipe in recipes:

@@ -83,3 +83,13 @@ def test_the_readme_block_is_rewritten_between_its_markers(tmp_path, committed):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="strategy-table:start"):
         table.write_readme(committed, readme)
+
+
+def test_retracing_some_recipes_keeps_every_row_already_traced(tmp_path):
+    results = tmp_path / "table.json"
+    done = {cell: {"refused": "stand-in"} for cell in table.CELLS}
+    rows = {name: {"recipe_strategy": "ddp", **done} for name in ("vipo-sd15-poly", "tiny-sd15-poly")}
+    results.write_text(json.dumps({"rows": rows}))
+    data = table.trace_all(("vipo-sd15-poly",), results=results)  # every cell there: nothing traced
+    assert data["recipes"] == ["tiny-sd15-poly", "vipo-sd15-poly"]  # RECIPES' order, both rows
+    assert json.loads(results.read_text())["rows"] == rows
