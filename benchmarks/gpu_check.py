@@ -23,6 +23,9 @@ Every result lands in one folder (--out, default $OUT where the device tool sets
 files: environment.json, kernel-tests.xml, kernel.json, step.json, loader.json, summary.json and
 log.txt; the last thing printed is a summary table.
 
+After the run, on any CPU: `python benchmarks/plan_vs_measured.py step.json --out FILE` sets
+`vipo plan`'s traced peak of each measured vipo step beside its max_memory_allocated.
+
 --dry-run runs each step's CPU rehearsal instead (the kernel tests collected, the benchmarks at
 smoke size on CPU), with the packages the GPU image lacks made unimportable, and reports which
 wheels are still to be carried.
