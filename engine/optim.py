@@ -23,7 +23,7 @@ from .config import ConfigError
 
 BNB_HINT = "needs `pip install 'vipo[bnb]'` (bitsandbytes >= 0.50)"
 # bitsandbytes runs its 8-bit optimizers on CUDA and, from 0.50 (the version tested), on the CPU.
-BNB_CPU_SINCE = (0, 50)
+BNB_CPU_SINCE = "0.50"
 # bitsandbytes keeps its 8-bit state per tensor; FSDP2's DTensor shards and DeepSpeed's flat
 # partitions are not what it was written for (bitsandbytes issues #89 and #1633).
 BNB_STRATEGIES = ("none", "ddp")
@@ -49,8 +49,10 @@ def _check_bitsandbytes(device: torch.device) -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"optim.optimizer=adamw8bit {BNB_HINT}; bitsandbytes is not installed")
     if device.type == "cpu":
+        from packaging.version import Version  # a dependency of bitsandbytes
+
         version = importlib.metadata.version("bitsandbytes")
-        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < BNB_CPU_SINCE:
+        if Version(version) < Version(BNB_CPU_SINCE):
             raise ConfigError(
                 f"optim.optimizer=adamw8bit on the CPU {BNB_HINT}; bitsandbytes {version} is installed"
             )
