@@ -102,9 +102,11 @@ Strategies:
             sharded gradient from the moment its reduce-scatter returns (FSDP copies it to the
             host there; on a CPU trace that copy is a no-op, so the reduce-scatter's output is
             marked). The host's own bytes are reported beside the plan (host_peak_bytes_per_rank,
-            and by role at the device's peak). Not traced: the device copy of one group's
-            sharded weights that FSDP makes before each all-gather (1/N of one block's weights,
-            in the all-gather's stream), and pinned-memory limits of the host.
+            and by role at the device's peak). Before each all-gather FSDP copies a shard to the
+            device (FSDPParam.all_gather_inputs); under bf16 mixed precision the cast that follows
+            makes the traced copy (in bf16), so only the fp32 copy of one parameter's shard before
+            its cast is not traced; under fp32 compute the shards' device copies (1/N of one
+            block's weights, freed after the all-gather) are not. Nor are the host's pinned-memory limits.
 """
 
 import argparse
