@@ -282,7 +282,7 @@ def pairs_per_gpu(cfg, gpus: int) -> int:
     """Pairs one GPU decodes a micro-batch: the global micro-batch over the data groups (a context
     group's ranks share a pair, and each of them reads it)."""
     cp = cfg.parallel.context_parallel
-    groups = gpus // (cp.ulysses * cp.ring)
+    groups = gpus // cp.size
     return max(1, cfg.train.batch_pairs // groups)
 
 

@@ -93,8 +93,7 @@ def trace_baseline(cfg, gpus: int) -> dict:
 
     from vipo.loaders.procedural import ProceduralPairs
 
-    cp = cfg.parallel.context_parallel
-    if cp.ulysses * cp.ring > 1:
+    if cfg.parallel.context_parallel.size > 1:
         raise vipo_plan.RunError(
             "the official-style baseline step has no context parallelism: its rank holds every token of "
             "a pair; compare with parallel.context_parallel.ulysses=1 parallel.context_parallel.ring=1"

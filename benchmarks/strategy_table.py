@@ -73,7 +73,7 @@ def plan_entry(recipe: str, strategy: str) -> dict:
         "latent_cache": result["latent_cache"],
         "trace_seconds": result["trace_seconds"],
         # GPUs that share each pair (Ulysses x ring): pairs_per_gpu is then per group of them
-        "context_ranks": cfg.parallel.context_parallel.ulysses * cfg.parallel.context_parallel.ring,
+        "context_ranks": cfg.parallel.context_parallel.size,
     }
 
 

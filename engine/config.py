@@ -272,6 +272,11 @@ class ContextParallelConfig:
         "model.attention=flash_attn). Group size = ulysses x ring, consecutive ranks",
     )
 
+    @property
+    def size(self) -> int:
+        """The ranks of a context group: they share each pair (1 = no context parallelism)."""
+        return self.ulysses * self.ring
+
 
 @dataclass
 class ParallelConfig:
@@ -507,10 +512,10 @@ def _check_parallel(cfg: RunConfig) -> None:
             f"{cfg.train.validate_every_steps} and {cfg.train.validate_pairs}"
         )
     cp = par.context_parallel
-    if cfg.train.validate_every_steps and (strategy not in ("none", "ddp") or cp.ulysses * cp.ring > 1):
+    if cfg.train.validate_every_steps and (strategy not in ("none", "ddp") or cp.size > 1):
         raise ConfigError(
             f"train.validate_every_steps runs on rank 0 with the whole policy: strategies none and ddp without "
-            f"context parallelism, not {strategy}{' with context_parallel' if cp.ulysses * cp.ring > 1 else ''}; "
+            f"context parallelism, not {strategy}{' with context_parallel' if cp.size > 1 else ''}; "
             "validate from checkpoints with `vipo sample` / `vipo eval` instead"
         )
     for key in ("ulysses", "ring"):
@@ -518,7 +523,7 @@ def _check_parallel(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"parallel.context_parallel.{key} must be >= 1 (1: off), got {getattr(cp, key)}"
             )
-    if cp.ulysses * cp.ring > 1:
+    if cp.size > 1:
         if strategy not in ("ddp", "fsdp"):
             raise ConfigError(
                 f"parallel.context_parallel needs parallel.strategy ddp or fsdp, got {strategy!r}"

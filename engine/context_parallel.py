@@ -137,7 +137,7 @@ def setup(parallel_cfg, world) -> ContextParallel | None:
     """The mesh and context groups of `parallel.context_parallel` (every rank calls this; None
     when it is off). Sets `world.context`, from which the data and noise ranks follow."""
     cp = parallel_cfg.context_parallel
-    size = cp.ulysses * cp.ring
+    size = cp.size
     if size == 1:
         return None
     if world.size % size:

@@ -188,8 +188,7 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
             f"parallel.deepspeed_config) is not built yet (a CPU trace cannot tell host from device memory); "
             "without it the plan bounds the offloaded run from above"
         )
-    cp = cfg.parallel.context_parallel
-    context = cp.ulysses * cp.ring  # ranks that share each pair (engine/context_parallel.py)
+    context = cfg.parallel.context_parallel.size  # ranks that share each pair (engine/context_parallel.py)
     if gpus % context:
         raise ConfigError(
             f"--gpus {gpus}: parallel.context_parallel ulysses x ring = {context} must divide it"
@@ -225,8 +224,8 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
 def on_group(cfg: RunConfig) -> bool:
     """Whether one rank's step is traced as rank 0 of a fake process group: the sharded strategies,
     and ddp with context parallelism (its context group splits each sample's tokens)."""
-    cp = cfg.parallel.context_parallel
-    return cfg.parallel.strategy in SHARDED or (cfg.parallel.strategy == "ddp" and cp.ulysses * cp.ring > 1)
+    strategy = cfg.parallel.strategy
+    return strategy in SHARDED or (strategy == "ddp" and cfg.parallel.context_parallel.size > 1)
 
 
 def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
