@@ -144,8 +144,9 @@ def trace_baseline(cfg, gpus: int) -> dict:
         after = _merged(tracker.get_tracker_snapshot("current"))
     peak = tracker.peak()
     flops = sum(marks.flops.values())
-    # As vipo's plan adds them under ddp (not traced: DDP allocates them when it wraps the model),
-    # and the official script runs under accelerate's DDP.
+    # The official script runs under accelerate's DDP, whose default gradient_as_bucket_view=False
+    # keeps a second copy of every gradient: DDP's buckets, allocated when it wraps the model (not
+    # traced: its C++ reducer takes no fake tensors). vipo's ddp makes its gradients the buckets.
     extra = {}
     if cfg.parallel.strategy == "ddp":
         extra["ddp_gradient_buckets"] = sum(p.numel() * p.element_size() for p in step.params)

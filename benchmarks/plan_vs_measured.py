@@ -44,7 +44,7 @@ def compare(report: dict) -> dict | None:
         "shapes": report.get("shapes"),
         "inputs": run.get("inputs"),
         "compile": cfg.train.compile,
-        "planned_peak_gib": trace.total_bytes / GIB,
+        "planned_peak_gib": trace.peak_bytes / GIB,
         "planned_phase": trace.peak_phase,
         "planned_split_gib": {key: value / GIB for key, value in trace.split.items()},
         "trace_seconds": round(trace.seconds, 1),

@@ -3,7 +3,7 @@
 the trainer), then sharding block by block, then the root.
 
     none   one process; nothing is wrapped
-    ddp    DistributedDataParallel: a replica per rank, gradients all-reduced
+    ddp    DistributedDataParallel: a replica per rank, gradients all-reduced (views of its buckets)
     fsdp   FSDP2 `fully_shard` on every block the model declares unsplittable, then the root
     zero2  DeepSpeed ZeRO-2: optimizer state and gradients sharded
     zero3  DeepSpeed ZeRO-3: weights sharded too
@@ -214,10 +214,18 @@ def blocks(network: nn.Module) -> list[nn.Module]:
 
 
 def apply_ddp(network: nn.Module, world: World) -> nn.Module:
+    """DDP with gradient_as_bucket_view: each gradient is a view into DDP's all-reduce buckets, so
+    a replica holds one copy of its gradients instead of two (the buckets and .grad). Every
+    trainable parameter gets a zero gradient before the wrap, which DDP turns into its bucket view
+    there, so the first step's micro-batches accumulate in the buckets too; DDPStrategy zeroes them
+    in place from then on (set_to_none would drop the views until the next all-reduce)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    for param in network.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(network, device_ids=device_ids)
+    return DistributedDataParallel(network, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def device_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...] | None = None):

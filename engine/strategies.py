@@ -128,6 +128,10 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
 
+    def zero_grad(self) -> None:
+        # The gradients are views of DDP's buckets (parallel.apply_ddp): zeroed, never dropped.
+        self.optimizer.zero_grad(set_to_none=False)
+
     def micro_step(self, last: bool):
         return nullcontext() if last else self.policy.no_sync()
 

@@ -55,12 +55,13 @@ AdamW runs fused, as the strategy builds it on a GPU (one kernel, no temporaries
 CUDA context and the caching allocator's fragmentation (leave a few GiB).
 
 Strategies:
-    ddp     one replica with train.batch_pairs / --gpus pairs is traced, no process group; DDP's
-            gradient buckets (one copy of every gradient, allocated when DDP wraps the model) are
-            added as a stated line, not traced. With context parallelism (Wan, FLUX): rank 0 of
-            --gpus on the fake process group (see fsdp), its context group's collectives real
-            calls, the replica left unwrapped (DDP's C++ reducer takes no fake tensors; the traced
-            micro-batch is the last, which DDP runs as a plain forward and backward).
+    ddp     rank 0 of --gpus on the fake process group (see fsdp), DDPStrategy as it runs, one
+            replica with train.batch_pairs / --gpus pairs. DDP's C++ reducer takes no fake
+            tensors, so its wrap is replaced by what it leaves in memory: with
+            gradient_as_bucket_view every .grad a view of its buckets, one flat buffer per dtype
+            (trace._ddp_bucket_views; a real-tensor test matches DDP's own reducer). The traced
+            micro-batch is the last, which DDP runs as the module's own forward and backward.
+            With context parallelism (Wan, FLUX) its context group's collectives are real calls.
     fsdp    rank 0 of --gpus ranks in this one process: torch's fake process group (fake_world;
             its collectives move no data and return outputs of the right shape), the launcher's
             variables set, so the Trainer's own init_world, fully_shard (every block, the root,
@@ -212,34 +213,25 @@ def plan_config(cfg: RunConfig, gpus: int, *, pairs: int | None = None, checkpoi
     data = dataclasses.replace(cfg.data, prefetch_batches=0)
     if data.cache or cfg.reference.mode == "precomputed":  # precomputed trains from the latent cache only
         data = dataclasses.replace(data, cache=PLACEHOLDER_CACHE)
-    if on_group(cfg):  # the real sharding / context group, on rank 0 of a fake group of `gpus` (fake_world)
-        train = dataclasses.replace(cfg.train, batch_pairs=pairs * groups, device="cpu", compile="off")
-        parallel = cfg.parallel
-    else:  # one replica: its own share, no process group
-        train = dataclasses.replace(cfg.train, batch_pairs=pairs, device="cpu", compile="off")
-        parallel = dataclasses.replace(cfg.parallel, strategy="none")
-    return dataclasses.replace(cfg, model=model, data=data, train=train, parallel=parallel)
+    # The global micro-batch of `gpus` ranks: rank 0 of a fake group of them (fake_world) takes its share.
+    train = dataclasses.replace(cfg.train, batch_pairs=pairs * groups, device="cpu", compile="off")
+    return dataclasses.replace(cfg, model=model, data=data, train=train)
 
 
 def on_group(cfg: RunConfig) -> bool:
-    """Whether one rank's step is traced as rank 0 of a fake process group: the sharded strategies,
-    and ddp with context parallelism (its context group splits each sample's tokens)."""
-    strategy = cfg.parallel.strategy
-    return strategy in SHARDED or (strategy == "ddp" and cfg.parallel.context_parallel.size > 1)
+    """Whether one rank's step is traced as rank 0 of a fake process group: every strategy but none
+    (ddp's replica runs DDPStrategy; with context parallelism its context group splits each
+    sample's tokens)."""
+    return cfg.parallel.strategy in (*SHARDED, "ddp")
 
 
 def trace_rank(cfg: RunConfig, gpus: int, **kwargs) -> StepTrace:
-    """One rank's step. ddp: one replica, DDP's gradient buckets added (not traced: DDP allocates
-    them when it wraps the model, gradient_as_bucket_view=False, one copy of every gradient); with
-    context parallelism rank 0 of `gpus` on a fake process group, the replica left unwrapped
-    (DDP's C++ reducer takes no fake tensors). fsdp: rank 0 of `gpus`, the engine's own
-    fully_shard over a fake process group."""
+    """One rank's step: rank 0 of `gpus` on a fake process group. ddp: one replica with its share,
+    its gradients views of DDP's buckets (trace._ddp_bucket_views); fsdp / zero: the engine's own
+    fully_shard or deepspeed.initialize over the fake group."""
     traced = plan_config(cfg, gpus, **kwargs)
     with fake_world(gpus) if on_group(cfg) else nullcontext():
-        trace = trace_step(traced)
-    if cfg.parallel.strategy == "ddp":
-        trace.extra["ddp_gradient_buckets"] = trace.exact["trainable"]
-    return trace
+        return trace_step(traced)
 
 
 def largest_batch(cfg: RunConfig, gpus: int, limit: int, checkpointing: bool, cap: int = 1024) -> dict:
@@ -248,7 +240,7 @@ def largest_batch(cfg: RunConfig, gpus: int, limit: int, checkpointing: bool, ca
     traced: dict[int, int] = {}
 
     def fits(pairs: int) -> bool:
-        traced[pairs] = trace_rank(cfg, gpus, pairs=pairs, checkpointing=checkpointing).total_bytes
+        traced[pairs] = trace_rank(cfg, gpus, pairs=pairs, checkpointing=checkpointing).peak_bytes
         return traced[pairs] <= limit
 
     return {"pairs": largest_fitting(fits, cap), "traced": dict(sorted(traced.items()))}
@@ -286,7 +278,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
     """Everything `vipo plan` reports, as one JSON-able dict."""
     trace = trace_rank(cfg, gpus)
     traced_cfg = plan_config(cfg, gpus)
-    total = trace.total_bytes
+    total = trace.peak_bytes
     result = {
         "model": {
             "family": cfg.model.family,
@@ -307,8 +299,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         "pairs_per_gpu": trace.pairs,
         "peak_bytes_per_gpu": total,
         "peak_phase": trace.peak_phase,
-        "split_bytes": {**trace.split, **trace.extra},
-        "added_not_traced": sorted(trace.extra),
+        "split_bytes": trace.split,
         "phase_peak_bytes": trace.phase_peaks,
         "exact_bytes": trace.exact,
         "flops_per_phase": trace.flops,
@@ -359,12 +350,7 @@ def render(plan: dict) -> str:
             else f"does NOT fit {_gib(plan['gpu_memory_bytes'])} (over by {_gib(plan['overflow_bytes'])})"
         ),
     ]
-    lines += [
-        f"  {name:22s} {_gib(value):>12s}"
-        + ("   added, not traced" if name in plan["added_not_traced"] else "")
-        for name, value in plan["split_bytes"].items()
-        if value
-    ]
+    lines += [f"  {name:22s} {_gib(value):>12s}" for name, value in plan["split_bytes"].items() if value]
     lines.append("peak by phase: " + ", ".join(f"{k} {_gib(v)}" for k, v in plan["phase_peak_bytes"].items()))
     if plan.get("cpu_offload"):
         held = ", ".join(f"{k} {_gib(v)}" for k, v in plan["host_split_bytes_at_peak"].items() if v)

@@ -1,12 +1,13 @@
-"""The cheap part of a plan, checked before a run's first step on a GPU: the gradients, optimizer
-state and DDP buckets still to come, against the memory the device has free once the weights are
-on it. A run that cannot fit them stops in one line at start-up instead of running out of memory
-at its first optimizer step. Activations are not in it (`vipo plan` traces those).
+"""The cheap part of a plan, checked before a run's first step on a GPU: the gradients and optimizer
+state still to come, against the memory the device has free once the weights are on it. A run that
+cannot fit them stops in one line at start-up instead of running out of memory at its first
+optimizer step. Activations are not in it (`vipo plan` traces those).
 
-none / ddp: every rank holds every gradient and AdamW state; checked before the strategy wraps the
-model. fsdp: each rank holds its shard of them, checked once fully_shard has run, from the local
-shard of each parameter (DTensor.to_local: ceil(d0 / N) rows on rank 0). zero2 / zero3 are not
-checked: DeepSpeed allocates its partitions when it builds the engine."""
+none / ddp: every rank holds every gradient and AdamW state (under ddp the gradients are views of
+DDP's buckets, parallel.apply_ddp); checked before the strategy wraps the model. fsdp: each rank
+holds its shard of them, checked once fully_shard has run, from the local shard of each parameter
+(DTensor.to_local: ceil(d0 / N) rows on rank 0). zero2 / zero3 are not checked: DeepSpeed
+allocates its partitions when it builds the engine."""
 
 from ..errors import RunError
 
@@ -34,8 +35,9 @@ def local_shard(tensor):
 
 def check_point(strategy: str, cpu_offload: bool = False) -> str | None:
     """When a GPU run's start-up check runs: "before_wrap" (none, ddp: whole gradients and state,
-    before DDP allocates its buckets), "after_wrap" (fsdp: this rank's shards, once fully_shard has
-    run), None (zero2 / zero3, and fsdp offloading gradients and state to the host)."""
+    before DDP allocates its buckets, which hold the gradients), "after_wrap" (fsdp: this rank's
+    shards, once fully_shard has run), None (zero2 / zero3, and fsdp offloading gradients and state
+    to the host)."""
     if strategy in UNSHARDED:
         return "before_wrap"
     if strategy == "fsdp" and not cpu_offload:
@@ -59,8 +61,6 @@ def bytes_to_come(params, strategy: str, optimizer: str = "adamw") -> dict[str, 
         parts = {"gradients": trainable, "AdamW8bit state": _adamw8bit_state(params)}
     else:
         parts = {"gradients": trainable, "AdamW state": 2 * trainable}  # exp_avg, exp_avg_sq like the params
-    if strategy == "ddp":
-        parts["DDP gradient buckets"] = trainable
     return parts
 
 

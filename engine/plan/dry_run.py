@@ -4,7 +4,7 @@
     data     opened: its pairs counted, a sample of them decoded, skips counted by reason
     model    built on the meta device (no weights, no memory; a weights folder builds its family's
              full architecture, as `vipo plan` does): parameters, trainable share
-    memory   the plan's cheap part (budget.py): weights, gradients, optimizer state, DDP buckets
+    memory   the plan's cheap part (budget.py): weights, gradients, optimizer state
              per GPU; activations are `vipo plan`'s, which traces the step
 
 Nothing is trained and nothing is written.

@@ -45,13 +45,8 @@ class StepTrace:
     attention_ops: dict[str, dict[str, int]]
     seconds: float
     after_step: dict[str, int] = field(default_factory=dict)  # held when the step ends, by MemTracker kind
-    extra: dict[str, int] = field(default_factory=dict)  # added, not traced (DDP buckets)
     host_peak_bytes: int = 0  # parallel.cpu_offload: the most host memory the offloaded state took
     host_split: dict[str, int] = field(default_factory=dict)  # host memory by role at the device's peak
-
-    @property
-    def total_bytes(self) -> int:
-        return self.peak_bytes + sum(self.extra.values())
 
     @property
     def flops_per_pair(self) -> int:
@@ -293,11 +288,12 @@ def _adamw_state(trainer, engine) -> None:
     flats = getattr(zero, "fp32_partitioned_groups_flat", None)
     if flats is None:  # the parameters, or ZeRO-2's single_partition_of_fp32_groups (in the groups)
         tensors = [p for group in optimizer.param_groups for p in group["params"]]
-        for tensor in tensors:
-            tensor.grad = torch.zeros_like(tensor)
+        kept = [tensor.grad for tensor in tensors]  # ddp's: views of its buckets, which stay
+        for tensor, grad in zip(tensors, kept, strict=True):
+            tensor.grad = torch.zeros_like(tensor) if grad is None else grad
         optimizer.step()
-        for tensor in tensors:
-            tensor.grad = None
+        for tensor, grad in zip(tensors, kept, strict=True):
+            tensor.grad = grad
         return
     for sub_group, flat in enumerate(flats):
         group = optimizer.param_groups[zero.sub_group_to_group_id[sub_group]]
@@ -373,6 +369,44 @@ def _real_quantization_maps():
         yield
 
 
+def _ddp_bucket_views(network, world):
+    """parallel.apply_ddp on fake tensors, whose C++ reducer takes none: what DDP leaves in memory
+    and nothing else. With gradient_as_bucket_view its buckets are one buffer per dtype the size of
+    every trainable parameter (bucket_cap_mb cuts it into pieces of it, no padding) and each .grad
+    is a view of it; the autograd engine accumulates into the views in place, the reducer averages
+    them in place and all-reduces the buckets in place. The replica stays unwrapped: the traced
+    micro-batch is the last, which DDP runs as the module's own forward and backward."""
+    groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for param in network.parameters():
+        if param.requires_grad:
+            groups.setdefault(param.dtype, []).append(param)
+    for dtype, params in groups.items():
+        bucket = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        offset = 0
+        for param in params:
+            param.grad = bucket[offset : offset + param.numel()].view_as(param)
+            offset += param.numel()
+    return network
+
+
+def _ddp_on_the_fake_group(network, world):
+    """The real parallel.apply_ddp (real tensors, the truth check of _ddp_bucket_views), its
+    all-reduce a hook that returns the bucket as it is: the fake group's all-reduce gives DDP's
+    reducer no result it takes, and NCCL's, in place, allocates nothing."""
+
+    def in_place(state, bucket):
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    wrapped = _real_apply_ddp(network, world)
+    wrapped.register_comm_hook(None, in_place)
+    return wrapped
+
+
+_real_apply_ddp = parallel.apply_ddp
+
+
 def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
     """Trace one step of `cfg` (a config from `plan_config`): fake tensors, or (`fake=False`, tiny
     models only) real CPU tensors measured the same way, the truth check of the fake trace."""
@@ -413,10 +447,9 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         # ZeRO as a GPU run configures it (overlap_comm: two gradient buckets instead of one)
         gpu_config = functools.partial(parallel.deepspeed_config, gpu=True)
         stack.enter_context(mock.patch.object(parallel, "deepspeed_config", gpu_config))
-        if cfg.parallel.strategy == "ddp":  # (context parallelism on a fake group) DDP's reducer is C++,
-            # which takes no fake tensors: the replica runs unwrapped; trace_rank adds DDP's buckets.
-            # The traced step is the last micro-batch's, which DDP runs as a plain forward and backward.
-            stack.enter_context(mock.patch.object(parallel, "apply_ddp", lambda network, world: network))
+        if cfg.parallel.strategy == "ddp":  # DDP's reducer is C++ and takes no fake tensors
+            wrap = _ddp_bucket_views if fake else _ddp_on_the_fake_group
+            stack.enter_context(mock.patch.object(parallel, "apply_ddp", wrap))
         trainer = stack.enter_context(Trainer(cfg, progress=False, data=source, reference=reference))
         if cfg.optim.optimizer == "adamw":  # the AdamW a GPU run builds (strategies: fused on cuda)
             for group in trainer.optimizer.param_groups:
@@ -431,7 +464,8 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
             trainer.forward_backward(_batch(trainer, cfg, shapes, fake), accum=accum, last=False)
         elif accum > 1:  # the last micro-batch: the earlier ones' gradients are there from its start
             for param in trainer.params:
-                param.grad = torch.zeros_like(param)
+                if param.grad is None:  # (ddp's are views of its buckets already)
+                    param.grad = torch.zeros_like(param)
         adapter = trainer.adapter
         encoders = [v for k, v in vars(adapter).items() if k.startswith(("text_encoder", "vae"))]
         ref_network = getattr(trainer.reference, "network", None)

@@ -35,7 +35,7 @@ def test_a_gpu_measurement_is_set_beside_the_plan_and_a_cpu_run_is_not_compared(
     cpu_row = plan_vs_measured.compare(reports[0])
     assert cpu_row["measured_peak_gib"] is None and "not measured" in cpu_row["verdict"]
     traced = plan.trace_rank(plan_vs_measured.planned_config(reports[0]["runs"]["vipo"]), 1)
-    assert cpu_row["planned_peak_gib"] == traced.total_bytes / 2**30
+    assert cpu_row["planned_peak_gib"] == traced.peak_bytes / 2**30
     # As a GPU run writes it: the allocator's peak, 20% above the plan, then 5% above.
     for above, within in ((1.20, False), (1.05, True)):
         reports[0]["runs"]["vipo"]["peak_memory_gib"] = cpu_row["planned_peak_gib"] * above

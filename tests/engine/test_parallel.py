@@ -5,6 +5,7 @@ size. Launches are subprocesses with a timeout; this file is also the worker the
     torchrun --nproc_per_node=2 tests/engine/test_parallel.py --worker SPEC.json
 """
 
+import copy
 import json
 import logging
 import os
@@ -339,6 +340,62 @@ def test_hybrid_sharding_settings_are_checked(recipe, tmp_path):
         load_config(
             recipe, ["parallel.strategy=ddp", "parallel.shard_size=8"]
         )  # one validate() for every rule
+
+
+def test_ddp_keeps_one_copy_of_the_gradients_the_buckets_it_all_reduces():
+    """parallel.apply_ddp: every gradient is a view of a bucket DDP all-reduces, from the first
+    micro-batch of the first step on (the buckets are the gradients, not a second copy of them),
+    accumulation included, and DDPStrategy.zero_grad keeps the views."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from vipo.engine.parallel import World, apply_ddp
+    from vipo.engine.strategies import DDPStrategy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    net[0].bias.requires_grad_(False)  # a frozen tensor gets no gradient and no bucket
+    plain = copy.deepcopy(net)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    reduced: list[torch.Tensor] = []
+
+    def all_reduce(state, bucket):  # the fake group's all-reduce gives DDP nothing: keep the bucket
+        reduced.append(bucket.buffer())
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    def views_of(buckets) -> bool:
+        storages = {b.untyped_storage().data_ptr() for b in buckets}
+        return all(p.grad.untyped_storage().data_ptr() in storages for p in trainable)
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        wrapped = apply_ddp(net, World(size=2))
+        wrapped.register_comm_hook(None, all_reduce)
+        strategy = DDPStrategy(None, None, net, torch.optim.SGD(trainable, lr=0.1), None, wrapped)
+        assert net[0].bias.grad is None
+        first = [p.grad for p in trainable]
+        for step in range(3):  # DDP rebuilds its buckets once, after the first step
+            strategy.zero_grad()
+            reduced.clear()
+            for micro, last in enumerate((False, True)):
+                x = torch.randn(8, 16, generator=torch.Generator().manual_seed(10 * step + micro))
+                with strategy.micro_step(last):
+                    wrapped(x).square().mean().backward()
+                plain(x).square().mean().backward()
+                if step == 0 and not last:  # already accumulating in the wrap's views
+                    assert all(p.grad is g for p, g in zip(trainable, first, strict=True))
+            assert views_of(reduced), step
+            assert sum(b.numel() * b.element_size() for b in reduced) == sum(
+                p.numel() * p.element_size() for p in trainable
+            )
+            for mine, theirs in zip(net.parameters(), plain.parameters(), strict=True):
+                if mine.requires_grad:  # both micro-batches summed (the hook does not average)
+                    torch.testing.assert_close(mine.grad, theirs.grad)
+                theirs.grad = None
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

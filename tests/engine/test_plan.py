@@ -202,10 +202,10 @@ def test_a_too_small_gpu_is_refused_with_the_overflow_named_and_a_larger_one_fit
 
 def test_batch_search_traces_until_the_next_batch_does_not_fit(traces, tmp_path):
     _, two_pairs, _ = traces  # the tiny recipe at 2 pairs, checkpointing off
-    limit = two_pairs.total_bytes - 1
+    limit = two_pairs.peak_bytes - 1
     found = plan.largest_batch(tiny_config(tmp_path), 1, limit, checkpointing=False)
     assert found["pairs"] == 1
-    assert found["traced"][1] <= limit < found["traced"][2] == two_pairs.total_bytes  # batch + 1 does not fit
+    assert found["traced"][1] <= limit < found["traced"][2] == two_pairs.peak_bytes  # batch + 1 does not fit
 
 
 @pytest.mark.parametrize("largest", [0, 1, 2, 3, 5, 8, 13, 64, 100])
@@ -221,12 +221,25 @@ def test_the_search_returns_the_largest_size_that_fits_and_asks_few_sizes(larges
     assert len(asked) == len(set(asked))  # no size traced twice
 
 
-def test_ddp_traces_one_replica_with_its_share_and_buckets(tmp_path):
+def test_ddp_traces_a_replica_whose_gradients_are_ddps_buckets_and_matches_its_reducer(tmp_path):
+    """ddp on 2 fake ranks, 2 pairs each: the trace's stand-in for DDP on fake tensors against DDP's
+    own C++ reducer on real tensors (the fake group's), and one process with the same share."""
     cfg = tiny_config(tmp_path, "parallel.strategy=ddp", "train.batch_pairs=4")
-    trace = plan.trace_rank(cfg, 2)
-    assert trace.pairs == 2
-    assert trace.extra["ddp_gradient_buckets"] == trace.exact["trainable"]
-    assert trace.total_bytes == trace.peak_bytes + trace.exact["trainable"]
+    fake = plan.trace_rank(cfg, 2)
+    with plan.fake_world(2):
+        real = plan.trace_step(plan.plan_config(cfg, 2), fake=False)
+    one = plan.trace_rank(tiny_config(tmp_path), 1)
+    assert fake.pairs == real.pairs == one.pairs == 2
+    assert fake.peak_phase == real.peak_phase and fake.phase_peaks.keys() == real.phase_peaks.keys()
+    for phase, real_bytes in real.phase_peaks.items():
+        assert abs(fake.phase_peaks[phase] / real_bytes - 1) < 0.02, phase
+    trainable = fake.exact["trainable"]
+    # The buckets hold every gradient from the wrap on (one process has none before its backward)
+    # and keep them after the step (zeroed, not dropped): one copy of the gradients, not two.
+    assert fake.phase_peaks["data"] == one.phase_peaks["data"] + trainable
+    assert fake.after_step["Gradient"] == real.after_step["Gradient"] == trainable
+    assert one.peak_bytes < fake.peak_bytes < one.peak_bytes + trainable
+    assert fake.split["gradients"] == trainable
 
 
 def rank0_shard_bytes(params, ranks: int) -> int:
@@ -281,7 +294,6 @@ def test_fsdp_holds_rank_0_shards_of_weights_gradients_and_adamw_state(fsdp_trac
         assert trace.after_step["Gradient"] == shard  # sharded gradients (reduce-scattered)
         assert trace.after_step["Optstate"] == 2 * shard + 4 * len(params)  # AdamW on the shards only
         assert trace.exact["reference"] >= shard  # the copy reference is sharded like the policy
-        assert "ddp_gradient_buckets" not in trace.extra
 
 
 @pytest.fixture(scope="module")
@@ -397,13 +409,10 @@ def test_context_parallel_under_fsdp_traces_a_shard_of_each_sample(tmp_path):
 
 def test_context_parallel_under_ddp_traces_a_replica_with_a_shard_of_each_sample(tmp_path):
     cp, fake, whole = context_parallel_traces(tmp_path, "ddp")
-    # A whole replica: weights, gradients and AdamW state as without context parallelism, and the buckets.
-    for key in ("parameters", "reference", "optimizer"):
+    # A whole replica: weights, gradients (DDP's buckets) and AdamW state as without context parallelism.
+    for key in ("parameters", "reference", "gradients", "optimizer"):
         assert fake.split[key] == whole.split[key], key
-    assert fake.exact == whole.exact
-    assert (
-        fake.extra["ddp_gradient_buckets"] == whole.extra["ddp_gradient_buckets"] == fake.exact["trainable"]
-    )
+    assert fake.exact == whole.exact and fake.split["gradients"] == fake.exact["trainable"]
     assert plan.plan_config(cp, 4).parallel.strategy == "ddp"  # not "none": the replica's context group
 
 
@@ -436,7 +445,10 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
         "gradients": trainable,
         "AdamW state": 2 * trainable,
     }
-    assert sum(bytes_to_come(trainer.network.parameters(), "ddp").values()) == 4 * trainable
+    # ddp: the gradients are views of DDP's buckets (parallel.apply_ddp), no second copy
+    assert bytes_to_come(trainer.network.parameters(), "ddp") == bytes_to_come(
+        trainer.network.parameters(), "none"
+    )
     assert bytes_to_come(trainer.network.parameters(), "fsdp") is None  # not sharded yet
     assert bytes_to_come(trainer.network.parameters(), "zero3") is None  # DeepSpeed's own
     trainer.check_memory(3 * trainable)  # exactly enough
@@ -458,7 +470,7 @@ def test_the_start_up_check_stops_a_run_whose_gradients_and_adamw_state_cannot_f
     ("strategy", "offload", "when"),
     [
         ("none", False, "before_wrap"),
-        ("ddp", False, "before_wrap"),  # before DDP allocates its buckets
+        ("ddp", False, "before_wrap"),  # before DDP allocates its buckets (the gradients)
         ("fsdp", False, "after_wrap"),  # once the shards exist
         ("fsdp", True, None),  # gradients and AdamW state live on the host
         ("zero2", False, None),
