@@ -98,7 +98,8 @@ def trace_baseline(cfg, gpus: int) -> dict:
             "the official-style baseline step has no context parallelism: its rank holds every token of "
             "a pair; compare with parallel.context_parallel.ulysses=1 parallel.context_parallel.ring=1"
         )
-    one = vipo_plan.plan_config(cfg, gpus)  # the real architecture, this GPU's pairs, on the CPU
+    one = vipo_plan.plan_config(cfg, gpus)  # the real architecture on the CPU, the global micro-batch
+    pairs = one.train.batch_pairs // gpus  # this GPU's (no context parallelism: one rank a data group)
     family = one.model.family
     settings, why = baseline_settings(family, one.model.lora_rank, torch.device("cuda"), [])
     traced = settings.precision
@@ -109,7 +110,7 @@ def trace_baseline(cfg, gpus: int) -> dict:
         family=family,
         config=one.model.config,
         device=torch.device("cpu"),
-        batch_pairs=one.train.batch_pairs,
+        batch_pairs=pairs,
         pixel_shape=pixel_shape(one),
         steps=1,
         warmup=0,
@@ -161,7 +162,7 @@ def trace_baseline(cfg, gpus: int) -> dict:
         "peak_phase": tracker.peak_phase,
         "phase_peak_bytes": dict(tracker.phase_peaks),
         "flops_per_phase": marks.flops,
-        "flops_per_pair": flops // one.train.batch_pairs,
+        "flops_per_pair": flops // pairs,
         "after_step_bytes": {str(getattr(key, "value", key)): value for key, value in after.items()},
         "trace_seconds": round(time.perf_counter() - started, 1),
     }

@@ -49,3 +49,14 @@ def test_a_context_parallel_recipe_has_no_baseline_and_says_why(tmp_path):
     ]
     with pytest.raises(plan.RunError, match="baseline step has no context parallelism"):
         plan_baseline.trace_baseline(load_config(recipe, args), 4)
+
+
+def test_the_baseline_of_many_gpus_steps_one_gpus_share_of_the_micro_batch(tmp_path):
+    """train.batch_pairs is the global micro-batch: on 4 GPUs a replica steps a quarter of it, the
+    same step as one GPU with that quarter."""
+    args = [f"train.output_dir={tmp_path}/run", "parallel.strategy=ddp"]
+    shared = plan_baseline.trace_baseline(load_config(TINY, [*args, "train.batch_pairs=4"]), 4)
+    alone = plan_baseline.trace_baseline(load_config(TINY, [*args, "train.batch_pairs=1"]), 1)
+    assert shared["peak_bytes_per_gpu"] == alone["peak_bytes_per_gpu"] > 0
+    assert shared["flops_per_pair"] == alone["flops_per_pair"] > 0
+    assert shared["phase_peak_bytes"] == alone["phase_peak_bytes"]
