@@ -389,18 +389,22 @@ def _ddp_bucket_views(network, world):
     return network
 
 
+def bucket_as_it_is(seen: list | None, bucket):
+    """A DDP comm hook for the fake process group, whose all-reduce gives DDP's reducer no result it
+    takes: the bucket as it is (NCCL's all-reduce, in place, allocates nothing either). Its state,
+    when a list, collects the buckets."""
+    if seen is not None:
+        seen.append(bucket.buffer())
+    done = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
+
+
 def _ddp_on_the_fake_group(network, world):
     """The real parallel.apply_ddp (real tensors, the truth check of _ddp_bucket_views), its
-    all-reduce a hook that returns the bucket as it is: the fake group's all-reduce gives DDP's
-    reducer no result it takes, and NCCL's, in place, allocates nothing."""
-
-    def in_place(state, bucket):
-        done = torch.futures.Future()
-        done.set_result(bucket.buffer())
-        return done
-
+    all-reduce bucket_as_it_is."""
     wrapped = _real_apply_ddp(network, world)
-    wrapped.register_comm_hook(None, in_place)
+    wrapped.register_comm_hook(None, bucket_as_it_is)
     return wrapped
 
 

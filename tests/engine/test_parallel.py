@@ -346,10 +346,8 @@ def test_ddp_keeps_one_copy_of_the_gradients_the_buckets_it_all_reduces():
     """parallel.apply_ddp: every gradient is a view of a bucket DDP all-reduces, from the first
     micro-batch of the first step on (the buckets are the gradients, not a second copy of them),
     accumulation included, and DDPStrategy.zero_grad keeps the views."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     from vipo.engine.parallel import World, apply_ddp
+    from vipo.engine.plan.trace import bucket_as_it_is, fake_world
     from vipo.engine.strategies import DDPStrategy
 
     torch.manual_seed(0)
@@ -357,22 +355,15 @@ def test_ddp_keeps_one_copy_of_the_gradients_the_buckets_it_all_reduces():
     net[0].bias.requires_grad_(False)  # a frozen tensor gets no gradient and no bucket
     plain = copy.deepcopy(net)
     trainable = [p for p in net.parameters() if p.requires_grad]
-    reduced: list[torch.Tensor] = []
-
-    def all_reduce(state, bucket):  # the fake group's all-reduce gives DDP nothing: keep the bucket
-        reduced.append(bucket.buffer())
-        done = torch.futures.Future()
-        done.set_result(bucket.buffer())
-        return done
+    reduced: list[torch.Tensor] = []  # the buckets DDP all-reduces (bucket_as_it_is collects them)
 
     def views_of(buckets) -> bool:
         storages = {b.untyped_storage().data_ptr() for b in buckets}
         return all(p.grad.untyped_storage().data_ptr() in storages for p in trainable)
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_world(2):
         wrapped = apply_ddp(net, World(size=2))
-        wrapped.register_comm_hook(None, all_reduce)
+        wrapped.register_comm_hook(reduced, bucket_as_it_is)
         strategy = DDPStrategy(None, None, net, torch.optim.SGD(trainable, lr=0.1), None, wrapped)
         assert net[0].bias.grad is None
         first = [p.grad for p in trainable]
@@ -394,8 +385,6 @@ def test_ddp_keeps_one_copy_of_the_gradients_the_buckets_it_all_reduces():
                 if mine.requires_grad:  # both micro-batches summed (the hook does not average)
                     torch.testing.assert_close(mine.grad, theirs.grad)
                 theirs.grad = None
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
