@@ -58,6 +58,8 @@ STEP_KEYS = (
     "train.mixed_precision",
     "train.compile",
     "reference.mode",
+    "reference.dtype",
+    "reference.offload",
     "loss.beta",
     "loss.alpha",
 )

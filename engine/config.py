@@ -140,6 +140,12 @@ class ReferenceConfig:
         "copy: the frozen copy's weights in the policy's dtype, or bfloat16 (half their memory, as the "
         "official 16-bit reference; needs train.mixed_precision=bf16, whose autocast casts them anyway)",
     )
+    offload: bool = option(
+        False,
+        "copy under strategies none / ddp / zero2: the copy's weights in host memory (pinned on a GPU) "
+        "between reference passes, copied to the device for each pass and freed before the policy "
+        "forward; costs one host-to-device copy of them per micro-batch",
+    )
 
 
 @dataclass
@@ -359,6 +365,11 @@ class RunConfig:
                 "reference.dtype=bfloat16 needs train.mixed_precision=bf16 (without autocast, the "
                 f"bfloat16 weights would meet float32 inputs); got {self.train.mixed_precision!r}"
             )
+        if self.reference.offload and self.reference.mode != "copy":
+            raise ConfigError(
+                f"reference.offload is for reference.mode=copy, got {self.reference.mode!r} "
+                "(the adapter reference is the policy's own weights; precomputed holds none)"
+            )
         if self.reference.table and self.reference.mode != "precomputed":
             raise ConfigError(
                 f"reference.table is for reference.mode=precomputed, got {self.reference.mode!r}"
@@ -499,6 +510,16 @@ def _check_parallel(cfg: RunConfig) -> None:
         raise ConfigError(
             f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "
             "offload_optimizer / offload_param in parallel.deepspeed_config"
+        )
+    if cfg.reference.offload and strategy not in ("none", "ddp", "zero2"):
+        how = (
+            "parallel.cpu_offload=true keeps the reference's shards on the host"
+            if strategy == "fsdp"
+            else "zero3 already partitions the copy over the ranks"
+        )
+        raise ConfigError(
+            f"reference.offload is for the replicated reference of strategies none, ddp and zero2, got "
+            f"{strategy!r}: {how}"
         )
     if par.shard_size and strategy != "fsdp":
         raise ConfigError(f"parallel.shard_size (hybrid sharding) is for strategy fsdp, got {strategy!r}")

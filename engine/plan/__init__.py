@@ -108,6 +108,11 @@ Strategies:
             makes the traced copy (in bf16), so only the fp32 copy of one parameter's shard before
             its cast is not traced; under fp32 compute the shards' device copies (1/N of one
             block's weights, freed after the all-gather) are not. Nor are the host's pinned-memory limits.
+    reference.offload (none / ddp / zero2)
+            The copy's host buffers (reference.HostWeights) are marked as host memory like
+            cpu_offload's. Each reference pass copies them to the device as the run does (a new
+            tensor on a CPU trace too), so that copy is traced for the pass and freed before the
+            policy forward; it is reported as the reference where the peak is in the pass.
 """
 
 import argparse
@@ -290,6 +295,7 @@ def make_plan(cfg: RunConfig, gpus: int = 1, gpu_memory: int = 80 * GIB, batch_s
         },
         "reference_mode": cfg.reference.mode if cfg.loss.objective != "sft" else None,
         "reference_dtype": cfg.reference.dtype,
+        "reference_offload": cfg.reference.offload,
         "objective": cfg.loss.objective,
         "optimizer": cfg.optim.optimizer,
         "mixed_precision": cfg.train.mixed_precision,
@@ -340,7 +346,9 @@ def render(plan: dict) -> str:
     pixels = "x".join(str(side) for side in model["pixels"][1:])
     lines = [
         f"vipo plan: {model['family']} ({model['config']}) {pixels}, {plan['pairs_per_gpu']} pairs per GPU, "
-        f"{plan['gpus']} GPU(s), strategy {plan['strategy']}, reference {plan['reference_mode']}, "
+        f"{plan['gpus']} GPU(s), strategy {plan['strategy']}, reference {plan['reference_mode']}"
+        + (" (offloaded)" if plan.get("reference_offload") else "")
+        + ", "
         f"mixed precision {plan['mixed_precision']}, checkpointing {'on' if model['gradient_checkpointing'] else 'off'}"
         + (f", optimizer {plan['optimizer']}" if plan.get("optimizer", "adamw") != "adamw" else ""),
         f"peak memory per GPU {_gib(plan['peak_bytes_per_gpu'])} in {plan['peak_phase']}: "
@@ -352,10 +360,11 @@ def render(plan: dict) -> str:
     ]
     lines += [f"  {name:22s} {_gib(value):>12s}" for name, value in plan["split_bytes"].items() if value]
     lines.append("peak by phase: " + ", ".join(f"{k} {_gib(v)}" for k, v in plan["phase_peak_bytes"].items()))
-    if plan.get("cpu_offload"):
+    if plan.get("cpu_offload") or plan.get("reference_offload"):
         held = ", ".join(f"{k} {_gib(v)}" for k, v in plan["host_split_bytes_at_peak"].items() if v)
+        why = "parallel.cpu_offload" if plan.get("cpu_offload") else "reference.offload"
         lines.append(
-            f"host memory per rank (parallel.cpu_offload, left out above): up to "
+            f"host memory per rank ({why}, left out above): up to "
             f"{_gib(plan['host_peak_bytes_per_rank'])}; at the device's peak {held or 'none'}"
         )
     per_pair = plan["pairs_per_gpu"]
@@ -395,6 +404,17 @@ def remedies(plan: dict) -> list[str]:
         and plan["reference_dtype"] == "policy"
     ):
         found.append(f"reference.dtype=bfloat16: -{_gib(split['reference'] // 2)} of the reference copy")
+    if (
+        plan["reference_mode"] == "copy"
+        and plan["strategy"] in ("none", "ddp", "zero2")
+        and not plan.get("reference_offload")
+        and plan.get("peak_phase") != "reference"
+        and split.get("reference")
+    ):
+        found.append(
+            f"reference.offload=true: -{_gib(split['reference'])} of the reference copy (copied from the "
+            "host for each reference pass)"
+        )
     if (
         plan["strategy"] in ("none", "ddp")
         and plan.get("optimizer", "adamw") == "adamw"

@@ -482,6 +482,10 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         if offload:
             _mark_offloaded(tracker, trainer, ref_network)
             stack.enter_context(_gradients_to_host(tracker))
+        host_weights = getattr(trainer.reference, "host", None)
+        if host_weights is not None:  # reference.offload: the copy's weights between its passes
+            for flat in host_weights.flats:
+                tracker.mark_host(flat, "reference")
         counter = TotalFlopCounter()
         flops: dict[str, int] = {}
 
@@ -530,6 +534,10 @@ def trace_step(cfg: RunConfig, *, fake: bool = True) -> StepTrace:
         "other": held - exact["policy"] - exact["reference"] - exact["encoders"],
     }
     split["other"] += host_roles.get("policy", 0) + host_roles.get("reference", 0)
+    if host_weights is not None and tracker.peak_phase == "reference":
+        # reference.offload: the pass's device copy of the weights is whole for all of the pass
+        split["reference"] += host_weights.nbytes
+        split["other"] -= host_weights.nbytes
     return StepTrace(
         pairs=cfg.train.batch_pairs // world_shares,
         peak_bytes=peak.get(_TOTAL_KEY, 0),

@@ -377,6 +377,58 @@ def test_an_offloaded_plan_names_its_host_memory_and_offload_is_a_remedy(
     assert f"at least -{held / 2**30:.2f} GiB" in line
 
 
+@pytest.fixture(scope="module")
+def reference_offload_traces(tmp_path_factory):
+    """`traces`' step with reference.offload=true, fake and real tensors."""
+    cfg = tiny_config(tmp_path_factory.mktemp("reference-offload"), "reference.offload=true")
+    cfg = plan.plan_config(cfg, 1)
+    return cfg, plan.trace_step(cfg), plan.trace_step(cfg, fake=False)
+
+
+def test_an_offloaded_reference_leaves_the_device_before_the_policy_forward(traces, reference_offload_traces):
+    _, fake, real = reference_offload_traces
+    assert abs(fake.peak_bytes / real.peak_bytes - 1) < 0.10 and fake.peak_phase == real.peak_phase
+    for phase, real_bytes in real.phase_peaks.items():
+        assert abs(fake.phase_peaks[phase] - real_bytes) < 0.02 * real.peak_bytes, phase
+    for resident, offloaded in zip(traces[1:], (fake, real), strict=True):
+        copy = offloaded.host_peak_bytes  # the copy's weights (the tiny UNet has no buffers), on the host
+        assert copy == offloaded.host_split["reference"] == offloaded.exact["reference"] > 0
+        # Off the device from the data phase to the end, but for the reference pass, which copies them in.
+        for phase in ("data", "policy_forward", "backward", "optimizer"):
+            assert resident.phase_peaks[phase] - offloaded.phase_peaks[phase] == copy, phase
+        assert offloaded.phase_peaks["reference"] == resident.phase_peaks["reference"]
+        assert offloaded.split["reference"] == 0 and resident.split["reference"] == copy
+        assert sum(offloaded.split.values()) == offloaded.peak_bytes
+    assert traces[1].host_peak_bytes == 0
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_an_offloaded_replica_of_the_reference_leaves_every_ranks_device(tmp_path, strategy):
+    args = ["train.batch_pairs=8", f"parallel.strategy={strategy}"]
+    resident = plan.trace_rank(tiny_config(tmp_path, *args), 4)
+    offloaded = plan.trace_rank(tiny_config(tmp_path, *args, "reference.offload=true"), 4)
+    copy = offloaded.exact["reference"]
+    assert offloaded.host_peak_bytes == copy > 0 and resident.host_peak_bytes == 0
+    assert resident.peak_bytes - offloaded.peak_bytes == copy
+    assert resident.phase_peaks["reference"] == offloaded.phase_peaks["reference"]
+
+
+def test_an_offloaded_reference_is_named_and_offered_as_a_remedy(
+    traces, reference_offload_traces, monkeypatch
+):
+    traced = {False: traces[1], True: reference_offload_traces[1]}
+    monkeypatch.setattr(plan, "trace_rank", lambda cfg, gpus: traced[cfg.reference.offload])
+    offloaded = plan.make_plan(reference_offload_traces[0])
+    text = plan.render(offloaded)
+    assert offloaded["reference_offload"] and "reference copy (offloaded)" in text
+    assert "host memory per rank (reference.offload, left out above): up to" in text
+    assert not any("reference.offload" in line for line in plan.remedies(offloaded))
+    resident = plan.make_plan(traces[0])
+    assert not resident["reference_offload"] and "host memory" not in plan.render(resident)
+    (line,) = [line for line in plan.remedies(resident) if "reference.offload" in line]
+    assert f"reference.offload=true: -{traces[1].split['reference'] / 2**30:.2f} GiB" in line
+
+
 def context_parallel_traces(tmp_path, strategy: str):
     """A tiny Wan under `strategy` with Ulysses 2 on 4 GPUs (2 data groups of 2, one pair each),
     fake and real tensors, and the same pair a rank without context parallelism (all its tokens)."""
@@ -551,6 +603,7 @@ def test_remedies_name_what_the_trace_counted():
     assert found == [
         "parallel.strategy=fsdp (shards weights, gradients, AdamW state and the reference)",
         "reference.dtype=bfloat16: -5.00 GiB of the reference copy",
+        "reference.offload=true: -10.00 GiB of the reference copy (copied from the host for each reference pass)",
     ]
 
 
