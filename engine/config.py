@@ -500,6 +500,11 @@ def _check_optim(cfg: RunConfig) -> None:
         )
 
 
+# Strategies under which a copy reference is a plain replica on every rank (no gradients or optimizer
+# state to shard; parallel.parallelize_reference leaves it alone): reference.offload is for these.
+REPLICATED_REFERENCE = ("none", "ddp", "zero2")
+
+
 def _check_parallel(cfg: RunConfig) -> None:
     """Strategy combinations the dataclass cannot refuse by type alone."""
     par = cfg.parallel
@@ -511,7 +516,7 @@ def _check_parallel(cfg: RunConfig) -> None:
             f"parallel.cpu_offload is for strategy fsdp, got {strategy!r}; for ZeRO offload put "
             "offload_optimizer / offload_param in parallel.deepspeed_config"
         )
-    if cfg.reference.offload and strategy not in ("none", "ddp", "zero2"):
+    if cfg.reference.offload and strategy not in REPLICATED_REFERENCE:
         how = (
             "parallel.cpu_offload=true keeps the reference's shards on the host"
             if strategy == "fsdp"

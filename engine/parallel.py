@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
+from .config import REPLICATED_REFERENCE, ConfigError
 from .errors import RunError
 
 log = logging.getLogger(__name__)
@@ -449,7 +449,7 @@ def parallelize_reference(
     `initial` (policy, its weights from `full_weights` or None off rank 0): the reference was made
     on the meta device on every rank and takes rank 0's initial policy weights (`materialise`)."""
     network = getattr(reference, "network", None)
-    if network is None or strategy in ("none", "ddp", "zero2"):
+    if network is None or strategy in REPLICATED_REFERENCE:
         return  # replicated: no grads and no optimizer state, so there is nothing to shard
     if strategy == "fsdp":
         reference.network = apply_fsdp(network, world, parallel_cfg, mixed_precision)

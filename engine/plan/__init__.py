@@ -126,7 +126,7 @@ from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig
+from ..config import REPLICATED_REFERENCE, ConfigError, RunConfig
 from ..errors import RunError
 from ..families import sized_architecture
 from .trace import StepTrace, fake_world, pixel_shape, trace_step
@@ -406,7 +406,7 @@ def remedies(plan: dict) -> list[str]:
         found.append(f"reference.dtype=bfloat16: -{_gib(split['reference'] // 2)} of the reference copy")
     if (
         plan["reference_mode"] == "copy"
-        and plan["strategy"] in ("none", "ddp", "zero2")
+        and plan["strategy"] in REPLICATED_REFERENCE
         and not plan.get("reference_offload")
         and plan.get("peak_phase") != "reference"
         and split.get("reference")

@@ -14,7 +14,7 @@ policy forward. With reference.offload a copy's weights live in host memory betw
 """
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -131,9 +131,7 @@ class CopyReference:
 
     @torch.no_grad()
     def errors(self, x_t, t, cond, target, *, ids=None, epoch=None, elem_weight=None) -> torch.Tensor:
-        if self.host is None:
-            return reference_errors(self.adapter, self.network, x_t, t, cond, target, elem_weight)
-        with self.host.on(self.device):
+        with nullcontext() if self.host is None else self.host.on(self.device):
             return reference_errors(self.adapter, self.network, x_t, t, cond, target, elem_weight)
 
 
